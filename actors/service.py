@@ -1,0 +1,127 @@
+"""An actor as a Ray actor: a thin shell that runs `Actor` in a loop and ships its chunks.
+
+Sends are bounded: at most `max_inflight_chunks` unacknowledged inserts, and none beyond the
+replay service's insert budget (its rate limiter), so a slow replay service or learner slows
+the actor instead of filling memory. After each chunk it asks the learner, without waiting,
+whether newer weights exist, and fetches that one object when they do. The loop starts in
+`__init__`, so a restarted actor process resumes playing on its own.
+"""
+from __future__ import annotations
+
+import collections
+import threading
+import time
+import traceback
+
+import ray
+
+from actors.actor import Actor
+from common import metrics
+from common.config import Config
+from common.envs import EnvInfo
+from common.networks import configure_cpu_threads
+
+BUDGET_POLL_S = 0.01
+EPISODE_BACKLOG = 10_000
+
+
+@ray.remote
+class ActorService:
+    def __init__(self, config: Config, env_info: EnvInfo, actor_index: int, replay, learner):
+        configure_cpu_threads(1)  # many actors share few cores; one TF thread each
+        self.config, self.env_info = config, env_info
+        self.replay, self.learner = replay, learner
+        self.actor = Actor(config, env_info, actor_index)
+        self.metrics = metrics.make(metrics.AGENT_STEPS, metrics.ENV_FRAMES, metrics.EPISODES,
+                                    metrics.EPISODE_RETURN)
+        self.episodes: collections.deque = collections.deque(maxlen=EPISODE_BACKLOG)
+        self.inflight: list = []  # (ref, transitions) of unacknowledged inserts
+        self.insert_budget = 0
+        self.global_steps_base = 0  # replay's total inserts at the last acknowledgement ...
+        self.local_steps_at_base = 0  # ... and our own step count then
+        self.weights_query = None
+        self.error: str | None = None
+        self.stop_event = threading.Event()
+        self._refresh_weights(wait=True)
+        self.thread = threading.Thread(target=self._run, name="act", daemon=True)
+        self.thread.start()
+
+    # The loop.
+    def _run(self):
+        try:
+            while not self.stop_event.is_set():
+                result = self.actor.step(self._global_steps())
+                steps = self.config.envs_per_actor
+                self.metrics[metrics.AGENT_STEPS].inc(steps)
+                self.metrics[metrics.ENV_FRAMES].inc(steps * self.env_info.frame_skip)
+                for ret, length in zip(result.finished_returns, result.finished_lengths):
+                    self.episodes.append((ret, length))
+                    self.metrics[metrics.EPISODES].inc()
+                    self.metrics[metrics.EPISODE_RETURN].set(ret)
+                chunk = self.actor.take_chunk()
+                if chunk is not None:
+                    self._send(*chunk)
+                    self._refresh_weights()
+            self._collect_acks(wait_all=True)
+        except Exception:
+            if not self.stop_event.is_set():
+                self.error = traceback.format_exc()
+
+    def _global_steps(self) -> int:
+        return self.global_steps_base + self.actor.agent_steps - self.local_steps_at_base
+
+    def _send(self, message: bytes, transitions: int):
+        while len(self.inflight) >= self.config.max_inflight_chunks:
+            self._collect_acks(wait_one=True)
+        self._collect_acks()
+        while self.insert_budget < transitions:  # the replay's rate limiter says wait
+            if self.stop_event.is_set():
+                return
+            pending = sum(n for _, n in self.inflight)
+            self.insert_budget = ray.get(self.replay.insert_budget.remote()) - pending
+            if self.insert_budget < transitions:
+                time.sleep(BUDGET_POLL_S)
+        self.inflight.append((self.replay.insert.remote(message), transitions))
+        self.insert_budget -= transitions
+
+    def _collect_acks(self, wait_one: bool = False, wait_all: bool = False):
+        refs = [ref for ref, _ in self.inflight]
+        if not refs:
+            return
+        num = len(refs) if wait_all else 1 if wait_one else len(refs)
+        timeout = 10.0 if wait_all else None if wait_one else 0
+        done, _ = ray.wait(refs, num_returns=num, timeout=timeout)
+        done = set(done)
+        for ref, _ in [item for item in self.inflight if item[0] in done]:
+            ack = ray.get(ref)
+            if ack["total_inserted"] > self.global_steps_base:
+                self.global_steps_base = ack["total_inserted"]
+                self.local_steps_at_base = self.actor.agent_steps
+        self.inflight = [item for item in self.inflight if item[0] not in done]
+        if done:
+            pending = sum(n for _, n in self.inflight)
+            self.insert_budget = ack["insert_budget"] - pending
+
+    def _refresh_weights(self, wait: bool = False):
+        if self.weights_query is None:
+            self.weights_query = self.learner.latest_weights.remote(self.actor.weight_version)
+        ready, _ = ray.wait([self.weights_query], timeout=None if wait else 0)
+        if ready:
+            answer = ray.get(self.weights_query)
+            self.weights_query = None
+            if answer is not None:
+                version, ref = answer
+                self.actor.set_weights(ray.get(ref), version)
+
+    # What the launcher calls.
+    def report(self) -> dict:
+        """Episodes finished since the last report, and running totals."""
+        episodes = [self.episodes.popleft() for _ in range(len(self.episodes))]
+        return {"episodes": episodes, "agent_steps": self.actor.agent_steps,
+                "weight_version": self.actor.weight_version, "error": self.error}
+
+    def stop(self) -> dict:
+        self.stop_event.set()
+        self.thread.join()
+        self.actor.close()
+        return self.report()

@@ -1,0 +1,96 @@
+"""The DQN learner without Ray: online and target networks, the Huber/Adam update, weights out.
+
+The update is the seed's, written as the equation:
+    y      = r + discount * max_a' Q_target(s', a')      (discount = gamma^n, 0 at termination)
+    loss   = Huber(y - Q(s, a))                           (mean over the batch, delta 1)
+The seed's quirk of a -1 target at terminal steps is not copied: a terminal step bootstraps
+with zero, as in the DQN paper.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+
+import numpy as np
+
+from common.config import Config
+from common.envs import EnvInfo
+from common.networks import build_q_network, keras
+
+import tensorflow as tf  # noqa: E402  (after networks.py set the Keras backend)
+
+BATCH_FIELDS = ("obs", "action", "reward", "discount", "next_obs")
+
+
+class DQNLearner:
+    def __init__(self, config: Config, env_info: EnvInfo):
+        self.config = config
+        keras.utils.set_random_seed(config.seed)
+        build = lambda: build_q_network(env_info.obs_shape, env_info.num_actions,  # noqa: E731
+                                        config.mlp_hidden_units)
+        self.online = build()
+        self.target = build()
+        self.optimizer = keras.optimizers.Adam(learning_rate=config.learning_rate,
+                                               clipnorm=config.grad_clip_norm)
+        self.optimizer.build(self.online.trainable_variables)
+        self.loss_fn = keras.losses.Huber()
+        self.updates = 0
+        self.target_syncs = 0
+        self.sync_target()
+        self.target_syncs = 0  # the initial copy is not a scheduled sync
+
+    def _update(self, obs, action, reward, discount, next_obs):
+        next_q = self.target(next_obs, training=False)
+        y = reward + discount * tf.reduce_max(next_q, axis=1)
+        with tf.GradientTape() as tape:
+            q = self.online(obs, training=True)
+            q_taken = tf.gather(q, action, axis=1, batch_dims=1)
+            loss = self.loss_fn(tf.stop_gradient(y), q_taken)
+        grads = tape.gradient(loss, self.online.trainable_variables)
+        self.optimizer.apply_gradients(zip(grads, self.online.trainable_variables))
+        return loss, y - q_taken
+
+    @tf.function
+    def _train_steps(self, obs, action, reward, discount, next_obs):
+        """k sequential updates on k stacked batches in one call (k is static: unrolled)."""
+        losses, tds = [], []
+        for i in range(obs.shape[0]):
+            loss, td = self._update(obs[i], action[i], reward[i], discount[i], next_obs[i])
+            losses.append(loss)
+            tds.append(td)
+        return tf.stack(losses), tf.stack(tds)
+
+    @tf.function
+    def _td_error(self, obs, action, reward, discount, next_obs):
+        y = reward + discount * tf.reduce_max(self.target(next_obs, training=False), axis=1)
+        return y - tf.gather(self.online(obs, training=False), action, axis=1, batch_dims=1)
+
+    def step(self, batches: dict[str, np.ndarray]) -> dict:
+        """One update per batch of `batches` (arrays shaped [k, batch_size, ...]); syncs the
+        target network when its period comes round (periods are multiples of k)."""
+        losses, td = self._train_steps(*(batches[name] for name in BATCH_FIELDS))
+        self.updates += len(losses)
+        if self.updates % self.config.target_sync_updates == 0:
+            self.sync_target()
+        return {"loss": float(losses[-1]), "td_error": td.numpy()}
+
+    def td_error(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        """TD errors of one unstacked batch under the current networks (no update)."""
+        return self._td_error(*(batch[name] for name in BATCH_FIELDS)).numpy()
+
+    def sync_target(self) -> None:
+        for target_var, online_var in zip(self.target.weights, self.online.weights):
+            target_var.assign(online_var)
+        self.target_syncs += 1
+
+    def get_weights(self) -> list[np.ndarray]:
+        return self.online.get_weights()
+
+    def weights_h5_bytes(self) -> bytes:
+        """The online network as a Keras `.weights.h5` file's bytes (no pickle, no code)."""
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "q_network.weights.h5")
+            self.online.save_weights(path)
+            with open(path, "rb") as f:
+                return f.read()
+

@@ -1,0 +1,46 @@
+"""Samples-per-insert rate limiting with Reverb's SampleToInsertRatio semantics.
+
+The learner may sample while the observed ratio stays within `tolerance` samples of the
+target; actors may insert while it does too. Both sides wait rather than drift, so a slow
+learner slows actors and a slow actor pool slows the learner, and the data each update sees
+stays as fresh as the seed's one-update-every-4-steps loop made it.
+"""
+from __future__ import annotations
+
+import math
+
+
+class RateLimiter:
+    def __init__(self, samples_per_insert: float, min_size_to_sample: int, tolerance: float):
+        if tolerance < samples_per_insert:
+            raise ValueError(f"tolerance {tolerance} < samples_per_insert {samples_per_insert}: "
+                             "no single insert could ever pass")
+        self.samples_per_insert = samples_per_insert
+        self.min_size_to_sample = min_size_to_sample
+        offset = samples_per_insert * min_size_to_sample
+        self.min_diff = offset - tolerance
+        self.max_diff = offset + tolerance
+        self.inserts = 0
+        self.samples = 0
+
+    @property
+    def diff(self) -> float:
+        return self.inserts * self.samples_per_insert - self.samples
+
+    def can_sample(self, num_samples: int) -> bool:
+        return (self.inserts >= self.min_size_to_sample
+                and self.diff - num_samples >= self.min_diff)
+
+    def insert_budget(self) -> int:
+        """Transitions that may be inserted now without leaving the tolerance. (Below the
+        minimum size Reverb always admits inserts; max_diff >= offset makes that implied.)"""
+        return max(0, math.floor((self.max_diff - self.diff) / self.samples_per_insert))
+
+    def record_insert(self, n: int) -> None:
+        self.inserts += n
+
+    def record_sample(self, n: int) -> None:
+        self.samples += n
+
+    def observed_samples_per_insert(self) -> float:
+        return self.samples / self.inserts if self.inserts else 0.0

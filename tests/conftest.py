@@ -1,0 +1,20 @@
+"""One Ray session for all integration tests (ray.init costs ~5 s), on loopback only."""
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+@pytest.fixture(scope="session")
+def ray_address():
+    """Address of a local Ray that `launch.py --address` joins; metrics report every 0.5 s."""
+    import ray
+    from launch import LEARNER_HOST
+    context = ray.init(num_cpus=6, resources={LEARNER_HOST: 1}, include_dashboard=False,
+                       _node_ip_address="127.0.0.1",
+                       _system_config={"metrics_report_interval_ms": 500})
+    yield context.address_info["gcs_address"]
+    ray.shutdown()

@@ -1,0 +1,117 @@
+"""Presets, the epsilon schedule and the command line."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from common.config import PRESETS, Config, ConfigError, epsilon_at, parse_args
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_seed_preset_holds_the_keras_io_values():
+    # Values from the keras.io "Deep Q-Learning for Atari Breakout" example (shared/seed/).
+    seed = PRESETS["seed"]
+    assert seed.env == "BreakoutNoFrameskip-v4"
+    assert seed.frame_stack == 4
+    assert seed.gamma == 0.99
+    assert (seed.epsilon_start, seed.epsilon_end) == (1.0, 0.1)
+    assert seed.epsilon_decay_agent_steps == 1_000_000
+    assert seed.random_agent_steps == 50_000
+    assert seed.batch_size == 32
+    assert seed.learning_rate == 0.00025
+    assert seed.grad_clip_norm == 1.0
+    assert seed.replay_capacity == 100_000
+    assert seed.max_episode_agent_steps == 10_000
+    # One update of 32 every 4 agent steps: 8 sampled transitions per inserted one.
+    agent_steps_per_update = seed.batch_size / seed.samples_per_insert
+    assert agent_steps_per_update == 4
+    # Target sync every 10,000 agent steps = every 2,500 updates at that ratio.
+    assert seed.target_sync_updates * agent_steps_per_update == 10_000
+    # The seed learns as soon as it holds more than one batch.
+    assert seed.min_replay_size == seed.batch_size
+    assert seed.learner_batches_per_call == 1
+
+
+def seed_script_exploration(total_steps: int) -> list[float]:
+    """The seed's loop, line for line: probability that step t (0-based) acts at random."""
+    epsilon, epsilon_min, epsilon_max = 1.0, 0.1, 1.0
+    interval, greedy_frames, random_frames = epsilon_max - epsilon_min, 1_000_000.0, 50_000
+    frame_count, out = 0, []
+    for _ in range(total_steps):
+        frame_count += 1
+        out.append(1.0 if frame_count < random_frames else epsilon)
+        epsilon -= interval / greedy_frames
+        epsilon = max(epsilon, epsilon_min)
+    return out
+
+
+def test_epsilon_schedule_matches_the_seed():
+    seed = PRESETS["seed"]
+    reference = seed_script_exploration(1_100_000)
+    for t in list(range(0, 1_100_000, 997)) + [49_998, 50_000, 50_001, 999_999, 1_000_000]:
+        assert epsilon_at(seed, t) == pytest.approx(reference[t], abs=1e-9), t
+    # The seed's `frame_count < 50000` makes its 50,000th step the first non-forced one; we
+    # make the first 50,000 random as documented. That single step is the only difference.
+    assert reference[49_999] == pytest.approx(1.0 - 0.9 * 49_999 / 1e6)
+    assert epsilon_at(seed, 49_999) == 1.0
+
+
+def test_flags_override_the_preset():
+    config = parse_args(["--preset", "cartpole", "--num-actors", "3", "--gamma", "0.9",
+                         "--mlp-hidden-units", "32", "16"])
+    assert config.env == "CartPole-v1" and config.num_actors == 3
+    assert config.gamma == 0.9 and config.mlp_hidden_units == (32, 16)
+
+
+def test_every_field_is_a_flag_in_help(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for name in Config.__dataclass_fields__:
+        assert f"--{name.replace('_', '-')}" in text
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--preset", "nope"], "unknown preset 'nope'"),
+    (["--num-actors", "0"], "--num-actors must be positive"),
+    (["--num-actors", "-2"], "--num-actors must be positive"),
+    (["--gamma", "abc"], "invalid float value: 'abc'"),
+    (["--batch-size", "1.5"], "invalid int value"),
+    (["--no-such-flag"], "unrecognized arguments"),
+    (["--gamma", "1.5"], "--gamma must be in [0, 1]"),
+    (["--target-sync-updates", "10", "--learner-batches-per-call", "4"], "multiple"),
+])
+def test_bad_flags_exit_2_with_one_line(argv, needle, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and needle in err
+
+
+def test_config_rejects_a_tolerance_that_would_deadlock():
+    with pytest.raises(ConfigError, match="deadlock"):
+        Config(chunk_transitions=64, samples_per_insert=8, samples_per_insert_tolerance=100)
+
+
+def test_launch_rejects_unknown_env_before_starting_anything():
+    result = subprocess.run([sys.executable, "launch.py", "--env", "NoSuchGame-v0"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "unknown env id 'NoSuchGame-v0'" in result.stderr
+    assert "Started a local Ray" not in result.stderr + result.stdout
+
+
+def test_launch_reports_an_address_nobody_answers_quickly():
+    import socket
+    with socket.socket() as probe:  # a free loopback port: nothing listens there
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    result = subprocess.run([sys.executable, "launch.py", "--address", f"127.0.0.1:{port}"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert f"no Ray cluster answers at --address 127.0.0.1:{port}" in result.stderr
+    assert result.stderr.strip().count("\n") == 0

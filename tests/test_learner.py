@@ -1,0 +1,88 @@
+"""The learner core without Ray: real Keras networks, real updates."""
+import numpy as np
+import pytest
+
+from common.config import PRESETS
+from common.envs import EnvInfo
+from common.networks import build_q_network
+from learner.learner import DQNLearner
+
+CARTPOLE = EnvInfo("CartPole-v1", (4,), "float32", 2, 1)
+BREAKOUT = EnvInfo("BreakoutNoFrameskip-v4", (4, 84, 84), "uint8", 4, 4)
+
+
+def fixed_batch(env_info, batch_size, rng, k=1):
+    obs_shape = (k, batch_size, *env_info.obs_shape)
+    if env_info.obs_dtype == "uint8":
+        obs = rng.integers(0, 256, obs_shape, dtype=np.uint8)
+        next_obs = rng.integers(0, 256, obs_shape, dtype=np.uint8)
+    else:
+        obs = rng.normal(size=obs_shape).astype(np.float32)
+        next_obs = rng.normal(size=obs_shape).astype(np.float32)
+    return {"obs": obs, "next_obs": next_obs,
+            "action": rng.integers(0, env_info.num_actions, (k, batch_size)).astype(np.int32),
+            "reward": rng.normal(size=(k, batch_size)).astype(np.float32),
+            "discount": np.where(rng.random((k, batch_size)) < 0.1, 0.0, 0.99).astype(np.float32)}
+
+
+def unstack(batch):
+    return {name: array[0] for name, array in batch.items()}
+
+
+@pytest.mark.parametrize("preset, env_info", [("cartpole", CARTPOLE), ("seed", BREAKOUT)])
+def test_one_update_lowers_the_td_error_on_a_fixed_batch(preset, env_info):
+    learner = DQNLearner(PRESETS[preset], env_info)
+    batch = fixed_batch(env_info, 32, np.random.default_rng(0))
+    before = np.mean(learner.td_error(unstack(batch)) ** 2)
+    result = learner.step(batch)
+    after = np.mean(learner.td_error(unstack(batch)) ** 2)
+    assert after < before
+    assert np.isfinite(result["loss"]) and result["td_error"].shape == (1, 32)
+    assert learner.updates == 1
+
+
+def test_update_target_is_reward_plus_discounted_max_of_the_target_network():
+    learner = DQNLearner(PRESETS["cartpole"], CARTPOLE)
+    batch = unstack(fixed_batch(CARTPOLE, 16, np.random.default_rng(1)))
+    next_q = learner.target(batch["next_obs"]).numpy()
+    q = learner.online(batch["obs"]).numpy()
+    expected = (batch["reward"] + batch["discount"] * next_q.max(axis=1)
+                - q[np.arange(16), batch["action"]])
+    np.testing.assert_allclose(learner.td_error(batch), expected, rtol=1e-5, atol=1e-5)
+    terminal = batch["discount"] == 0  # terminal steps bootstrap with zero, not the seed's -1
+    np.testing.assert_allclose(expected[terminal] + q[np.arange(16), batch["action"]][terminal],
+                               batch["reward"][terminal], rtol=1e-5)
+
+
+def test_k_batches_per_call_make_k_updates_and_sync_on_schedule():
+    config = PRESETS["cartpole"].replace(learner_batches_per_call=4, target_sync_updates=8,
+                                         weight_publish_updates=4)
+    learner = DQNLearner(config, CARTPOLE)
+    rng = np.random.default_rng(2)
+    batch = fixed_batch(CARTPOLE, 32, rng, k=4)
+    learner.step(batch)
+    assert learner.updates == 4 and learner.target_syncs == 0
+    probe = batch["obs"][0]
+    assert not np.allclose(learner.online(probe), learner.target(probe))
+    learner.step(batch)
+    assert learner.updates == 8 and learner.target_syncs == 1
+    np.testing.assert_allclose(learner.online(probe), learner.target(probe))
+
+
+def test_saved_weights_load_into_a_fresh_network(tmp_path):
+    learner = DQNLearner(PRESETS["cartpole"], CARTPOLE)
+    learner.step(fixed_batch(CARTPOLE, 32, np.random.default_rng(3)))
+    path = tmp_path / "q.weights.h5"
+    path.write_bytes(learner.weights_h5_bytes())
+    fresh = build_q_network(CARTPOLE.obs_shape, CARTPOLE.num_actions,
+                            PRESETS["cartpole"].mlp_hidden_units)
+    fresh.load_weights(str(path))
+    probe = np.random.default_rng(4).normal(size=(5, 4)).astype(np.float32)
+    np.testing.assert_allclose(fresh(probe), learner.online(probe), rtol=1e-6)
+
+
+def test_nature_cnn_has_the_seed_architecture():
+    model = build_q_network((4, 84, 84), 4)
+    assert model.count_params() == 1_686_180
+    with pytest.raises(ValueError, match="no Q-network"):
+        build_q_network((3, 3), 2)

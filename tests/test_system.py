@@ -1,0 +1,119 @@
+"""The whole system on real Ray, real ale-py and real Keras, driven through `launch.py`."""
+import json
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+
+from common import metrics, wire
+from common.config import PRESETS
+from common.envs import describe_env
+from common.networks import build_q_network
+from tests.conftest import ROOT
+
+SUMMARY_KEYS = {"agent_steps", "env_frames", "updates", "weight_version", "target_syncs",
+                "episodes", "mean_return_100", "agent_steps_per_s", "updates_per_s", "preset",
+                "env"}
+
+
+def launch(ray_address, logdir, *flags, timeout):
+    """Run the real entry point as a user would, joined to the shared Ray session."""
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "launch.py", "--address", ray_address, "--logdir", str(logdir),
+         *map(str, flags)], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((logdir / "summary.json").read_text())
+    assert SUMMARY_KEYS <= set(summary)
+    return summary, time.monotonic() - started, result.stdout
+
+
+@pytest.mark.slow
+def test_cartpole_learns_through_the_full_ray_loop(ray_address, tmp_path):
+    summary, wall_s, stdout = launch(
+        ray_address, tmp_path, "--preset", "cartpole", "--num-actors", 2,
+        "--max-seconds", 280, "--target-mean-return", 195, timeout=330)
+    assert summary["mean_return_100"] >= 195, stdout[-2000:]
+    assert wall_s <= 300
+    assert summary["num_actors"] == 2 and summary["episodes"] >= 100
+    assert summary["updates"] > 0 and summary["weight_version"] > 0
+    assert "steps/s" in stdout and "return100" in stdout  # the progress line
+
+
+@pytest.mark.slow
+def test_breakout_runs_end_to_end_with_two_actors(ray_address, tmp_path):
+    summary, wall_s, _ = launch(
+        ray_address, tmp_path, "--num-actors", 2, "--envs-per-actor", 2,
+        "--max-seconds", 60, "--report-every-s", 10, "--target-sync-updates", 100,
+        "--weight-publish-updates", 20, timeout=120)
+    assert wall_s <= 120
+    assert summary["preset"] == "seed" and summary["env"] == "BreakoutNoFrameskip-v4"
+    assert summary["weight_version"] >= 1 and summary["target_syncs"] >= 1
+    assert summary["env_frames"] == 4 * summary["agent_steps"] > 0
+    assert summary["updates"] >= 100
+    # The seed's ratio: 8 sampled per inserted transition, held by the rate limiter.
+    assert summary["samples_per_insert"] == pytest.approx(8, rel=0.25)
+    model = build_q_network((4, 84, 84), 4)
+    model.load_weights(str(tmp_path / "q_network.weights.h5"))
+    assert np.isfinite(model(np.zeros((1, 4, 84, 84), np.uint8))).all()
+
+
+def scrape_metrics(ray_address) -> dict[str, float]:
+    import ray
+    totals: dict[str, float] = {}
+    for node in ray.nodes():
+        url = f"http://127.0.0.1:{node['MetricsExportPort']}/metrics"
+        for line in urllib.request.urlopen(url, timeout=5).read().decode().splitlines():
+            if line.startswith("ray_dqn_"):
+                name, value = line.split("{")[0], float(line.rsplit(" ", 1)[1])
+                totals[name] = totals.get(name, 0.0) + value
+    return totals
+
+
+def test_metrics_reach_the_export_endpoint_and_ctrl_c_stops_cleanly(ray_address, tmp_path):
+    process = subprocess.Popen(
+        [sys.executable, "launch.py", "--preset", "cartpole", "--address", ray_address,
+         "--num-actors", "2", "--max-seconds", "200", "--logdir", str(tmp_path)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wanted = {f"ray_{metrics.AGENT_STEPS}_total", f"ray_{metrics.ENV_FRAMES}_total",
+              f"ray_{metrics.UPDATES}_total", f"ray_{metrics.REPLAY_SIZE}",
+              f"ray_{metrics.WEIGHT_VERSION}", f"ray_{metrics.EPISODES}_total",
+              f"ray_{metrics.EPISODE_RETURN}", f"ray_{metrics.REPLAY_INSERTS}_total"}
+    seen: dict[str, float] = {}
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            seen = scrape_metrics(ray_address)
+            if all(seen.get(name, 0) > 0 for name in wanted):
+                break
+            time.sleep(1)
+        assert all(seen.get(name, 0) > 0 for name in wanted), seen
+    finally:
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=90)
+    assert process.returncode == 0, err[-3000:]
+    assert "Ctrl-C: stopping" in out
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["agent_steps"] > 0 and (tmp_path / "q_network.weights.h5").exists()
+
+
+def test_a_malformed_insert_is_refused_and_the_replay_service_keeps_serving(ray_address):
+    import ray
+    from replay_server.service import ReplayService
+    info = describe_env("CartPole-v1")
+    replay = ReplayService.remote(PRESETS["cartpole"], info)
+    with pytest.raises(ray.exceptions.RayTaskError, match="not a msgpack message"):
+        ray.get(replay.insert.remote(b"\x00garbage"))
+    obs = np.zeros((3, 4), np.float32)
+    bad = wire.encode_transitions(obs, np.zeros(3), np.array([0, np.nan, 1]), np.ones(3), obs)
+    with pytest.raises(ray.exceptions.RayTaskError, match="'reward' holds a non-finite"):
+        ray.get(replay.insert.remote(bad))
+    good = wire.encode_transitions(obs, np.zeros(3), np.ones(3), np.ones(3), obs)
+    assert ray.get(replay.insert.remote(good))["total_inserted"] == 3
+    stats = ray.get(replay.stats.remote())
+    assert stats["size"] == 3 and stats["rejected_messages"] == 2
+    ray.kill(replay)

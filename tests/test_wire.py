@@ -1,0 +1,75 @@
+"""The msgpack wire format: exact round trips, and a clear refusal of anything else."""
+import msgpack
+import numpy as np
+import pytest
+
+from common import wire
+
+
+@pytest.mark.parametrize("dtype", sorted(wire.ALLOWED_DTYPES))
+def test_round_trip_is_exact_for_every_dtype(dtype):
+    rng = np.random.default_rng(0)
+    array = (rng.random((3, 5, 2)) * 100).astype(dtype)
+    arrays, meta = wire.decode(wire.encode("batch", {"x": array}, {"n": 3}), "batch")
+    assert arrays["x"].dtype == array.dtype and arrays["x"].shape == array.shape
+    np.testing.assert_array_equal(arrays["x"], array)
+    assert meta == {"n": 3}
+
+
+def test_round_trip_keeps_special_values_and_empty_and_noncontiguous_arrays():
+    floats = np.array([np.nan, np.inf, -0.0, 1e-38], np.float32)
+    frames = np.arange(2 * 4 * 84 * 84, dtype=np.uint8).reshape(2, 4, 84, 84)[:, ::2]
+    arrays, _ = wire.decode(wire.encode("k", {"f": floats, "e": np.zeros((0, 4)), "s": frames}))
+    np.testing.assert_array_equal(arrays["f"], floats)
+    assert arrays["e"].shape == (0, 4)
+    np.testing.assert_array_equal(arrays["s"], frames)
+
+
+def test_transitions_message_decodes_to_the_insert_schema():
+    obs = np.zeros((2, 4), np.float32)
+    arrays, _ = wire.decode(wire.encode_transitions(obs, np.array([0, 1]), np.array([1.0, 0.5]),
+                                                    np.array([0.99, 0.0]), obs),
+                            expect_kind=wire.TRANSITIONS)
+    assert arrays["action"].dtype == np.int32 and arrays["reward"].dtype == np.float32
+
+
+def valid_message():
+    return wire.encode("batch", {"x": np.arange(6, dtype=np.int32).reshape(2, 3)})
+
+
+def forged(**changes):
+    body = msgpack.unpackb(valid_message())
+    for key, value in changes.items():
+        if key.startswith("x_"):
+            body["arrays"]["x"][key[2:]] = value
+        else:
+            body[key] = value
+    return msgpack.packb(body, use_bin_type=True)
+
+
+@pytest.mark.parametrize("message, needle", [
+    (b"", "not a msgpack message"),
+    (b"\xc1\xff garbage", "not a msgpack message"),
+    (valid_message()[:-7], "not a msgpack message"),
+    (msgpack.packb([1, 2, 3]), "not a dqn-wire message"),
+    (forged(format="other"), "not a dqn-wire message"),
+    (forged(version=99), "unsupported dqn-wire version 99"),
+    (forged(kind="transitions"), "expected a 'batch' message"),
+    (forged(arrays=[1]), "'arrays' must be a map"),
+    (forged(meta="x"), "'meta' must be a map"),
+    (forged(x_dtype="object"), "dtype 'object'"),
+    (forged(x_shape=[2, -3]), "invalid shape"),
+    (forged(x_shape=[4, 3]), "needs 48 bytes, got 24"),
+    (forged(x_data="text"), "data must be binary"),
+    (forged(x_extra=1), "exactly dtype, shape, data"),
+    ("a string", "message must be bytes"),
+])
+def test_garbage_is_refused_with_a_reason(message, needle):
+    with pytest.raises(wire.WireError, match=None) as error:
+        wire.decode(message, expect_kind="batch")
+    assert needle in str(error.value)
+
+
+def test_encode_refuses_object_arrays():
+    with pytest.raises(wire.WireError, match="dtype object"):
+        wire.encode("k", {"x": np.array([{}, None], dtype=object)})

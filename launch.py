@@ -64,8 +64,9 @@ def connect_ray(config: Config, num_actors_hint: int) -> str | None:
     try:
         context = ray.init(**kwargs)
     except Exception as error:
-        where = config.address or "a local Ray"
-        fail(f"could not start or join {where}: {str(error).splitlines()[0]}")
+        where = f"join the Ray cluster at --address {config.address}" if config.address \
+            else "start a local Ray"
+        fail(f"could not {where}: {str(error).splitlines()[0]}")
     return (context.dashboard_url or "disabled") if config.address is None else None
 
 
@@ -147,8 +148,8 @@ def poll(roles: Roles, progress: Progress) -> None:
         try:
             progress.absorb_actor(index, ray.get(ref, timeout=30))
         except (RayActorError, ray.exceptions.GetTimeoutError) as error:
-            print(f"actor {index} unavailable ({type(error).__name__}); Ray restarts it",
-                  file=sys.stderr)
+            print(f"actor {index} not answering ({type(error).__name__}): still being placed, "
+                  "or restarting", file=sys.stderr)
     progress.learner = ray.get(roles.learner.stats.remote(), timeout=30)
     progress.replay = ray.get(roles.replay.stats.remote(), timeout=30)
     if progress.learner["error"]:
@@ -228,6 +229,9 @@ def main(argv: list[str] | None = None) -> int:
         summary = run(config, env_info, roles, logdir)
         print(json.dumps(summary), flush=True)
         return 0
+    except KeyboardInterrupt:  # before training started, or a second Ctrl-C while stopping
+        print("\nlaunch.py: interrupted; no summary written", file=sys.stderr)
+        return 130
     finally:
         if started_ray:
             ray.shutdown()

@@ -22,7 +22,9 @@ def knob(default, help: str):
 
 @dataclass(frozen=True)
 class Config:
-    preset: str = knob("seed", "Preset the other values start from (see --help of each).")
+    preset: str = knob("seed", "Preset the other values start from: 'seed' is the keras.io "
+                               "Breakout example value for value, 'cartpole' learns "
+                               "CartPole-v1 in minutes. `--preset P --help` shows P's values.")
 
     # What to play and how long.
     env: str = knob("BreakoutNoFrameskip-v4",
@@ -189,18 +191,22 @@ def _field_parser(annotation: str):
 
 def build_parser(prog: str, defaults: Config) -> argparse.ArgumentParser:
     parser = _OneLineErrorParser(
-        prog=prog, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog=prog,
         description="Distributed DQN on Ray: actors play, a replay service stores, a learner "
                     f"trains. Presets: {', '.join(PRESETS)}. Defaults shown are the "
                     f"'{defaults.preset}' preset's.")
     for f in dataclasses.fields(Config):
         if f.name == "preset":
             parser.add_argument("--preset", default=defaults.preset, choices=list(PRESETS),
-                                help=f.metadata["help"])
+                                help=f"{f.metadata['help']} (default: seed)")
             continue
         arg_type, nargs = _field_parser(f.type)
+        default = getattr(defaults, f.name)
+        help_text = f.metadata["help"]
+        if default is not None:  # a None default is described in the help text itself
+            help_text += f" (default: {default})"
         parser.add_argument(f"--{flag(f.name)}", dest=f.name, type=arg_type, nargs=nargs,
-                            default=getattr(defaults, f.name), help=f.metadata["help"],
+                            default=default, help=help_text,
                             metavar={int: "N", float: "X", str: "TEXT"}[arg_type])
     return parser
 

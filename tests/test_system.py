@@ -62,19 +62,29 @@ def test_breakout_runs_end_to_end_with_two_actors(ray_address, tmp_path):
     assert np.isfinite(model(np.zeros((1, 4, 84, 84), np.uint8))).all()
 
 
-def scrape_metrics(ray_address) -> dict[str, float]:
+def scrape_metrics() -> dict[str, float]:
+    """Every `ray_dqn_*` series on every node, keyed by its line up to the value (name and
+    labels: each worker process has its own WorkerId label)."""
     import ray
-    totals: dict[str, float] = {}
+    series: dict[str, float] = {}
     for node in ray.nodes():
         url = f"http://127.0.0.1:{node['MetricsExportPort']}/metrics"
         for line in urllib.request.urlopen(url, timeout=5).read().decode().splitlines():
             if line.startswith("ray_dqn_"):
-                name, value = line.split("{")[0], float(line.rsplit(" ", 1)[1])
-                totals[name] = totals.get(name, 0.0) + value
-    return totals
+                key, value = line.rsplit(" ", 1)
+                series[key] = float(value)
+    return series
+
+
+def new_positive_metrics(series: dict[str, float], before: dict[str, float]) -> set[str]:
+    """Names with a positive value in a series that did not exist before this run started,
+    so figures left by earlier tests' workers do not count."""
+    return {key.split("{")[0] for key, value in series.items()
+            if key not in before and value > 0}
 
 
 def test_metrics_reach_the_export_endpoint_and_ctrl_c_stops_cleanly(ray_address, tmp_path):
+    before = scrape_metrics()
     process = subprocess.Popen(
         [sys.executable, "launch.py", "--preset", "cartpole", "--address", ray_address,
          "--num-actors", "2", "--max-seconds", "200", "--logdir", str(tmp_path)],
@@ -82,16 +92,15 @@ def test_metrics_reach_the_export_endpoint_and_ctrl_c_stops_cleanly(ray_address,
     wanted = {f"ray_{metrics.AGENT_STEPS}_total", f"ray_{metrics.ENV_FRAMES}_total",
               f"ray_{metrics.UPDATES}_total", f"ray_{metrics.REPLAY_SIZE}",
               f"ray_{metrics.WEIGHT_VERSION}", f"ray_{metrics.EPISODES}_total",
-              f"ray_{metrics.EPISODE_RETURN}", f"ray_{metrics.REPLAY_INSERTS}_total"}
-    seen: dict[str, float] = {}
+              f"ray_{metrics.EPISODE_RETURN}", f"ray_{metrics.REPLAY_INSERTS}_total",
+              f"ray_{metrics.TARGET_SYNCS}_total"}
+    seen: set[str] = set()
     try:
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            seen = scrape_metrics(ray_address)
-            if all(seen.get(name, 0) > 0 for name in wanted):
-                break
+        while time.monotonic() < deadline and not wanted <= seen:
             time.sleep(1)
-        assert all(seen.get(name, 0) > 0 for name in wanted), seen
+            seen = new_positive_metrics(scrape_metrics(), before)
+        assert wanted <= seen, f"missing: {wanted - seen}"
     finally:
         process.send_signal(signal.SIGINT)
         out, err = process.communicate(timeout=90)

@@ -3,8 +3,9 @@
     python benchmarks/seed_vs_launch.py [--seconds 60] [--num-actors N]
 
 Runs the keras.io seed script (shared/seed/seed_dqn_restored.py, beside this checkout) for
-`--seconds`, then `launch.py` for as long, one after the other on the same machine, and prints
-both figures and their ratio, ending with one JSON line. The launcher's figure is the whole
+`--seconds`, the seed preset's train step alone for up to 20 s, then `launch.py` for
+`--seconds`, one after the other on the same machine, and prints the figures and the ratio,
+ending with one JSON line. The launcher's figure is the whole
 run's average from summary.json, start-up of the actors included (a conservative number).
 """
 from __future__ import annotations
@@ -37,6 +38,34 @@ def run_launch(seconds: float, extra: list[str]) -> dict:
         return json.loads((Path(logdir) / "summary.json").read_text())
 
 
+def run_bare_learner(seconds: float) -> float:
+    """Updates/s of the seed preset's train step alone on a fixed in-memory batch: the bound
+    the running system's learner is measured against."""
+    import time
+    import numpy as np
+    sys.path.insert(0, str(ROOT))
+    from common.config import PRESETS
+    from common.envs import describe_env
+    from learner.learner import DQNLearner
+    config = PRESETS["seed"]
+    info = describe_env(config.env)
+    learner = DQNLearner(config, info)
+    rng = np.random.default_rng(0)
+    shape = (1, config.batch_size)
+    batch = {"obs": rng.integers(0, 256, shape + info.obs_shape, dtype=np.uint8),
+             "next_obs": rng.integers(0, 256, shape + info.obs_shape, dtype=np.uint8),
+             "action": rng.integers(0, info.num_actions, shape).astype(np.int32),
+             "reward": rng.normal(size=shape).astype(np.float32),
+             "discount": np.full(shape, config.gamma, np.float32)}
+    for _ in range(3):  # trace and warm up
+        learner.step(batch)
+    updates, started = 0, time.monotonic()
+    while time.monotonic() - started < seconds:
+        learner.step(batch)
+        updates += 1
+    return updates / (time.monotonic() - started)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=60.0)
@@ -48,6 +77,8 @@ def main() -> None:
     seed = run_seed(args.seconds)
     print(f"seed script: {seed['agent_steps_per_s']:.1f} agent steps/s, "
           f"{seed['updates_per_s']:.2f} updates/s", flush=True)
+    bare = run_bare_learner(min(args.seconds, 20.0))
+    print(f"learner step alone: {bare:.1f} updates/s", flush=True)
     launch = run_launch(args.seconds, extra)
     print(f"launch.py:   {launch['agent_steps_per_s']:.1f} agent steps/s, "
           f"{launch['updates_per_s']:.2f} updates/s ({launch['num_actors']} actors x "
@@ -58,6 +89,7 @@ def main() -> None:
               "launch_agent_steps_per_s": launch["agent_steps_per_s"],
               "launch_updates_per_s": launch["updates_per_s"],
               "launch_num_actors": launch["num_actors"],
+              "bare_learner_updates_per_s": round(bare, 2),
               "speedup_vs_seed": round(launch["agent_steps_per_s"]
                                        / seed["agent_steps_per_s"], 2)}
     print(json.dumps(result))

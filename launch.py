@@ -56,7 +56,7 @@ def connect_ray(config: Config, num_actors_hint: int) -> str | None:
     if config.address is None:
         cpus = os.cpu_count() or 1
         # Logical CPUs: every role gets a slot even where actors outnumber cores.
-        kwargs.update(num_cpus=max(cpus, num_actors_hint + 2),
+        kwargs.update(num_cpus=max(cpus, num_actors_hint + 1 + config.replay_shards),
                       resources={LEARNER_HOST: 1}, dashboard_host=config.dashboard_host)
     else:
         check_address_answers(config.address)
@@ -78,31 +78,67 @@ def default_num_actors() -> int:
 
 @dataclass
 class Roles:
-    replay: object
+    shards: list
     learner: object
     actors: list
     learner_gpus: float
+
+
+def snapshot_path(config: Config, shard: int) -> Path | None:
+    if config.replay_snapshot_dir is None:
+        return None
+    return Path(config.replay_snapshot_dir).resolve() / f"replay-shard-{shard}.msgpack"
 
 
 def place_roles(config: Config, env_info: EnvInfo, num_actors: int) -> Roles:
     import ray
     from actors.service import ActorService
     from learner.service import LearnerService
-    from replay_server.service import SERVICE_NAME, ReplayService
+    from replay_server.service import ReplayService, shard_name
 
     resources = ray.cluster_resources()
     gpus = config.learner_gpus
     if gpus is None:
         gpus = 1.0 if resources.get("GPU", 0) >= 1 else 0.0
-    # Learner and replay share the node marked as the learner host when there is one.
-    host = {LEARNER_HOST: 0.5} if resources.get(LEARNER_HOST, 0) >= 1 else {}
-    replay = ReplayService.options(name=SERVICE_NAME, num_cpus=1, resources=host).remote(
-        config, env_info)
-    learner = LearnerService.options(num_cpus=1, num_gpus=gpus, resources=host,
-                                     max_concurrency=4).remote(config, env_info, replay)
+    # Learner and replay shards share the node marked as the learner host when there is one.
+    on_host = resources.get(LEARNER_HOST, 0) >= 1
+    shard_host = {LEARNER_HOST: 0.5 / config.replay_shards} if on_host else {}
+    shards = [ReplayService.options(name=shard_name(i), num_cpus=1, resources=shard_host)
+              .remote(config, env_info, i) for i in range(config.replay_shards)]
+    restore_snapshots(config, shards)
+    learner = LearnerService.options(
+        num_cpus=1, num_gpus=gpus, resources={LEARNER_HOST: 0.5} if on_host else {},
+        max_concurrency=4).remote(config, env_info, shards)
     actors = [ActorService.options(num_cpus=1, max_concurrency=3, max_restarts=3).remote(
-        config, env_info, i, replay, learner) for i in range(num_actors)]
-    return Roles(replay, learner, actors, gpus)
+        config, env_info, i, num_actors, shards[i % len(shards)], learner)
+        for i in range(num_actors)]
+    return Roles(shards, learner, actors, gpus)
+
+
+def restore_snapshots(config: Config, shards: list) -> None:
+    """Each shard whose snapshot file exists starts from it; a bad file stops the launch."""
+    import ray
+    for shard, replay in enumerate(shards):
+        path = snapshot_path(config, shard)
+        if path is not None and path.exists():
+            try:
+                restored = ray.get(replay.restore.remote(str(path)))
+            except ray.exceptions.RayTaskError as error:
+                fail(str(error.cause if error.cause else error).splitlines()[0])
+            print(f"replay shard {shard}: restored {restored['transitions']:,} transitions "
+                  f"from {path} in {restored['seconds']} s", flush=True)
+
+
+def write_snapshots(config: Config, shards: list) -> None:
+    import ray
+    paths = [snapshot_path(config, shard) for shard in range(len(shards))]
+    if paths[0] is None:
+        return
+    for shard, written in enumerate(ray.get([replay.snapshot.remote(str(path))
+                                             for replay, path in zip(shards, paths)])):
+        print(f"replay shard {shard}: {written['transitions']:,} transitions to "
+              f"{written['path']} ({written['bytes'] / 1e6:.1f} MB, {written['seconds']} s)",
+              flush=True)
 
 
 # --- Progress --------------------------------------------------------------------------------
@@ -140,6 +176,13 @@ class Progress:
             self.episodes += 1
 
 
+def replay_totals(shard_stats: list[dict]) -> dict:
+    inserted = sum(stats["total_inserted"] for stats in shard_stats)
+    sampled = sum(stats["total_sampled"] for stats in shard_stats)
+    return {"size": sum(stats["size"] for stats in shard_stats),
+            "samples_per_insert": sampled / inserted if inserted else 0.0}
+
+
 def poll(roles: Roles, progress: Progress) -> None:
     import ray
     from ray.exceptions import RayActorError
@@ -151,7 +194,7 @@ def poll(roles: Roles, progress: Progress) -> None:
             print(f"actor {index} not answering ({type(error).__name__}): still being placed, "
                   "or restarting", file=sys.stderr)
     progress.learner = ray.get(roles.learner.stats.remote(), timeout=30)
-    progress.replay = ray.get(roles.replay.stats.remote(), timeout=30)
+    progress.replay = replay_totals(ray.get([r.stats.remote() for r in roles.shards], timeout=30))
     if progress.learner["error"]:
         raise RuntimeError(f"learner failed:\n{progress.learner['error']}")
 
@@ -177,7 +220,6 @@ class ProgressLog:
             "updates_per_s": (updates - last_updates) / dt,
             "replay_size": progress.replay["size"],
             "episodes": progress.episodes,
-            "epsilon": epsilon_at(self.config, steps),
             "weight_version": progress.learner["weight_version"],
             "target_syncs": progress.learner["target_syncs"],
             "loss": progress.learner["loss"],
@@ -185,6 +227,9 @@ class ProgressLog:
         }
         if progress.mean_return_100 is not None:
             figures["mean_return_100"] = progress.mean_return_100
+        ladder = self.config.epsilon_ladder_base is not None  # fixed per env: no one epsilon
+        if not ladder:
+            figures["epsilon"] = epsilon_at(self.config, steps)
         with self.writer.as_default(step=steps):
             for name, value in figures.items():
                 self.tf.summary.scalar(name, value)
@@ -195,7 +240,8 @@ class ProgressLog:
               f"{figures['updates_per_s']:6.1f} upd/s | replay {figures['replay_size']:>8,} | "
               f"episodes {progress.episodes:>6,} | return100 "
               f"{'   n/a' if mean is None else f'{mean:6.1f}'} | "
-              f"eps {figures['epsilon']:.3f} | weights v{figures['weight_version']}", flush=True)
+              f"eps {'ladder' if ladder else format(figures['epsilon'], '.3f')} | "
+              f"weights v{figures['weight_version']}", flush=True)
         return figures
 
 
@@ -224,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         logdir.mkdir(parents=True, exist_ok=True)
         roles = place_roles(config, env_info, num_actors)
         print(f"{config.preset}: {config.env} | {num_actors} actors x {config.envs_per_actor} "
-              f"envs | learner on {'GPU' if roles.learner_gpus else 'CPU'} | logdir {logdir}"
+              f"envs | {config.replay_shards} replay shard(s) | learner on {'GPU' if roles.learner_gpus else 'CPU'} | logdir {logdir}"
               + (f" | dashboard {dashboard_url}" if started_ray else ""), flush=True)
         summary = run(config, env_info, roles, logdir)
         print(json.dumps(summary), flush=True)
@@ -265,7 +311,8 @@ def run(config: Config, env_info: EnvInfo, roles: Roles, logdir: Path) -> dict:
     for index, report in enumerate(ray.get([a.stop.remote() for a in roles.actors])):
         progress.absorb_actor(index, report)
     progress.learner = ray.get(roles.learner.stop.remote())
-    progress.replay = ray.get(roles.replay.stats.remote())
+    progress.replay = replay_totals(ray.get([r.stats.remote() for r in roles.shards]))
+    write_snapshots(config, roles.shards)
     weights_path = logdir / "q_network.weights.h5"
     weights_path.write_bytes(ray.get(roles.learner.weights_h5.remote()))
     summary = make_summary(config, env_info, progress, elapsed, len(roles.actors))

@@ -1,93 +1,96 @@
-"""The actor without Ray: K envs, an epsilon-greedy copy of the Q-network, transition chunks.
+"""The actor without Ray: K envs, an epsilon-greedy copy of the Q-network, an adder.
 
 `step()` takes one action in every env (one batched forward pass for all K) and hands the K
-transitions to a `ChunkAdder`; `take_chunk()` returns a ready wire message for the replay
-service. Weights arrive through `set_weights(weights, version)`.
+steps to a `FrameAdder`; `take_chunk()` returns a ready insert message for the replay service.
+Weights arrive through `set_weights(weights, version)`.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from common.config import Config, epsilon_at
+from actors.adder import FrameAdder
+from common.config import Config, epsilon_at, epsilon_ladder
 from common.envs import BatchStep, EnvBatch, EnvInfo
 from common.networks import build_q_network
-from common.wire import encode_transitions
 
 import tensorflow as tf  # noqa: E402  (after networks.py set the Keras backend)
 
 
-class ChunkAdder:
-    """Collects one-step transitions and cuts them into chunks of exactly `chunk_size`."""
-
-    FIELDS = ("obs", "action", "reward", "discount", "next_obs")
-
-    def __init__(self, chunk_size: int):
-        self.chunk_size = chunk_size
-        self.parts: list[dict[str, np.ndarray]] = []
-        self.pending = 0
-
-    def add(self, **transitions: np.ndarray) -> None:
-        self.parts.append(transitions)
-        self.pending += len(transitions["action"])
-
-    def take(self) -> dict[str, np.ndarray] | None:
-        if self.pending < self.chunk_size:
-            return None
-        joined = {name: np.concatenate([p[name] for p in self.parts]) for name in self.FIELDS}
-        chunk = {name: array[:self.chunk_size] for name, array in joined.items()}
-        rest = {name: array[self.chunk_size:] for name, array in joined.items()}
-        self.pending -= self.chunk_size
-        self.parts = [rest] if self.pending else []
-        return chunk
-
-
 class Actor:
-    def __init__(self, config: Config, env_info: EnvInfo, actor_index: int):
+    def __init__(self, config: Config, env_info: EnvInfo, actor_index: int, num_actors: int = 1):
         self.config = config
         seed = config.seed + 10_000 * (actor_index + 1)
         self.rng = np.random.default_rng(seed)
         self.num_actions = env_info.num_actions
-        self.envs = EnvBatch(config.env, config.envs_per_actor, seed,
-                             config.max_episode_agent_steps, config.frame_stack)
+        k = config.envs_per_actor
+        self.envs = EnvBatch(config.env, k, seed, config.max_episode_agent_steps,
+                             config.frame_stack)
         self.model = build_q_network(env_info.obs_shape, env_info.num_actions,
-                                     config.mlp_hidden_units)
-        self.greedy = tf.function(
-            lambda obs: tf.argmax(self.model(obs, training=False), axis=1, output_type=tf.int32),
-            reduce_retracing=True)
-        self.adder = ChunkAdder(config.chunk_transitions)
+                                     config.mlp_hidden_units, config.dueling)
+        self.q_values = tf.function(lambda obs: self.model(obs, training=False),
+                                    reduce_retracing=True)
+        self.compute_priorities = (config.priority_exponent > 0
+                                   and config.initial_priority == "actor")
+        self.adder = FrameAdder(k, env_info.stack, env_info.frame_shape, env_info.obs_dtype,
+                                config.n_step, config.gamma, config.chunk_transitions,
+                                clip_rewards=config.clip_rewards,
+                                compute_priorities=self.compute_priorities)
+        self.ladder = None
+        if config.epsilon_ladder_base is not None:
+            total_envs = num_actors * k
+            self.ladder = np.array([epsilon_ladder(config, actor_index * k + i, total_envs)
+                                    for i in range(k)])
         self.weight_version = -1
         self.agent_steps = 0
         self.obs = self.envs.reset()
+        for env, obs in enumerate(self.obs):
+            self.adder.observe_first(env, obs)
 
     def set_weights(self, weights: list[np.ndarray], version: int) -> None:
         self.model.set_weights(weights)
         self.weight_version = version
 
-    def select_actions(self, obs: np.ndarray, epsilon: float) -> np.ndarray:
+    def epsilons(self, global_agent_steps: int) -> np.ndarray:
+        if self.ladder is not None:
+            return self.ladder
+        return np.full(len(self.obs), epsilon_at(self.config, global_agent_steps))
+
+    def select_actions(self, obs: np.ndarray, epsilon: np.ndarray | float,
+                       q: np.ndarray | None = None) -> np.ndarray:
+        """Epsilon-greedy per env; `q` (the obs' Q-values) when already computed."""
         explore = self.rng.random(len(obs)) < epsilon
         actions = self.rng.integers(0, self.num_actions, size=len(obs), dtype=np.int32)
         if not explore.all():  # skip the forward pass while every env acts at random
-            greedy = self.greedy(obs).numpy()
-            actions = np.where(explore, actions, greedy)
+            q = self.q_values(obs).numpy() if q is None else q
+            actions = np.where(explore, actions, q.argmax(axis=1).astype(np.int32))
         return actions
 
     def step(self, global_agent_steps: int) -> BatchStep:
-        """One action in each env, with epsilon from the global step count."""
-        actions = self.select_actions(self.obs, epsilon_at(self.config, global_agent_steps))
+        """One action in each env, with epsilon from the schedule or the ladder."""
+        q = self.q_values(self.obs).numpy() if self.compute_priorities else None
+        if q is not None:
+            self.adder.observe_values(q.max(axis=1))
+        actions = self.select_actions(self.obs, self.epsilons(global_agent_steps), q)
         result = self.envs.step(actions)
-        discount = self.config.gamma * (1.0 - result.terminated.astype(np.float32))
-        self.adder.add(obs=self.obs, action=actions, reward=result.reward,
-                       discount=discount, next_obs=result.next_obs)
+        final_values = np.zeros(len(actions))
+        if self.compute_priorities and result.truncated.any():
+            cut = np.flatnonzero(result.truncated)
+            final_values[cut] = self.q_values(result.next_obs[cut]).numpy().max(axis=1)
+        for env, action in enumerate(actions):
+            self.adder.observe(
+                env, action, result.reward[env], result.next_obs[env],
+                bool(result.terminated[env]), bool(result.truncated[env]),
+                q_taken=None if q is None else float(q[env, action]),
+                final_value=float(final_values[env]))
+            if result.terminated[env] or result.truncated[env]:
+                self.adder.observe_first(env, result.obs[env])
         self.obs = result.obs
         self.agent_steps += len(actions)
         return result
 
     def take_chunk(self) -> tuple[bytes, int] | None:
-        """(wire message, transition count) of the next full chunk, if one is ready."""
-        chunk = self.adder.take()
-        if chunk is None:
-            return None
-        return encode_transitions(**chunk), len(chunk["action"])
+        """(insert message, transition count) of the next full chunk, if one is ready."""
+        return self.adder.take_chunk()
 
     def close(self) -> None:
         self.envs.close()

@@ -1,10 +1,12 @@
 """An actor as a Ray actor: a thin shell that runs `Actor` in a loop and ships its chunks.
 
 Sends are bounded: at most `max_inflight_chunks` unacknowledged inserts, and none beyond the
-replay service's insert budget (its rate limiter), so a slow replay service or learner slows
-the actor instead of filling memory. After each chunk it asks the learner, without waiting,
-whether newer weights exist, and fetches that one object when they do. The loop starts in
-`__init__`, so a restarted actor process resumes playing on its own.
+replay shard's insert budget (its rate limiter), so a slow replay service or learner slows
+the actor instead of filling memory. Every `weight_refresh_env_frames` emulator frames per env
+(or after each chunk) it asks the learner, without waiting, whether newer weights exist, and
+fetches that one object when they do. The loop starts in `__init__`, so a restarted actor
+process resumes playing on its own (with a new frame stream, so replay never mixes its old
+and new frames).
 """
 from __future__ import annotations
 
@@ -27,11 +29,14 @@ EPISODE_BACKLOG = 10_000
 
 @ray.remote
 class ActorService:
-    def __init__(self, config: Config, env_info: EnvInfo, actor_index: int, replay, learner):
+    def __init__(self, config: Config, env_info: EnvInfo, actor_index: int, num_actors: int,
+                 replay, learner):
         configure_cpu_threads(1)  # many actors share few cores; one TF thread each
         self.config, self.env_info = config, env_info
         self.replay, self.learner = replay, learner
-        self.actor = Actor(config, env_info, actor_index)
+        self.actor = Actor(config, env_info, actor_index, num_actors)
+        self.steps_per_refresh = -(-config.weight_refresh_env_frames // env_info.frame_skip)
+        self.steps_since_refresh = 0
         self.metrics = metrics.make(metrics.AGENT_STEPS, metrics.ENV_FRAMES, metrics.EPISODES,
                                     metrics.EPISODE_RETURN)
         self.episodes: collections.deque = collections.deque(maxlen=EPISODE_BACKLOG)
@@ -61,6 +66,10 @@ class ActorService:
                 chunk = self.actor.take_chunk()
                 if chunk is not None:
                     self._send(*chunk)
+                self.steps_since_refresh += 1
+                if (self.steps_since_refresh >= self.steps_per_refresh if self.steps_per_refresh
+                        else chunk is not None):
+                    self.steps_since_refresh = 0
                     self._refresh_weights()
             self._collect_acks(wait_all=True)
         except Exception:
@@ -68,7 +77,10 @@ class ActorService:
                 self.error = traceback.format_exc()
 
     def _global_steps(self) -> int:
-        return self.global_steps_base + self.actor.agent_steps - self.local_steps_at_base
+        """All actors' agent steps, estimated from this shard's inserts (one transition per
+        agent step) times the shards (actors spread evenly over them)."""
+        return (self.global_steps_base * self.config.replay_shards
+                + self.actor.agent_steps - self.local_steps_at_base)
 
     def _send(self, message: bytes, transitions: int):
         while len(self.inflight) >= self.config.max_inflight_chunks:

@@ -16,8 +16,8 @@ class ConfigError(ValueError):
     """A configuration value a user gave is invalid."""
 
 
-def knob(default, help: str):
-    return field(default=default, metadata={"help": help})
+def knob(default, help: str, choices: tuple[str, ...] | None = None):
+    return field(default=default, metadata={"help": help, "choices": choices})
 
 
 @dataclass(frozen=True)
@@ -55,11 +55,20 @@ class Config:
 
     # Q-learning.
     gamma: float = knob(0.99, "Discount factor.")
+    n_step: int = knob(1, "Steps summed into each transition's return before bootstrapping.")
     batch_size: int = knob(32, "Transitions per learner update.")
     learning_rate: float = knob(0.00025, "Adam learning rate.")
-    grad_clip_norm: float = knob(1.0, "Adam clipnorm: gradient norm clip per variable.")
+    grad_clip_norm: float = knob(1.0, "Gradient norm clip (per variable: Keras clipnorm, "
+                                      "unless --grad-clip-global).")
+    grad_clip_global: bool = knob(False, "Clip the norm of all gradients together (Ape-X) "
+                                         "instead of each variable's (the seed).")
     target_sync_updates: int = knob(
         2500, "Updates between target-network syncs (seed: 10,000 agent steps / 4 per update).")
+    double_dqn: bool = knob(False, "Double DQN target: the online network picks the next "
+                                   "action, the target network values it.")
+    dueling: bool = knob(False, "Dueling head: Q = V + A - mean(A).")
+    clip_rewards: bool = knob(False, "Clip each step's training reward to [-1, 1] (episode "
+                                     "returns are always reported unclipped).")
     mlp_hidden_units: tuple[int, ...] = knob(
         (256, 256), "Hidden layer widths of the MLP used for vector observations.")
 
@@ -70,13 +79,32 @@ class Config:
         1_000_000, "Agent steps, counted from the first, over which epsilon falls linearly.")
     random_agent_steps: int = knob(
         50_000, "Agent steps at the start whose actions are uniformly random whatever epsilon is.")
+    epsilon_ladder_base: float | None = knob(
+        None, "Ape-X exploration instead of the schedule: env i of all N envs of all actors "
+              "keeps epsilon base^(1 + exponent * i / (N - 1)) (Ape-X: 0.4; default: off).")
+    epsilon_ladder_exponent: float = knob(7.0, "The exponent of the epsilon ladder.")
 
     # Environment.
     max_episode_agent_steps: int = knob(10_000, "Agent steps after which an episode is truncated.")
     frame_stack: int = knob(4, "Atari frames stacked into one observation.")
 
     # Replay and its rate limiter (Reverb's SampleToInsertRatio semantics).
-    replay_capacity: int = knob(100_000, "Transitions the replay service keeps.")
+    replay_capacity: int = knob(100_000, "Transitions each replay shard keeps.")
+    replay_shards: int = knob(1, "Replay actors; actor i sends to shard i mod shards and the "
+                                 "learner samples all of them.")
+    priority_exponent: float = knob(
+        0.0, "Prioritized replay exponent alpha: P(i) ~ priority_i^alpha (0 = uniform).")
+    importance_exponent: float = knob(
+        0.4, "Importance-sampling exponent beta at the first update; it rises linearly to 1.")
+    importance_anneal_updates: int = knob(
+        1_000_000, "Updates over which beta rises to 1.")
+    initial_priority: str = knob(
+        "max", "Priority of a new transition: 'max' (the largest seen so far) or 'actor' (its "
+               "n-step TD error under the actor's network, as in Ape-X).",
+        choices=("max", "actor"))
+    replay_snapshot_dir: str | None = knob(
+        None, "Each shard restores from DIR/replay-shard-<i>.msgpack at start when the file "
+              "exists and snapshots there when the run stops (default: no snapshots).")
     min_replay_size: int = knob(32, "Transitions stored before the learner may sample.")
     samples_per_insert: float = knob(
         8.0, "Sampled transitions per inserted one (seed: batch 32 every 4 agent steps = 8). "
@@ -90,13 +118,17 @@ class Config:
     max_inflight_chunks: int = knob(2, "Unacknowledged sends per actor before it waits.")
     weight_publish_updates: int = knob(
         50, "Updates between weight publishes; actors pick up each new version.")
+    weight_refresh_env_frames: int = knob(
+        0, "Emulator frames each env of an actor plays between the actor's checks for newer "
+           "weights (Ape-X: 400; 0: after every chunk sent).")
     learner_batches_per_call: int = knob(
         1, "Batches per replay call, trained in one compiled call: amortizes the ~1 ms "
            "per-call cost that dominates small networks. Sync and publish periods must be "
            "multiples of it.")
 
     def __post_init__(self):
-        positive = ["envs_per_actor", "batch_size", "target_sync_updates",
+        positive = ["envs_per_actor", "batch_size", "n_step", "replay_shards",
+                    "importance_anneal_updates", "target_sync_updates",
                     "epsilon_decay_agent_steps", "max_episode_agent_steps", "frame_stack",
                     "replay_capacity", "chunk_transitions", "max_inflight_chunks",
                     "weight_publish_updates", "learner_batches_per_call", "learning_rate", "grad_clip_norm",
@@ -109,16 +141,23 @@ class Config:
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ConfigError(f"--{flag(name)} must be positive, got {value}")
-        for name in ["random_agent_steps", "min_replay_size"]:
+        for name in ["random_agent_steps", "min_replay_size", "priority_exponent",
+                     "weight_refresh_env_frames", "epsilon_ladder_exponent"]:
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{flag(name)} must be >= 0, got {getattr(self, name)}")
         if self.learner_gpus is not None and self.learner_gpus < 0:
             raise ConfigError(f"--learner-gpus must be >= 0, got {self.learner_gpus}")
         if not 0.0 <= self.gamma <= 1.0:
             raise ConfigError(f"--gamma must be in [0, 1], got {self.gamma}")
-        for name in ["epsilon_start", "epsilon_end"]:
+        for name in ["epsilon_start", "epsilon_end", "importance_exponent"]:
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"--{flag(name)} must be in [0, 1], got {getattr(self, name)}")
+        if self.epsilon_ladder_base is not None and not 0.0 < self.epsilon_ladder_base <= 1.0:
+            raise ConfigError(f"--epsilon-ladder-base must be in (0, 1], "
+                              f"got {self.epsilon_ladder_base}")
+        if self.initial_priority not in ("max", "actor"):
+            raise ConfigError(f"--initial-priority must be 'max' or 'actor', "
+                              f"got {self.initial_priority!r}")
         if not self.mlp_hidden_units or min(self.mlp_hidden_units) <= 0:
             raise ConfigError(f"--mlp-hidden-units must be positive widths, "
                               f"got {self.mlp_hidden_units}")
@@ -148,12 +187,26 @@ class Config:
 
 
 def epsilon_at(config: Config, agent_steps: int) -> float:
-    """Probability of a random action at the step taken after `agent_steps` earlier steps."""
+    """The schedule: probability of a random action at the step taken after `agent_steps`
+    earlier steps (all actors together)."""
     if agent_steps < config.random_agent_steps:
         return 1.0
     decayed = config.epsilon_start - (config.epsilon_start - config.epsilon_end) * (
         agent_steps / config.epsilon_decay_agent_steps)
     return max(config.epsilon_end, decayed)
+
+
+def epsilon_ladder(config: Config, env_index: int, num_envs: int) -> float:
+    """Ape-X: env `env_index` of `num_envs` (all envs of all actors) explores with a fixed
+    epsilon base^(1 + exponent * i / (N - 1)), from base down to base^(1 + exponent)."""
+    spread = env_index / (num_envs - 1) if num_envs > 1 else 0.0
+    return config.epsilon_ladder_base ** (1.0 + config.epsilon_ladder_exponent * spread)
+
+
+def importance_exponent_at(config: Config, updates: int) -> float:
+    """Beta after `updates` learner updates: linear from its start value to 1."""
+    progress = min(1.0, updates / config.importance_anneal_updates)
+    return config.importance_exponent + (1.0 - config.importance_exponent) * progress
 
 
 PRESETS: dict[str, Config] = {
@@ -169,6 +222,19 @@ PRESETS: dict[str, Config] = {
         replay_capacity=100_000, min_replay_size=1_000, samples_per_insert=16.0,
         chunk_transitions=32, weight_publish_updates=16, learner_batches_per_call=8,
         report_every_s=2.0),
+    # Ape-X (Horgan et al. 2018) on Breakout: n-step double DQN with a dueling head,
+    # prioritized replay fed actor-computed priorities, the epsilon ladder.
+    "apex": Config(
+        preset="apex", n_step=3, priority_exponent=0.6, importance_exponent=0.4,
+        initial_priority="actor", batch_size=512, learning_rate=0.00025 / 4,
+        grad_clip_norm=40.0, grad_clip_global=True, target_sync_updates=2500,
+        double_dqn=True, dueling=True, clip_rewards=True,
+        epsilon_ladder_base=0.4, random_agent_steps=0, max_episode_agent_steps=27_000,
+        replay_capacity=2_000_000, min_replay_size=50_000,
+        # Ape-X's learner took 19 batches of 512 a second from actors adding ~12,500
+        # transitions a second: about 0.8 samples per insert.
+        samples_per_insert=0.8, chunk_transitions=128, weight_publish_updates=10,
+        weight_refresh_env_frames=400),
 }
 
 
@@ -200,14 +266,20 @@ def build_parser(prog: str, defaults: Config) -> argparse.ArgumentParser:
             parser.add_argument("--preset", default=defaults.preset, choices=list(PRESETS),
                                 help=f"{f.metadata['help']} (default: seed)")
             continue
-        arg_type, nargs = _field_parser(f.type)
         default = getattr(defaults, f.name)
         help_text = f.metadata["help"]
         if default is not None:  # a None default is described in the help text itself
             help_text += f" (default: {default})"
+        if f.type == "bool":
+            parser.add_argument(f"--{flag(f.name)}", dest=f.name, default=default,
+                                action=argparse.BooleanOptionalAction, help=help_text)
+            continue
+        arg_type, nargs = _field_parser(f.type)
+        choices = f.metadata["choices"]
         parser.add_argument(f"--{flag(f.name)}", dest=f.name, type=arg_type, nargs=nargs,
-                            default=default, help=help_text,
-                            metavar={int: "N", float: "X", str: "TEXT"}[arg_type])
+                            default=default, help=help_text, choices=choices,
+                            metavar=None if choices else
+                            {int: "N", float: "X", str: "TEXT"}[arg_type])
     return parser
 
 

@@ -29,6 +29,16 @@ class EnvInfo:
     num_actions: int
     frame_skip: int  # emulator frames per agent step
 
+    @property
+    def stack(self) -> int:
+        """Frames per observation: the leading axis of stacked images, 1 for vectors."""
+        return self.obs_shape[0] if len(self.obs_shape) == 3 else 1
+
+    @property
+    def frame_shape(self) -> tuple[int, ...]:
+        """One frame, the unit replay stores once: an image, or the whole vector."""
+        return tuple(self.obs_shape[1:]) if len(self.obs_shape) == 3 else tuple(self.obs_shape)
+
     def to_dict(self) -> dict:
         return {"env_id": self.env_id, "obs_shape": list(self.obs_shape),
                 "obs_dtype": self.obs_dtype, "num_actions": self.num_actions,

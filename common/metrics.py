@@ -28,14 +28,20 @@ DESCRIPTIONS = {
     REPLAY_SIZE: "Transitions held by the replay service.",
     REPLAY_INSERTS: "Transitions inserted into replay.",
     REPLAY_SAMPLES: "Transitions sampled from replay.",
-    REPLAY_REJECTED: "Insert messages refused as malformed.",
+    REPLAY_REJECTED: "Messages (inserts, priority updates) refused as malformed.",
 }
 COUNTERS = {AGENT_STEPS, ENV_FRAMES, EPISODES, UPDATES, TARGET_SYNCS, REPLAY_INSERTS,
             REPLAY_SAMPLES, REPLAY_REJECTED}
 
 
-def make(*names: str) -> dict:
-    """Ray metric objects for `names`, keyed by name; call inside a Ray worker."""
+def make(*names: str, tags: dict[str, str] | None = None) -> dict:
+    """Ray metric objects for `names`, keyed by name, labelled with `tags` (e.g. the replay
+    shard); call inside a Ray worker."""
     from ray.util.metrics import Counter, Gauge
-    return {name: (Counter if name in COUNTERS else Gauge)(name, description=DESCRIPTIONS[name])
-            for name in names}
+    made = {}
+    for name in names:
+        kind = Counter if name in COUNTERS else Gauge
+        made[name] = kind(name, description=DESCRIPTIONS[name], tag_keys=tuple(tags or ()))
+        if tags:
+            made[name].set_default_tags(tags)
+    return made

@@ -11,30 +11,48 @@ from keras import layers  # noqa: E402
 
 
 def build_q_network(obs_shape: tuple[int, ...], num_actions: int,
-                    mlp_hidden_units: tuple[int, ...] = (256, 256)) -> keras.Model:
+                    mlp_hidden_units: tuple[int, ...] = (256, 256),
+                    dueling: bool = False) -> keras.Model:
     """Nature CNN (Mnih et al. 2015, as in the keras.io seed) for stacked frames (C, H, W) of
     uint8; an MLP for vector observations. Frames are scaled to [0, 1] inside the model, so
-    uint8 travels everywhere and the float copy exists only on the device."""
+    uint8 travels everywhere and the float copy exists only on the device. With `dueling`
+    (Wang et al. 2016) the last hidden layer splits into a value and an advantage stream,
+    Q = V + A - mean(A)."""
     if len(obs_shape) == 3:
-        return keras.Sequential([
-            keras.Input(shape=obs_shape, dtype="uint8"),
-            layers.Rescaling(1.0 / 255.0),
-            layers.Permute((2, 3, 1)),  # stacks arrive channels-first; Conv2D wants last
-            layers.Conv2D(32, 8, strides=4, activation="relu"),
-            layers.Conv2D(64, 4, strides=2, activation="relu"),
-            layers.Conv2D(64, 3, strides=1, activation="relu"),
-            layers.Flatten(),
-            layers.Dense(512, activation="relu"),
-            layers.Dense(num_actions, activation="linear", dtype="float32"),
-        ], name="nature_cnn")
-    if len(obs_shape) == 1:
-        hidden = [layers.Dense(units, activation="relu") for units in mlp_hidden_units]
-        return keras.Sequential([
-            keras.Input(shape=obs_shape, dtype="float32"), *hidden,
-            layers.Dense(num_actions, activation="linear", dtype="float32"),
-        ], name="mlp")
-    raise ValueError(f"no Q-network for observations of shape {obs_shape}; "
-                     "expected (stack, height, width) frames or a flat vector")
+        inputs = keras.Input(shape=obs_shape, dtype="uint8")
+        x = layers.Rescaling(1.0 / 255.0)(inputs)
+        x = layers.Permute((2, 3, 1))(x)  # stacks arrive channels-first; Conv2D wants last
+        x = layers.Conv2D(32, 8, strides=4, activation="relu")(x)
+        x = layers.Conv2D(64, 4, strides=2, activation="relu")(x)
+        x = layers.Conv2D(64, 3, strides=1, activation="relu")(x)
+        features, head_units, name = layers.Flatten()(x), (512,), "nature_cnn"
+    elif len(obs_shape) == 1:
+        inputs = keras.Input(shape=obs_shape, dtype="float32")
+        features, head_units, name = inputs, tuple(mlp_hidden_units), "mlp"
+    else:
+        raise ValueError(f"no Q-network for observations of shape {obs_shape}; "
+                         "expected (stack, height, width) frames or a flat vector")
+    if not dueling:
+        return keras.Model(inputs, _head(features, head_units, num_actions), name=name)
+    value = _head(features, head_units, 1)
+    advantage = _head(features, head_units, num_actions)
+    q = DuelingCombine(dtype="float32")([value, advantage])
+    return keras.Model(inputs, q, name=f"dueling_{name}")
+
+
+def _head(x, hidden_units: tuple[int, ...], outputs: int):
+    for units in hidden_units:
+        x = layers.Dense(units, activation="relu")(x)
+    return layers.Dense(outputs, activation="linear", dtype="float32")(x)
+
+
+@keras.saving.register_keras_serializable(package="dqn")
+class DuelingCombine(layers.Layer):
+    """Q = V + A - mean_a(A): the mean keeps V and A identifiable."""
+
+    def call(self, inputs):
+        value, advantage = inputs
+        return value + advantage - keras.ops.mean(advantage, axis=1, keepdims=True)
 
 
 def configure_cpu_threads(num_threads: int) -> None:

@@ -2,7 +2,7 @@
 
 A message is a msgpack map:
     {"format": "dqn-wire", "version": 1, "kind": <str>,
-     "meta": {<str>: int | float | str | bool | None},
+     "meta": {<str>: int | float | str | bool | None | [those]},
      "arrays": {<name>: {"dtype": <numpy dtype name>, "shape": [<int>, ...], "data": <bin>}}}
 `data` is the array's C-order bytes, little-endian. Decoding never executes code and checks
 every field, so a truncated or forged message raises `WireError` naming what is wrong.
@@ -15,9 +15,10 @@ import msgpack
 import numpy as np
 
 FORMAT = "dqn-wire"
-TRANSITIONS = "transitions"  # actor -> replay: obs, action, reward, discount, next_obs
-BATCH = "batch"  # replay -> learner: the same fields plus index
-VERSION = 1
+TRANSITIONS = "transitions"  # actor -> replay: new frames, n-step transitions naming them
+BATCH = "batch"  # replay -> learner: distinct frames once, index arrays, weights, keys
+PRIORITIES = "priorities"  # learner -> replay: new priorities by transition key
+VERSION = 2
 ALLOWED_DTYPES = frozenset(
     {"uint8", "int8", "int32", "int64", "uint32", "float16", "float32", "float64", "bool"})
 MAX_MESSAGE_BYTES = 1 << 31
@@ -86,10 +87,40 @@ def _decode_array(name: str, spec) -> np.ndarray:
     return np.frombuffer(data, dtype=np.dtype(dtype).newbyteorder("<")).reshape(shape)
 
 
-def encode_transitions(obs: np.ndarray, action: np.ndarray, reward: np.ndarray,
-                       discount: np.ndarray, next_obs: np.ndarray) -> bytes:
-    """The insert message an actor sends to the replay service."""
-    return encode(TRANSITIONS, {
-        "obs": obs, "action": action.astype(np.int32, copy=False),
-        "reward": reward.astype(np.float32, copy=False),
-        "discount": discount.astype(np.float32, copy=False), "next_obs": next_obs})
+def encode_transitions(frames: np.ndarray, obs_frames: np.ndarray, next_obs_frames: np.ndarray,
+                       action: np.ndarray, reward: np.ndarray, discount: np.ndarray, *,
+                       stream: int, first_frame: int,
+                       priority: np.ndarray | None = None) -> bytes:
+    """The insert message an actor sends to a replay shard: `frames` are the sender's frames
+    numbered first_frame, first_frame + 1, ... in its `stream`; each transition names the
+    frames of its observation stack and next observation stack by those numbers."""
+    arrays = {"frames": frames, "obs_frames": obs_frames.astype(np.int64, copy=False),
+              "next_obs_frames": next_obs_frames.astype(np.int64, copy=False),
+              "action": action.astype(np.int32, copy=False),
+              "reward": reward.astype(np.float32, copy=False),
+              "discount": discount.astype(np.float32, copy=False)}
+    if priority is not None:
+        arrays["priority"] = priority.astype(np.float32, copy=False)
+    return encode(TRANSITIONS, arrays, {"stream": stream, "first_frame": first_frame})
+
+
+def decode_batch(message: bytes) -> tuple[dict[str, np.ndarray], dict]:
+    """A replay batch with its stacks rebuilt: `obs` and `next_obs` [k, B, *obs_shape] from the
+    distinct frames and the per-item frame indices; the other fields as sent."""
+    arrays, meta = decode(message, expect_kind=BATCH)
+    frames = arrays.pop("frames")
+    obs_shape = meta.get("obs_shape")
+    if not isinstance(obs_shape, list):
+        raise WireError("batch meta needs 'obs_shape'")
+    for name in ("obs_frames", "next_obs_frames"):
+        index = arrays.pop(name)
+        if index.size and (index.min() < 0 or index.max() >= len(frames)):
+            raise WireError(f"{name!r} indexes outside the batch's {len(frames)} frames")
+        stacked = np.take(frames, index, axis=0)
+        arrays[name.replace("_frames", "")] = stacked.reshape(*index.shape[:2], *obs_shape)
+    return arrays, meta
+
+
+def encode_priorities(key: np.ndarray, priority: np.ndarray) -> bytes:
+    return encode(PRIORITIES, {"key": key.astype(np.int64, copy=False).reshape(-1),
+                               "priority": priority.astype(np.float32, copy=False).reshape(-1)})

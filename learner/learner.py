@@ -1,10 +1,12 @@
 """The DQN learner without Ray: online and target networks, the Huber/Adam update, weights out.
 
-The update is the seed's, written as the equation:
-    y      = r + discount * max_a' Q_target(s', a')      (discount = gamma^n, 0 at termination)
-    loss   = Huber(y - Q(s, a))                           (mean over the batch, delta 1)
-The seed's quirk of a -1 target at terminal steps is not copied: a terminal step bootstraps
-with zero, as in the DQN paper.
+The update, written as the equation:
+    y      = r + discount * Q_target(s', a*)     a* = argmax_a' Q_target(s', a')    (DQN)
+                                                 a* = argmax_a' Q(s', a')           (double DQN)
+    loss   = mean_i  w_i * Huber(y_i - Q(s_i, a_i))      (delta 1; w_i = 1 under uniform replay)
+where r is the n-step return and discount = gamma^n, or 0 where the episode terminated. The
+seed's quirk of a -1 target at terminal steps is not copied: a terminal step bootstraps with
+zero, as in the DQN paper. |y - Q(s, a)| goes back to prioritized replay as the new priority.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from common.networks import build_q_network, keras
 
 import tensorflow as tf  # noqa: E402  (after networks.py set the Keras backend)
 
-BATCH_FIELDS = ("obs", "action", "reward", "discount", "next_obs")
+BATCH_FIELDS = ("obs", "action", "reward", "discount", "next_obs", "weight")
 
 
 class DQNLearner:
@@ -27,42 +29,56 @@ class DQNLearner:
         self.config = config
         keras.utils.set_random_seed(config.seed)
         build = lambda: build_q_network(env_info.obs_shape, env_info.num_actions,  # noqa: E731
-                                        config.mlp_hidden_units)
+                                        config.mlp_hidden_units, config.dueling)
         self.online = build()
         self.target = build()
-        self.optimizer = keras.optimizers.Adam(learning_rate=config.learning_rate,
-                                               clipnorm=config.grad_clip_norm)
+        clip = ({"global_clipnorm": config.grad_clip_norm} if config.grad_clip_global
+                else {"clipnorm": config.grad_clip_norm})
+        self.optimizer = keras.optimizers.Adam(learning_rate=config.learning_rate, **clip)
         self.optimizer.build(self.online.trainable_variables)
-        self.loss_fn = keras.losses.Huber()
+        # Per-item losses, weighted and averaged here: Keras's own sample_weight reduction
+        # divides by the sum of the weights, which would undo the importance weights' scale.
+        self.huber = keras.losses.Huber(reduction=None)
         self.updates = 0
         self.target_syncs = 0
         self.sync_target()
         self.target_syncs = 0  # the initial copy is not a scheduled sync
 
-    def _update(self, obs, action, reward, discount, next_obs):
+    def _target(self, reward, discount, next_obs):
         next_q = self.target(next_obs, training=False)
-        y = reward + discount * tf.reduce_max(next_q, axis=1)
+        if self.config.double_dqn:
+            next_action = tf.argmax(self.online(next_obs, training=False), axis=1,
+                                    output_type=tf.int32)
+            next_value = tf.gather(next_q, next_action, axis=1, batch_dims=1)
+        else:
+            next_value = tf.reduce_max(next_q, axis=1)
+        return reward + discount * next_value
+
+    def _update(self, obs, action, reward, discount, next_obs, weight):
+        y = self._target(reward, discount, next_obs)
         with tf.GradientTape() as tape:
             q = self.online(obs, training=True)
             q_taken = tf.gather(q, action, axis=1, batch_dims=1)
-            loss = self.loss_fn(tf.stop_gradient(y), q_taken)
+            loss = tf.reduce_mean(weight * self.huber(tf.stop_gradient(y)[:, None],
+                                                      q_taken[:, None]))
         grads = tape.gradient(loss, self.online.trainable_variables)
         self.optimizer.apply_gradients(zip(grads, self.online.trainable_variables))
         return loss, y - q_taken
 
     @tf.function
-    def _train_steps(self, obs, action, reward, discount, next_obs):
+    def _train_steps(self, obs, action, reward, discount, next_obs, weight):
         """k sequential updates on k stacked batches in one call (k is static: unrolled)."""
         losses, tds = [], []
         for i in range(obs.shape[0]):
-            loss, td = self._update(obs[i], action[i], reward[i], discount[i], next_obs[i])
+            loss, td = self._update(obs[i], action[i], reward[i], discount[i], next_obs[i],
+                                    weight[i])
             losses.append(loss)
             tds.append(td)
         return tf.stack(losses), tf.stack(tds)
 
     @tf.function
     def _td_error(self, obs, action, reward, discount, next_obs):
-        y = reward + discount * tf.reduce_max(self.target(next_obs, training=False), axis=1)
+        y = self._target(reward, discount, next_obs)
         return y - tf.gather(self.online(obs, training=False), action, axis=1, batch_dims=1)
 
     def step(self, batches: dict[str, np.ndarray]) -> dict:
@@ -76,7 +92,7 @@ class DQNLearner:
 
     def td_error(self, batch: dict[str, np.ndarray]) -> np.ndarray:
         """TD errors of one unstacked batch under the current networks (no update)."""
-        return self._td_error(*(batch[name] for name in BATCH_FIELDS)).numpy()
+        return self._td_error(*(batch[name] for name in BATCH_FIELDS[:-1])).numpy()
 
     def sync_target(self) -> None:
         for target_var, online_var in zip(self.target.weights, self.online.weights):

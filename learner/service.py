@@ -1,10 +1,12 @@
-"""The learner as a Ray actor: a thin shell that feeds `DQNLearner` from the replay service.
+"""The learner as a Ray actor: a thin shell that feeds `DQNLearner` from the replay shards.
 
-Two threads run inside it: a prefetcher keeps sample calls in flight and decodes batches into
-a small queue, and the trainer takes them, steps, and every `weight_publish_updates` updates
-puts the weights into the object store once (`ray.put`) under a new version number. Actors ask
-`latest_weights(their_version)` and fetch that one object when it is newer. The actor is
-threaded (max_concurrency > 1) so stats and weight queries answer while it trains.
+Two threads run inside it: a prefetcher keeps sample calls in flight and decodes batches
+(stacks rebuilt from the distinct frames) into a small queue, and the trainer takes them,
+steps, sends the new |TD| priorities back to the shard each batch came from without waiting,
+and every `weight_publish_updates` updates puts the weights into the object store once
+(`ray.put`) under a new version number. Actors ask `latest_weights(their_version)` and fetch
+that one object when it is newer. The actor is threaded (max_concurrency > 1) so stats and
+weight queries answer while it trains.
 """
 from __future__ import annotations
 
@@ -13,10 +15,11 @@ import threading
 import time
 import traceback
 
+import numpy as np
 import ray
 
 from common import metrics, wire
-from common.config import Config
+from common.config import Config, importance_exponent_at
 from common.envs import EnvInfo
 from learner.learner import DQNLearner, tf
 
@@ -25,40 +28,59 @@ RATE_LIMITED_BACKOFF_S = 0.002
 
 
 class BatchPrefetcher:
-    """Keeps `depth` sample calls in flight and decoded batches ready in a queue."""
+    """Keeps `depth` sample calls in flight over the shards and decoded batches in a queue.
 
-    def __init__(self, replay, batch_size: int, batches_per_call: int, stop: threading.Event,
-                 depth: int = PREFETCH_BATCHES):
-        self.replay, self.stop, self.depth = replay, stop, depth
-        self.sample_args = (batch_size, batches_per_call)
+    Each call goes to one shard, chosen in proportion to the shards' priority mass (their
+    size under uniform replay) as last reported, so items are drawn in proportion to their
+    priority over all shards. A batch from one shard carries weights normalised within it,
+    which is what per-shard sampling needs: the shard's share cancels in the normalisation.
+    """
+
+    def __init__(self, shards: list, batch_size: int, batches_per_call: int, beta,
+                 stop: threading.Event, depth: int = PREFETCH_BATCHES, seed: int = 0):
+        self.shards, self.beta, self.stop, self.depth = shards, beta, stop, depth
+        self.sample_shape = (batch_size, batches_per_call)
+        self.mass = np.ones(len(shards))
+        self.rng = np.random.default_rng(seed)
         self.ready: queue.Queue = queue.Queue(maxsize=depth)
         self.error: str | None = None
         self.thread = threading.Thread(target=self._run, name="prefetch", daemon=True)
         self.thread.start()
 
-    def get(self, timeout: float):
+    def get(self, timeout: float) -> tuple[int, dict]:
+        """(shard, batch) of the next decoded batch."""
         return self.ready.get(timeout=timeout)
+
+    def _call(self, pending: dict) -> None:
+        total = self.mass.sum()
+        shard = int(self.rng.choice(len(self.shards),
+                                    p=self.mass / total if total > 0 else None))
+        pending[self.shards[shard].sample.remote(*self.sample_shape, self.beta())] = shard
 
     def _run(self):
         try:
-            pending = [self.replay.sample.remote(*self.sample_args) for _ in range(self.depth)]
+            pending: dict = {}
+            for _ in range(self.depth):
+                self._call(pending)
             while not self.stop.is_set():
-                done, pending = ray.wait(pending, num_returns=1, timeout=0.1)
+                done, _ = ray.wait(list(pending), num_returns=1, timeout=0.1)
                 for ref in done:
+                    shard = pending.pop(ref)
                     message = ray.get(ref)
                     if message is None:  # rate limiter: the learner is ahead of the actors
                         time.sleep(RATE_LIMITED_BACKOFF_S)
                     else:
-                        arrays, _ = wire.decode(message, expect_kind=wire.BATCH)
-                        self._put(arrays)
-                    pending.append(self.replay.sample.remote(*self.sample_args))
+                        batch, meta = wire.decode_batch(message)
+                        self.mass[shard] = meta["priority_mass"]
+                        self._put((shard, batch))
+                    self._call(pending)
         except Exception:
             self.error = traceback.format_exc()
 
-    def _put(self, batch):
+    def _put(self, item):
         while not self.stop.is_set():
             try:
-                self.ready.put(batch, timeout=0.1)
+                self.ready.put(item, timeout=0.1)
                 return
             except queue.Full:
                 continue
@@ -66,7 +88,7 @@ class BatchPrefetcher:
 
 @ray.remote
 class LearnerService:
-    def __init__(self, config: Config, env_info: EnvInfo, replay):
+    def __init__(self, config: Config, env_info: EnvInfo, shards: list):
         self.config = config
         self.device = "GPU" if tf.config.list_physical_devices("GPU") else "CPU"
         self.learner = DQNLearner(config, env_info)
@@ -77,8 +99,11 @@ class LearnerService:
         self.last_loss = float("nan")
         self.error: str | None = None
         self.stop_event = threading.Event()
-        self.prefetcher = BatchPrefetcher(replay, config.batch_size,
-                                          config.learner_batches_per_call, self.stop_event)
+        self.shards = shards
+        self.prefetcher = BatchPrefetcher(
+            shards, config.batch_size, config.learner_batches_per_call,
+            lambda: importance_exponent_at(config, self.learner.updates), self.stop_event,
+            seed=config.seed)
         self.trainer = threading.Thread(target=self._train, name="train", daemon=True)
         self.trainer.start()
 
@@ -88,11 +113,15 @@ class LearnerService:
                 if self.prefetcher.error:
                     raise RuntimeError(f"batch prefetch failed:\n{self.prefetcher.error}")
                 try:
-                    batch = self.prefetcher.get(timeout=0.1)
+                    shard, batch = self.prefetcher.get(timeout=0.1)
                 except queue.Empty:
                     continue
                 syncs_before = self.learner.target_syncs
-                self.last_loss = self.learner.step(batch)["loss"]
+                result = self.learner.step(batch)
+                self.last_loss = result["loss"]
+                if self.config.priority_exponent > 0:  # fire and forget: never wait on replay
+                    self.shards[shard].update_priorities.remote(
+                        wire.encode_priorities(batch["key"], np.abs(result["td_error"])))
                 self.metrics[metrics.UPDATES].inc(self.config.learner_batches_per_call)
                 if self.learner.target_syncs != syncs_before:
                     self.metrics[metrics.TARGET_SYNCS].inc()

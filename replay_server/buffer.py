@@ -1,85 +1,328 @@
-"""Uniform replay storage: a numpy ring of transitions (obs, action, reward, discount, next_obs).
+"""Replay storage that keeps each frame once, with prioritized (or uniform) sampling.
 
-`discount` is gamma^n where the episode went on and 0 where it terminated, so the learner's
-target is `reward + discount * max_a Q_target(next_obs, a)` with no special cases. Time-limit
-truncation keeps its discount: it is not a real end of the game.
+Two rings (the Dopamine idea, made safe for many interleaved senders):
+- a frame ring of `frame_capacity` frames (84x84 uint8 for Atari, the whole vector for
+  vector observations), written in arrival order;
+- a transition ring of `capacity` rows, each naming the frame-ring slots of its observation
+  stack and of its next observation's stack, plus action, n-step reward and discount.
+A stacked observation is rebuilt by index at sample time, so it is exactly the stack the actor
+saw: the actor named its frames (see `actors/adder.py`), including the repeated first frame at
+an episode start, so nothing is ever stacked across episodes or senders.
+
+A transition is live while its row has not been overwritten and all its frames are still in
+the frame ring. Sampling goes through a sum-tree of priority^alpha (alpha 0: every live row
+weighs 1, which is uniform sampling); a row leaves the tree when it dies. Each row has a key
+(its insert serial) so that priority updates for rows overwritten meanwhile are dropped.
+
+`discount` is gamma^k where the episode went on for the k steps summed in `reward` (k = n, or
+fewer at a time-limit truncation, which is not a real end) and 0 where it terminated, so the
+learner's target is `reward + discount * max_a Q_target(next_obs, a)` without special cases.
 """
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+
 import numpy as np
 
-TRANSITION_FIELDS = ("obs", "action", "reward", "discount", "next_obs")
+from replay_server.streams import STREAM_ID_LIMIT, StreamTable, UnresolvedFrames
+from replay_server.sumtree import SumTree
+
+REQUIRED_FIELDS = frozenset({"frames", "obs_frames", "next_obs_frames", "action", "reward",
+                             "discount"})
+OPTIONAL_FIELDS = frozenset({"priority"})
+PRIORITY_EPSILON = 1e-6  # keeps a zero-error transition sampleable
+STREAM_SWEEP_EVERY_INSERTS = 256
 
 
 class InvalidTransitions(ValueError):
     """An insert does not match the buffer's transition spec; nothing was stored."""
 
 
-class ReplayBuffer:
-    def __init__(self, capacity: int, obs_shape: tuple[int, ...], obs_dtype: str, seed: int = 0):
-        self.capacity = capacity
-        self.obs_shape = tuple(obs_shape)
-        self.obs_dtype = np.dtype(obs_dtype)
-        # np.zeros pages memory in lazily, so an empty 100K-frame buffer costs little.
-        self.storage = {
-            "obs": np.zeros((capacity, *self.obs_shape), self.obs_dtype),
-            "action": np.zeros(capacity, np.int32),
-            "reward": np.zeros(capacity, np.float32),
-            "discount": np.zeros(capacity, np.float32),
-            "next_obs": np.zeros((capacity, *self.obs_shape), self.obs_dtype),
-        }
-        self.cursor = 0
-        self.size = 0
-        self.total_added = 0
-        self.rng = np.random.default_rng(seed)
+@dataclass(frozen=True)
+class ReplaySpec:
+    """What one replay shard stores: observations of `obs_shape` made of `stack` frames of
+    `frame_shape` (stack 1: the observation is one frame, e.g. a vector)."""
+    capacity: int
+    obs_shape: tuple[int, ...]
+    frame_shape: tuple[int, ...]
+    stack: int
+    frame_dtype: str
+    num_actions: int
+    priority_exponent: float = 0.0
 
-    def validate(self, transitions: dict[str, np.ndarray]) -> int:
-        """Number of transitions in a well-formed insert; raises InvalidTransitions otherwise."""
-        if set(transitions) != set(TRANSITION_FIELDS):
-            raise InvalidTransitions(f"transitions must have exactly fields "
-                                     f"{list(TRANSITION_FIELDS)}, got {sorted(transitions)}")
-        n = len(transitions["action"]) if transitions["action"].ndim == 1 else -1
+    @classmethod
+    def for_env(cls, capacity: int, env_info, priority_exponent: float = 0.0) -> "ReplaySpec":
+        return cls(capacity, tuple(env_info.obs_shape), env_info.frame_shape, env_info.stack,
+                   env_info.obs_dtype, env_info.num_actions, priority_exponent)
+
+    @property
+    def frame_capacity(self) -> int:
+        # One frame per transition plus a little for episode starts (an episode of L steps
+        # brings L + 1 frames), and room for a chunk in flight.
+        return self.capacity + self.capacity // 256 + 64 * self.stack
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "obs_shape": list(self.obs_shape),
+                "frame_shape": list(self.frame_shape)}
+
+
+class ReplayBuffer:
+    def __init__(self, spec: ReplaySpec, seed: int = 0):
+        self.spec = spec
+        capacity, frames, stack = spec.capacity, spec.frame_capacity, spec.stack
+        # np.zeros pages memory in lazily: an empty 1M-transition buffer costs little.
+        self.frames = np.zeros((frames, *spec.frame_shape), spec.frame_dtype)
+        self.obs_slots = np.zeros((capacity, stack), np.int32)
+        self.next_slots = np.zeros((capacity, stack), np.int32)
+        self.oldest_frame = np.zeros(capacity, np.int64)
+        self.action = np.zeros(capacity, np.int32)
+        self.reward = np.zeros(capacity, np.float32)
+        self.discount = np.zeros(capacity, np.float32)
+        self.tree = SumTree(capacity)
+        self.streams = StreamTable()
+        self.frames_written = 0
+        self.transitions_written = 0
+        self.scan_key = 0  # rows below this key were checked for evicted frames
+        self.live = 0
+        self.max_priority = 1.0
+        self.rng = np.random.default_rng(seed)
+        self.snapshot_hook = None  # called with (first, last) global frames about to be lost
+
+    # --- Inserting ------------------------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        """Live transitions: the ones sampling can return."""
+        return self.live
+
+    @property
+    def capacity(self) -> int:
+        return self.spec.capacity
+
+    @property
+    def total_added(self) -> int:
+        return self.transitions_written
+
+    def _first_kept_frame(self, frames_written: int) -> int:
+        """Serial of the oldest frame the ring holds once `frames_written` were written."""
+        return frames_written - self.spec.frame_capacity
+
+    def validate(self, arrays: dict[str, np.ndarray], meta: dict) -> dict:
+        """Check an insert completely, before anything is stored; returns what `commit`
+        needs. Raises InvalidTransitions naming the first problem."""
+        spec = self.spec
+        fields = set(arrays)
+        if not REQUIRED_FIELDS <= fields <= REQUIRED_FIELDS | OPTIONAL_FIELDS:
+            raise InvalidTransitions(
+                f"transitions must have fields {sorted(REQUIRED_FIELDS)} (and optionally "
+                f"{sorted(OPTIONAL_FIELDS)}), got {sorted(fields)}")
+        stream, first = meta.get("stream"), meta.get("first_frame")
+        for name, value, limit in (("stream", stream, STREAM_ID_LIMIT),
+                                   ("first_frame", first, 1 << 62)):
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < limit:
+                raise InvalidTransitions(f"meta {name!r} must be an integer in [0, {limit}), "
+                                         f"got {value!r}")
+        frames = arrays["frames"]
+        m = len(frames) if frames.ndim == 1 + len(spec.frame_shape) else -1
+        if frames.shape[1:] != spec.frame_shape or m < 0:
+            raise InvalidTransitions(f"'frames' has shape {frames.shape}, expected "
+                                     f"(m, {', '.join(map(str, spec.frame_shape))})")
+        if frames.dtype != np.dtype(spec.frame_dtype):
+            raise InvalidTransitions(f"'frames' has dtype {frames.dtype}, expected "
+                                     f"{spec.frame_dtype}")
+        if m > spec.frame_capacity // 2:
+            raise InvalidTransitions(f"a chunk of {m} frames exceeds half the frame ring "
+                                     f"({spec.frame_capacity // 2})")
+        if np.issubdtype(frames.dtype, np.floating) and not np.isfinite(frames).all():
+            raise InvalidTransitions("'frames' holds a non-finite value")
+        action = arrays["action"]
+        n = len(action) if action.ndim == 1 else -1
         if n <= 0:
             raise InvalidTransitions("'action' must be a non-empty 1-d array")
-        for name, array in transitions.items():
-            target = self.storage[name]
-            if array.shape != (n, *target.shape[1:]):
-                raise InvalidTransitions(f"{name!r} has shape {array.shape}, expected "
-                                         f"{(n, *target.shape[1:])}")
-            if array.dtype != target.dtype:
-                raise InvalidTransitions(f"{name!r} has dtype {array.dtype}, expected "
-                                         f"{target.dtype}")
-        for name in ("reward", "discount"):
-            if not np.isfinite(transitions[name]).all():
+        if n > spec.capacity:
+            raise InvalidTransitions(f"a chunk of {n} transitions exceeds the capacity "
+                                     f"{spec.capacity}")
+        expected = {"obs_frames": ((n, spec.stack), np.int64),
+                    "next_obs_frames": ((n, spec.stack), np.int64),
+                    "action": ((n,), np.int32), "reward": ((n,), np.float32),
+                    "discount": ((n,), np.float32), "priority": ((n,), np.float32)}
+        for name in fields - {"frames"}:
+            shape, dtype = expected[name]
+            if arrays[name].shape != shape:
+                raise InvalidTransitions(f"{name!r} has shape {arrays[name].shape}, "
+                                         f"expected {shape}")
+            if arrays[name].dtype != dtype:
+                raise InvalidTransitions(f"{name!r} has dtype {arrays[name].dtype}, expected "
+                                         f"{np.dtype(dtype).name}")
+        if ((action < 0) | (action >= spec.num_actions)).any():
+            raise InvalidTransitions(f"'action' outside [0, {spec.num_actions})")
+        for name in ("reward", "discount", "priority"):
+            if name in arrays and not np.isfinite(arrays[name]).all():
                 raise InvalidTransitions(f"{name!r} holds a non-finite value")
-        if ((transitions["discount"] < 0) | (transitions["discount"] > 1)).any():
+        if ((arrays["discount"] < 0) | (arrays["discount"] > 1)).any():
             raise InvalidTransitions("'discount' must lie in [0, 1]")
-        if np.issubdtype(self.obs_dtype, np.floating):
-            for name in ("obs", "next_obs"):
-                if not np.isfinite(transitions[name]).all():
-                    raise InvalidTransitions(f"{name!r} holds a non-finite value")
-        return n
+        if "priority" in arrays and (arrays["priority"] < 0).any():
+            raise InvalidTransitions("'priority' must be >= 0")
+        if first < self.streams.next_number(stream):
+            raise InvalidTransitions(
+                f"stream {stream} already sent frames up to {self.streams.next_number(stream)}"
+                f" - 1; this chunk starts at {first} (frame numbers must increase)")
+        references = np.concatenate([arrays["obs_frames"], arrays["next_obs_frames"]], axis=1)
+        try:
+            globals_ = self.streams.resolve(stream, references, first, m, self.frames_written)
+        except UnresolvedFrames as error:
+            raise InvalidTransitions(str(error)) from None
+        oldest = globals_.min(axis=1)
+        if (oldest < self._first_kept_frame(self.frames_written + m)).any():
+            raise InvalidTransitions("a transition names frames that have left the replay")
+        return {"n": n, "m": m, "stream": stream, "first": first, "globals": globals_,
+                "oldest": oldest}
 
-    def add(self, transitions: dict[str, np.ndarray]) -> int:
-        """Validate, then copy into the ring (oldest overwritten first). Returns the count."""
-        n = self.validate(transitions)
-        if n > self.capacity:
-            transitions = {k: v[-self.capacity:] for k, v in transitions.items()}
-            self.total_added += n - self.capacity
-            n = self.capacity
-        slots = (self.cursor + np.arange(n)) % self.capacity
-        for name, array in transitions.items():
-            self.storage[name][slots] = array
-        self.cursor = int((self.cursor + n) % self.capacity)
-        self.size = min(self.capacity, self.size + n)
-        self.total_added += n
-        return n
+    def add(self, arrays: dict[str, np.ndarray], meta: dict) -> int:
+        """Validate, then store. Returns the number of transitions stored."""
+        plan = self.validate(arrays, meta)
+        self._commit(arrays, plan)
+        return plan["n"]
 
-    def sample(self, batch_size: int) -> dict[str, np.ndarray]:
-        """Uniform with replacement, as the seed does; adds the slot `index` of each item."""
-        if self.size == 0:
+    def _commit(self, arrays: dict[str, np.ndarray], plan: dict) -> None:
+        spec, n, m = self.spec, plan["n"], plan["m"]
+        if m:
+            if self.snapshot_hook is not None:
+                lost_from = self._first_kept_frame(self.frames_written)
+                self.snapshot_hook(lost_from, lost_from + m)
+            frame_slots = (self.frames_written + np.arange(m)) % spec.frame_capacity
+            self.frames[frame_slots] = arrays["frames"]
+            self.streams.add(plan["stream"], plan["first"], m, self.frames_written)
+            self.frames_written += m
+        keys = self.transitions_written + np.arange(n)
+        rows = keys % spec.capacity
+        slots = (plan["globals"] % spec.frame_capacity).astype(np.int32)
+        self.obs_slots[rows] = slots[:, :spec.stack]
+        self.next_slots[rows] = slots[:, spec.stack:]
+        self.oldest_frame[rows] = plan["oldest"]
+        self.action[rows] = arrays["action"]
+        self.reward[rows] = arrays["reward"]
+        self.discount[rows] = arrays["discount"]
+        if spec.priority_exponent == 0.0:
+            leaves = np.ones(n)
+        else:
+            raw = arrays["priority"] if "priority" in arrays else np.full(n, self.max_priority)
+            self.max_priority = max(self.max_priority, float(raw.max()))
+            leaves = (raw.astype(np.float64) + PRIORITY_EPSILON) ** spec.priority_exponent
+        self._set_leaves(rows, leaves)
+        self.transitions_written += n
+        self._drop_rows_with_evicted_frames()
+        if self.transitions_written // STREAM_SWEEP_EVERY_INSERTS != \
+                (self.transitions_written - n) // STREAM_SWEEP_EVERY_INSERTS:
+            self.streams.forget_before(self._first_kept_frame(self.frames_written))
+
+    def _set_leaves(self, rows: np.ndarray, values: np.ndarray) -> None:
+        """Set distinct rows' leaves, keeping the live count."""
+        before = self.tree.get(rows) > 0
+        self.tree.set(rows, values)
+        self.live += int(np.count_nonzero(values > 0)) - int(np.count_nonzero(before))
+
+    def _drop_rows_with_evicted_frames(self) -> None:
+        """Rows die when their oldest frame leaves the frame ring. Rows are roughly in frame
+        order, so scan from the oldest row and stop at the first live one; the rare row out
+        of order is caught when sampled."""
+        first_kept = self._first_kept_frame(self.frames_written)
+        self.scan_key = max(self.scan_key, self.transitions_written - self.spec.capacity)
+        while self.scan_key < self.transitions_written:
+            keys = np.arange(self.scan_key, min(self.scan_key + 1024, self.transitions_written))
+            rows = keys % self.spec.capacity
+            dead = self.oldest_frame[rows] < first_kept
+            alive_at = np.argmin(dead) if not dead.all() else len(dead)
+            if alive_at:
+                self._set_leaves(rows[:alive_at], np.zeros(alive_at))
+            self.scan_key += int(alive_at)
+            if alive_at < len(dead):
+                return
+
+    # --- Sampling -------------------------------------------------------------------------
+
+    def key_of_rows(self, rows: np.ndarray) -> np.ndarray:
+        """Insert serial of the transition now in each row."""
+        last = self.transitions_written - 1
+        return last - (last - rows) % self.spec.capacity
+
+    def sample_rows(self, count: int) -> np.ndarray:
+        """Rows drawn in proportion to their leaves, dead ones removed and redrawn."""
+        if self.live == 0:
             raise ValueError("cannot sample from an empty replay buffer")
-        index = self.rng.integers(0, self.size, size=batch_size)
-        batch = {name: array[index] for name, array in self.storage.items()}
-        batch["index"] = index.astype(np.int64)
-        return batch
+        rows = self.tree.sample(count, self.rng)
+        first_kept = self._first_kept_frame(self.frames_written)
+        for _ in range(64):
+            dead = self.oldest_frame[rows] < first_kept
+            if not dead.any():
+                return rows
+            dead_rows = np.unique(rows[dead])
+            self._set_leaves(dead_rows, np.zeros(len(dead_rows)))
+            if self.live == 0:
+                raise ValueError("cannot sample from an empty replay buffer")
+            rows[dead] = self.tree.sample(int(dead.sum()), self.rng)
+        raise RuntimeError("replay sampling kept drawing rows whose frames were evicted")
+
+    def sample(self, batch_size: int, num_batches: int = 1, beta: float = 0.0) -> dict:
+        """`num_batches` batches, each item drawn with probability P(i) = leaf_i / total.
+        Returns each distinct frame once (`frames`) and, per item, the indices of its stack
+        frames into it (`obs_frames`, `next_obs_frames` [k, B, stack]), plus action, reward,
+        discount, the importance weight (N * P(i))^-beta normalised by its batch's largest,
+        and the key for priority updates."""
+        rows = self.sample_rows(batch_size * num_batches)
+        probabilities = self.tree.get(rows) / self.tree.total
+        weights = (self.live * probabilities).reshape(num_batches, batch_size) ** -beta
+        weights /= weights.max(axis=1, keepdims=True)
+        slots = np.concatenate([self.obs_slots[rows], self.next_slots[rows]], axis=1)
+        unique, inverse = np.unique(slots, return_inverse=True)
+        inverse = inverse.reshape(num_batches, batch_size, 2 * self.spec.stack).astype(np.int32)
+        shape = (num_batches, batch_size)
+        return {"frames": self.frames[unique],
+                "obs_frames": inverse[..., :self.spec.stack],
+                "next_obs_frames": inverse[..., self.spec.stack:],
+                "action": self.action[rows].reshape(shape),
+                "reward": self.reward[rows].reshape(shape),
+                "discount": self.discount[rows].reshape(shape),
+                "weight": weights.astype(np.float32),
+                "key": self.key_of_rows(rows).reshape(shape)}
+
+    def update_priorities(self, keys: np.ndarray, priorities: np.ndarray) -> int:
+        """New priorities for sampled transitions; keys of rows overwritten or dead since are
+        skipped. Returns how many were applied. A no-op under uniform sampling."""
+        if self.spec.priority_exponent == 0.0:
+            return 0
+        keys = np.asarray(keys, np.int64).reshape(-1)
+        priorities = np.asarray(priorities, np.float64).reshape(-1)
+        if keys.shape != priorities.shape:
+            raise ValueError(f"{len(keys)} keys but {len(priorities)} priorities")
+        if not np.isfinite(priorities).all() or (priorities < 0).any():
+            raise ValueError("priorities must be finite and >= 0")
+        current = (keys >= self.transitions_written - self.spec.capacity) & \
+                  (keys < self.transitions_written)
+        keys, priorities = keys[current], priorities[current]
+        rows, last = np.unique((keys % self.spec.capacity)[::-1], return_index=True)
+        priorities = priorities[::-1][last]  # the latest update of a repeated row wins
+        alive = self.tree.get(rows) > 0
+        rows, priorities = rows[alive], priorities[alive]
+        if len(rows):
+            self.max_priority = max(self.max_priority, float(priorities.max()))
+            self.tree.set(rows, (priorities + PRIORITY_EPSILON) ** self.spec.priority_exponent)
+        return len(rows)
+
+    def priority_mass(self) -> float:
+        return self.tree.total
+
+    # --- State for snapshots (see snapshot.py) ---------------------------------------------
+
+    def counters(self) -> dict:
+        return {"frames_written": self.frames_written,
+                "transitions_written": self.transitions_written, "scan_key": self.scan_key,
+                "live": self.live, "max_priority": self.max_priority,
+                "rng": {**self.rng.bit_generator.state,  # PCG64's 128-bit ints as text
+                        "state": {k: str(v) for k, v in
+                                  self.rng.bit_generator.state["state"].items()}}}
+
+    def set_rng_state(self, state: dict) -> None:
+        self.rng.bit_generator.state = {**state, "state": {
+            k: int(v) for k, v in state["state"].items()}}

@@ -1,62 +1,110 @@
-"""The replay service's logic, bytes in and bytes out, without Ray: storage + rate limiter.
+"""A replay shard's logic, bytes in and bytes out, without Ray: storage + rate limiter.
 
-`insert` and `sample` speak the wire format (`common.wire`); a malformed message raises an
-error naming the problem and leaves the buffer and the limiter exactly as they were.
+`insert`, `sample` and `update_priorities` speak the wire format (`common.wire`); a malformed
+message raises an error naming the problem and leaves the buffer and the limiter exactly as
+they were. Every method takes `lock`, so a snapshot can be written from another thread while
+inserts go on (see snapshot.py).
 """
 from __future__ import annotations
+
+import threading
+import time
 
 from common import wire
 from common.config import Config
 from common.envs import EnvInfo
-from replay_server.buffer import ReplayBuffer
+from replay_server.buffer import ReplayBuffer, ReplaySpec
 from replay_server.rate_limiter import RateLimiter
+from replay_server.snapshot import read_snapshot, write_snapshot
 
 
 class ReplayServer:
-    def __init__(self, buffer: ReplayBuffer, limiter: RateLimiter):
+    def __init__(self, buffer: ReplayBuffer, limiter: RateLimiter, shard: int = 0):
         self.buffer = buffer
         self.limiter = limiter
+        self.shard = shard
         self.rejected = 0
+        self.lock = threading.Lock()
 
     @classmethod
-    def from_config(cls, config: Config, env_info: EnvInfo, seed: int = 0) -> "ReplayServer":
-        buffer = ReplayBuffer(config.replay_capacity, env_info.obs_shape, env_info.obs_dtype,
-                              seed=config.seed + seed)
+    def from_config(cls, config: Config, env_info: EnvInfo, shard: int = 0) -> "ReplayServer":
+        spec = ReplaySpec.for_env(config.replay_capacity, env_info, config.priority_exponent)
+        buffer = ReplayBuffer(spec, seed=config.seed + 1_000 * shard)
         limiter = RateLimiter(config.samples_per_insert, config.min_replay_size,
                               config.rate_tolerance)
-        return cls(buffer, limiter)
+        return cls(buffer, limiter, shard)
 
     def insert(self, message: bytes) -> dict:
         """Store a chunk of transitions. Returns the totals an actor paces itself by."""
-        try:
-            arrays, _ = wire.decode(message, expect_kind=wire.TRANSITIONS)
-            n = self.buffer.add(arrays)
-        except ValueError:
-            self.rejected += 1
-            raise
-        self.limiter.record_insert(n)
-        return {"inserted": n, "total_inserted": self.buffer.total_added,
-                "insert_budget": self.limiter.insert_budget()}
+        with self.lock:
+            try:
+                arrays, meta = wire.decode(message, expect_kind=wire.TRANSITIONS)
+                n = self.buffer.add(arrays, meta)
+            except ValueError:
+                self.rejected += 1
+                raise
+            self.limiter.record_insert(n)
+            return {"inserted": n, "total_inserted": self.buffer.total_added,
+                    "insert_budget": self.limiter.insert_budget()}
 
     def insert_budget(self) -> int:
-        return self.limiter.insert_budget()
+        with self.lock:
+            return self.limiter.insert_budget()
 
-    def sample(self, batch_size: int, num_batches: int = 1) -> bytes | None:
-        """`num_batches` batches stacked as [num_batches, batch_size, ...] in one wire
-        message, or None while the rate limiter says wait."""
-        total = batch_size * num_batches
-        if not self.limiter.can_sample(total):
-            return None
-        batch = self.buffer.sample(total)
-        self.limiter.record_sample(total)
-        stacked = {name: array.reshape(num_batches, batch_size, *array.shape[1:])
-                   for name, array in batch.items()}
-        return wire.encode(wire.BATCH, stacked, meta={"total_inserted": self.buffer.total_added})
+    def sample(self, batch_size: int, num_batches: int = 1, beta: float = 0.0) -> bytes | None:
+        """`num_batches` batches [num_batches, batch_size, ...] in one wire message (each
+        distinct frame once; `wire.decode_batch` rebuilds the stacks), or None while the rate
+        limiter says wait."""
+        with self.lock:
+            total = batch_size * num_batches
+            if not self.limiter.can_sample(total):
+                return None
+            batch = self.buffer.sample(batch_size, num_batches, beta)
+            self.limiter.record_sample(total)
+            meta = {"shard": self.shard, "obs_shape": list(self.buffer.spec.obs_shape),
+                    "total_inserted": self.buffer.total_added, "size": self.buffer.size,
+                    "priority_mass": self.buffer.priority_mass()}
+            return wire.encode(wire.BATCH, batch, meta)
+
+    def update_priorities(self, message: bytes) -> int:
+        """New priorities from the learner; returns how many still-stored items took them."""
+        with self.lock:
+            try:
+                arrays, _ = wire.decode(message, expect_kind=wire.PRIORITIES)
+                if set(arrays) != {"key", "priority"}:
+                    raise wire.WireError(f"a priorities message has fields key and priority, "
+                                         f"got {sorted(arrays)}")
+                return self.buffer.update_priorities(arrays["key"], arrays["priority"])
+            except ValueError:
+                self.rejected += 1
+                raise
+
+    def snapshot(self, path: str) -> dict:
+        """Write this shard's state to `path` while inserts go on; returns what was written."""
+        started = time.monotonic()
+        written = write_snapshot(self.buffer, path, self.lock, extra_state={
+            "limiter_inserts": self.limiter.inserts, "limiter_samples": self.limiter.samples,
+            "rejected": self.rejected})
+        return {**written, "seconds": round(time.monotonic() - started, 3), "path": str(path)}
+
+    def restore(self, path: str) -> dict:
+        """Replace this shard's state with the snapshot at `path`. A bad file raises
+        SnapshotError and leaves the current state untouched."""
+        started = time.monotonic()
+        buffer, extra = read_snapshot(path, self.buffer.spec)
+        with self.lock:
+            self.buffer = buffer
+            self.limiter.inserts = int(extra.get("limiter_inserts", buffer.total_added))
+            self.limiter.samples = int(extra.get("limiter_samples", 0))
+            self.rejected = int(extra.get("rejected", 0))
+        return {"transitions": buffer.size, "seconds": round(time.monotonic() - started, 3)}
 
     def stats(self) -> dict:
-        return {"size": self.buffer.size, "capacity": self.buffer.capacity,
-                "total_inserted": self.buffer.total_added,
-                "total_sampled": self.limiter.samples,
-                "samples_per_insert": self.limiter.observed_samples_per_insert(),
-                "rejected_messages": self.rejected}
-
+        with self.lock:
+            return {"shard": self.shard, "size": self.buffer.size,
+                    "capacity": self.buffer.capacity,
+                    "total_inserted": self.buffer.total_added,
+                    "total_sampled": self.limiter.samples,
+                    "samples_per_insert": self.limiter.observed_samples_per_insert(),
+                    "priority_mass": self.buffer.priority_mass(),
+                    "rejected_messages": self.rejected}

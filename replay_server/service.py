@@ -1,7 +1,9 @@
-"""The replay service as a Ray actor: a thin shell over `ReplayServer` that exports metrics.
+"""A replay shard as a Ray actor: a thin shell over `ReplayServer` that exports metrics.
 
-Calls run one at a time (a plain, single-threaded Ray actor), so storage needs no locks. A
-malformed insert raises in the caller and leaves this actor serving.
+Inserts, samples and priority updates run one at a time in the default group, in the order
+each caller sent them (an actor's chunks name frames of its earlier chunks, so order matters).
+Snapshots and restores run in their own thread ("snapshot" group), so a long write does not
+stop inserts. A malformed message raises in the caller and leaves this actor serving.
 """
 from __future__ import annotations
 
@@ -15,12 +17,17 @@ from replay_server.server import ReplayServer
 SERVICE_NAME = "dqn_replay"
 
 
-@ray.remote
+def shard_name(shard: int) -> str:
+    return f"{SERVICE_NAME}_{shard}"
+
+
+@ray.remote(concurrency_groups={"snapshot": 1})
 class ReplayService:
-    def __init__(self, config: Config, env_info: EnvInfo):
-        self.server = ReplayServer.from_config(config, env_info)
+    def __init__(self, config: Config, env_info: EnvInfo, shard: int = 0):
+        self.server = ReplayServer.from_config(config, env_info, shard)
         self.metrics = metrics.make(metrics.REPLAY_SIZE, metrics.REPLAY_INSERTS,
-                                    metrics.REPLAY_SAMPLES, metrics.REPLAY_REJECTED)
+                                    metrics.REPLAY_SAMPLES, metrics.REPLAY_REJECTED,
+                                    tags={"shard": str(shard)})
 
     def insert(self, message: bytes) -> dict:
         try:
@@ -35,11 +42,26 @@ class ReplayService:
     def insert_budget(self) -> int:
         return self.server.insert_budget()
 
-    def sample(self, batch_size: int, num_batches: int = 1) -> bytes | None:
-        message = self.server.sample(batch_size, num_batches)
+    def sample(self, batch_size: int, num_batches: int = 1, beta: float = 0.0) -> bytes | None:
+        message = self.server.sample(batch_size, num_batches, beta)
         if message is not None:
             self.metrics[metrics.REPLAY_SAMPLES].inc(batch_size * num_batches)
         return message
 
+    def update_priorities(self, message: bytes) -> int:
+        try:
+            return self.server.update_priorities(message)
+        except ValueError:
+            self.metrics[metrics.REPLAY_REJECTED].inc()
+            raise
+
     def stats(self) -> dict:
         return self.server.stats()
+
+    @ray.method(concurrency_group="snapshot")
+    def snapshot(self, path: str) -> dict:
+        return self.server.snapshot(path)
+
+    @ray.method(concurrency_group="snapshot")
+    def restore(self, path: str) -> dict:
+        return self.server.restore(path)

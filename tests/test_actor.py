@@ -2,24 +2,11 @@
 import numpy as np
 import pytest
 
-from actors.actor import Actor, ChunkAdder
+from actors.actor import Actor
 from common import wire
 from common.config import PRESETS
 from common.envs import EnvBatch, describe_env
-from replay_server.buffer import ReplayBuffer
-
-
-def test_chunk_adder_cuts_exact_chunks_in_order():
-    adder = ChunkAdder(chunk_size=5)
-    for step in range(4):  # 3 envs per step: 12 transitions -> 2 chunks, 2 left over
-        ids = np.arange(3 * step, 3 * step + 3)
-        adder.add(obs=ids[:, None], action=ids, reward=ids.astype(np.float32),
-                  discount=np.ones(3, np.float32), next_obs=ids[:, None] + 1)
-    first, second = adder.take(), adder.take()
-    assert adder.take() is None and adder.pending == 2
-    np.testing.assert_array_equal(first["action"], [0, 1, 2, 3, 4])
-    np.testing.assert_array_equal(second["action"], [5, 6, 7, 8, 9])
-    np.testing.assert_array_equal(second["next_obs"][:, 0], [6, 7, 8, 9, 10])
+from replay_server.buffer import ReplayBuffer, ReplaySpec
 
 
 def test_env_batch_reports_final_observations_and_resets():
@@ -37,18 +24,32 @@ def test_env_batch_reports_final_observations_and_resets():
     assert finished >= 3 and obs.shape == (3, 4)
 
 
+def replay_for(config, info, capacity=10_000):
+    return ReplayBuffer(ReplaySpec.for_env(capacity, info, config.priority_exponent))
+
+
+def drain(actor, buffer):
+    count = 0
+    while (chunk := actor.take_chunk()) is not None:
+        arrays, meta = wire.decode(chunk[0], expect_kind=wire.TRANSITIONS)
+        count += buffer.add(arrays, meta)
+    return count
+
+
 def test_truncation_keeps_the_discount_and_termination_zeroes_it():
     config = PRESETS["cartpole"].replace(envs_per_actor=2, max_episode_agent_steps=5,
                                          chunk_transitions=10, random_agent_steps=0,
                                          epsilon_start=0.0, epsilon_end=0.0)
-    actor = Actor(config, describe_env("CartPole-v1"), actor_index=0)
+    info = describe_env("CartPole-v1")
+    actor = Actor(config, info, actor_index=0)
+    buffer = replay_for(config, info)
     results = [actor.step(global_agent_steps=10**6) for _ in range(5)]
-    arrays, _ = wire.decode(actor.take_chunk()[0], expect_kind=wire.TRANSITIONS)
+    assert drain(actor, buffer) == 10
     truncated = np.concatenate([r.truncated for r in results])
     terminated = np.concatenate([r.terminated for r in results])
     assert truncated.any()  # a 5-step limit on CartPole always truncates first
-    np.testing.assert_allclose(arrays["discount"][terminated], 0.0)
-    np.testing.assert_allclose(arrays["discount"][~terminated], config.gamma)
+    np.testing.assert_allclose(buffer.discount[:10][terminated], 0.0)
+    np.testing.assert_allclose(buffer.discount[:10][~terminated], config.gamma)
 
 
 def test_greedy_actions_follow_the_network_and_random_ones_cover_all_actions():
@@ -61,21 +62,28 @@ def test_greedy_actions_follow_the_network_and_random_ones_cover_all_actions():
     assert set(random_actions) == {0, 1}
 
 
-def test_breakout_chunks_are_accepted_by_the_replay_buffer():
+def test_breakout_transitions_rebuild_to_the_stacks_the_actor_saw():
+    """Real ALE Breakout through the adder and the replay: every stored transition's
+    observation and next observation equal the env's stacks, frames stored once."""
     info = describe_env("BreakoutNoFrameskip-v4")
-    config = PRESETS["seed"].replace(envs_per_actor=2, chunk_transitions=8)
+    config = PRESETS["seed"].replace(envs_per_actor=2, chunk_transitions=8,
+                                     max_episode_agent_steps=30)
     actor = Actor(config, info, actor_index=1)
-    first_obs = actor.obs.copy()
-    for _ in range(4):
-        actor.step(global_agent_steps=0)
-    message, count = actor.take_chunk()
-    buffer = ReplayBuffer(100, info.obs_shape, info.obs_dtype)
-    arrays, _ = wire.decode(message, expect_kind=wire.TRANSITIONS)
-    assert buffer.add(arrays) == count == 8
-    np.testing.assert_array_equal(arrays["obs"][:2], first_obs)
-    # The stack slides: the next observation's first 3 frames are the obs's last 3.
-    np.testing.assert_array_equal(arrays["next_obs"][:, :3], arrays["obs"][:, 1:])
-    assert arrays["obs"].dtype == np.uint8 and arrays["obs"].shape[1:] == (4, 84, 84)
+    buffer = replay_for(config, info)
+    seen = []  # (obs, action-independent next obs) per transition, in the adder's order
+    for _ in range(40):
+        before = actor.obs.copy()
+        result = actor.step(global_agent_steps=0)
+        seen.extend((before[i], result.next_obs[i]) for i in range(2))
+    stored = drain(actor, buffer)
+    assert stored == 80 and buffer.frames_written < 80 + 10  # about one frame per step
+    rows = np.arange(stored)
+    obs = buffer.frames[buffer.obs_slots[rows]]
+    next_obs = buffer.frames[buffer.next_slots[rows]]
+    # The adder emits one transition per env per step, in env order (n_step 1).
+    for row, (expected_obs, expected_next) in enumerate(seen):
+        np.testing.assert_array_equal(obs[row], expected_obs)
+        np.testing.assert_array_equal(next_obs[row], expected_next)
 
 
 def test_weights_set_on_the_actor_change_its_greedy_policy():
@@ -87,6 +95,20 @@ def test_weights_set_on_the_actor_change_its_greedy_policy():
     obs = np.random.default_rng(0).normal(size=(4, 4)).astype(np.float32)
     assert actor.weight_version == 7
     np.testing.assert_array_equal(actor.select_actions(obs, 0.0), [1, 1, 1, 1])
+
+
+def test_apex_actor_explores_on_the_ladder_and_sends_priorities():
+    config = PRESETS["apex"].replace(envs_per_actor=2, chunk_transitions=8, dueling=True)
+    info = describe_env("BreakoutNoFrameskip-v4")
+    first, last = (Actor(config, info, actor_index=i, num_actors=3) for i in (0, 2))
+    np.testing.assert_allclose(first.epsilons(0), [0.4, 0.4 ** (1 + 7 / 5)])
+    np.testing.assert_allclose(last.epsilons(10**9), [0.4 ** (1 + 7 * 4 / 5), 0.4 ** 8])
+    buffer = replay_for(config, info)
+    for _ in range(12):
+        first.step(global_agent_steps=0)
+    assert drain(first, buffer) == 16  # n = 3: the last steps wait for their third step
+    leaves = buffer.tree.get(np.arange(16))
+    assert (leaves > 0).all() and len(np.unique(leaves)) > 1  # TD errors, not max priority
 
 
 @pytest.mark.parametrize("env_id", ["ALE/Pong-v5", "CartPole-v1"])

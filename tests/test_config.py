@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from common.config import PRESETS, Config, ConfigError, epsilon_at, parse_args
+from common.config import (PRESETS, Config, ConfigError, epsilon_at, epsilon_ladder,
+                           importance_exponent_at, parse_args)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,6 +33,36 @@ def test_seed_preset_holds_the_keras_io_values():
     # The seed learns as soon as it holds more than one batch.
     assert seed.min_replay_size == seed.batch_size
     assert seed.learner_batches_per_call == 1
+
+
+def test_apex_preset_holds_the_ape_x_values():
+    apex, seed = PRESETS["apex"], PRESETS["seed"]
+    assert apex.n_step == 3
+    assert (apex.priority_exponent, apex.importance_exponent) == (0.6, 0.4)
+    assert apex.initial_priority == "actor"
+    assert apex.batch_size == 512 and apex.learning_rate == 0.00025 / 4
+    assert apex.grad_clip_norm == 40 and apex.grad_clip_global
+    assert apex.target_sync_updates == 2500
+    assert apex.weight_refresh_env_frames == 400
+    assert apex.replay_capacity == 2_000_000
+    assert apex.double_dqn and apex.dueling
+    assert (apex.epsilon_ladder_base, apex.epsilon_ladder_exponent) == (0.4, 7.0)
+    # The seed preset keeps uniform one-step replay and the plain DQN target.
+    assert (seed.n_step, seed.priority_exponent, seed.double_dqn, seed.dueling) == (1, 0, False,
+                                                                                    False)
+    assert seed.epsilon_ladder_base is None and not seed.grad_clip_global
+
+
+def test_epsilon_ladder_and_importance_annealing():
+    apex = PRESETS["apex"]
+    ladder = [epsilon_ladder(apex, i, 8) for i in range(8)]
+    assert ladder[0] == pytest.approx(0.4) and ladder[-1] == pytest.approx(0.4 ** 8)
+    assert all(a > b for a, b in zip(ladder, ladder[1:]))
+    assert epsilon_ladder(apex, 0, 1) == pytest.approx(0.4)
+    assert importance_exponent_at(apex, 0) == pytest.approx(0.4)
+    assert importance_exponent_at(apex, apex.importance_anneal_updates // 2) == \
+        pytest.approx(0.7)
+    assert importance_exponent_at(apex, 10 * apex.importance_anneal_updates) == 1.0
 
 
 def seed_script_exploration(total_steps: int) -> list[float]:
@@ -83,6 +114,12 @@ def test_every_field_is_a_flag_in_help(capsys):
     (["--no-such-flag"], "unrecognized arguments"),
     (["--gamma", "1.5"], "--gamma must be in [0, 1]"),
     (["--target-sync-updates", "10", "--learner-batches-per-call", "4"], "multiple"),
+    (["--n-step", "0"], "--n-step must be positive"),
+    (["--replay-shards", "0"], "--replay-shards must be positive"),
+    (["--priority-exponent", "-1"], "--priority-exponent must be >= 0"),
+    (["--initial-priority", "td"], "invalid choice: 'td'"),
+    (["--epsilon-ladder-base", "0"], "--epsilon-ladder-base must be in (0, 1]"),
+    (["--importance-exponent", "2"], "--importance-exponent must be in [0, 1]"),
 ])
 def test_bad_flags_exit_2_with_one_line(argv, needle, capsys):
     with pytest.raises(SystemExit) as exit_info:

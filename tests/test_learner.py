@@ -22,14 +22,16 @@ def fixed_batch(env_info, batch_size, rng, k=1):
     return {"obs": obs, "next_obs": next_obs,
             "action": rng.integers(0, env_info.num_actions, (k, batch_size)).astype(np.int32),
             "reward": rng.normal(size=(k, batch_size)).astype(np.float32),
-            "discount": np.where(rng.random((k, batch_size)) < 0.1, 0.0, 0.99).astype(np.float32)}
+            "discount": np.where(rng.random((k, batch_size)) < 0.1, 0.0, 0.99).astype(np.float32),
+            "weight": np.ones((k, batch_size), np.float32)}
 
 
 def unstack(batch):
     return {name: array[0] for name, array in batch.items()}
 
 
-@pytest.mark.parametrize("preset, env_info", [("cartpole", CARTPOLE), ("seed", BREAKOUT)])
+@pytest.mark.parametrize("preset, env_info", [("cartpole", CARTPOLE), ("seed", BREAKOUT),
+                                              ("apex", BREAKOUT)])
 def test_one_update_lowers_the_td_error_on_a_fixed_batch(preset, env_info):
     learner = DQNLearner(PRESETS[preset], env_info)
     batch = fixed_batch(env_info, 32, np.random.default_rng(0))
@@ -86,3 +88,49 @@ def test_nature_cnn_has_the_seed_architecture():
     assert model.count_params() == 1_686_180
     with pytest.raises(ValueError, match="no Q-network"):
         build_q_network((3, 3), 2)
+
+
+def test_double_dqn_target_lets_the_online_network_pick_the_action():
+    config = PRESETS["cartpole"].replace(double_dqn=True)
+    learner = DQNLearner(config, CARTPOLE)
+    learner.online.layers[-1].bias.assign([0.0, 5.0])  # online prefers action 1 ...
+    learner.target.layers[-1].bias.assign([5.0, 0.0])  # ... target values action 0 highest
+    batch = unstack(fixed_batch(CARTPOLE, 16, np.random.default_rng(5)))
+    next_q = learner.target(batch["next_obs"]).numpy()
+    online_pick = learner.online(batch["next_obs"]).numpy().argmax(axis=1)
+    assert (online_pick == 1).all()
+    q = learner.online(batch["obs"]).numpy()[np.arange(16), batch["action"]]
+    expected = batch["reward"] + batch["discount"] * next_q[:, 1] - q
+    np.testing.assert_allclose(learner.td_error(batch), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_importance_weights_scale_each_item_in_the_loss():
+    """The loss is mean_i w_i Huber_i: zeroing half the weights equals dropping those items
+    and doubling the rest's; all-zero weights leave the network as it was."""
+    batch = fixed_batch(CARTPOLE, 8, np.random.default_rng(6))
+    weighted = {k: v.copy() for k, v in batch.items()}
+    weighted["weight"][0, 4:] = 0.0
+    halved = {k: v[:, :4] for k, v in batch.items()}
+    halved["weight"] = np.full((1, 4), 0.5, np.float32)
+    a, b = (DQNLearner(PRESETS["cartpole"], CARTPOLE) for _ in range(2))
+    for model_a, model_b in ((a.online, b.online), (a.target, b.target)):
+        model_b.set_weights(model_a.get_weights())
+    assert a.step(weighted)["loss"] == pytest.approx(b.step(halved)["loss"], rel=1e-6)
+    frozen = DQNLearner(PRESETS["cartpole"], CARTPOLE)
+    before = frozen.online.get_weights()
+    zero = {**batch, "weight": np.zeros((1, 8), np.float32)}
+    assert frozen.step(zero)["loss"] == 0.0
+    for w0, w1 in zip(before, frozen.online.get_weights()):
+        np.testing.assert_array_equal(w0, w1)
+
+
+def test_dueling_head_splits_value_and_advantage():
+    model = build_q_network((4,), 3, (16,), dueling=True)
+    obs = np.random.default_rng(7).normal(size=(5, 4)).astype(np.float32)
+    q = model(obs).numpy()
+    assert q.shape == (5, 3)
+    # Q = V + A - mean(A): the mean over actions of Q is V alone.
+    value_head = [layer for layer in model.layers if getattr(layer, "units", None) == 1][0]
+    value_model = __import__("keras").Model(model.input, value_head.output)
+    np.testing.assert_allclose(q.mean(axis=1), value_model(obs).numpy()[:, 0], rtol=1e-5,
+                               atol=1e-6)

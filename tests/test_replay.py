@@ -1,95 +1,223 @@
-"""Replay storage, the rate limiter and the bytes-in/bytes-out server, without Ray."""
+"""Replay storage (frames once), prioritized sampling, the rate limiter and the bytes-in/
+bytes-out server, without Ray."""
+import hashlib
+import threading
+import time
+
 import numpy as np
 import pytest
 
 from common import wire
 from common.config import PRESETS
 from common.envs import EnvInfo
-from replay_server.buffer import InvalidTransitions, ReplayBuffer
+from replay_server.buffer import InvalidTransitions, ReplayBuffer, ReplaySpec
 from replay_server.rate_limiter import RateLimiter
 from replay_server.server import ReplayServer
+from tests.synthetic import FRAME_SHAPE, STACK, SyntheticEnvs, make_adder, play
 
-OBS_SHAPE = (4, 6, 6)
-
-
-def transitions(ids, obs_shape=OBS_SHAPE):
-    """Transitions whose every field encodes its id, so a sample can be checked field by field."""
-    ids = np.asarray(ids)
-    obs = (ids % 251).astype(np.uint8)[:, None, None, None] * np.ones(obs_shape, np.uint8)
-    return {"obs": obs, "action": (ids % 4).astype(np.int32),
-            "reward": ids.astype(np.float32), "discount": np.full(len(ids), 0.99, np.float32),
-            "next_obs": ((ids + 1) % 251).astype(np.uint8)[:, None, None, None]
-            * np.ones(obs_shape, np.uint8)}
+SPEC = dict(obs_shape=(STACK, *FRAME_SHAPE), frame_shape=FRAME_SHAPE, stack=STACK,
+            frame_dtype="uint8", num_actions=4)
 
 
-def test_sampled_transitions_are_stored_ones_with_fields_kept_together():
-    buffer = ReplayBuffer(100, OBS_SHAPE, "uint8", seed=1)
-    buffer.add(transitions(range(60)))
-    batch = buffer.sample(500)
-    ids = batch["reward"].astype(int)
-    assert set(ids) <= set(range(60))
-    np.testing.assert_array_equal(batch["obs"][:, 0, 0, 0], ids % 251)
-    np.testing.assert_array_equal(batch["next_obs"][:, 3, 5, 5], (ids + 1) % 251)
-    np.testing.assert_array_equal(batch["action"], ids % 4)
-    np.testing.assert_array_equal(batch["reward"], buffer.storage["reward"][batch["index"]])
+def make_buffer(capacity=10_000, alpha=0.0, seed=0):
+    return ReplayBuffer(ReplaySpec(capacity, **SPEC, priority_exponent=alpha), seed=seed)
 
 
-def test_ring_overwrites_the_oldest_first_and_counts_everything():
-    buffer = ReplayBuffer(50, OBS_SHAPE, "uint8")
-    for start in range(0, 130, 13):
-        buffer.add(transitions(range(start, start + 13)))
-    assert buffer.size == 50 and buffer.total_added == 130
-    assert sorted(buffer.storage["reward"].astype(int)) == list(range(80, 130))
-    big = ReplayBuffer(10, OBS_SHAPE, "uint8")
-    big.add(transitions(range(25)))  # one insert larger than the ring keeps its newest part
-    assert sorted(big.storage["reward"].astype(int)) == list(range(15, 25))
-    assert big.total_added == 25
+def interleaved_chunks(rng, senders=3, envs=3, steps=150, **adder_args):
+    """Chunks of several senders, each sender's in order, senders interleaved at random."""
+    record, queues = {}, []
+    for sender in range(senders):
+        adder = make_adder(envs, **adder_args)
+        synthetic = SyntheticEnvs(envs, rng, id_base=1_000_000 * sender)
+        queues.append(play(synthetic, adder, steps, record))
+    order = [s for s, chunks in enumerate(queues) for _ in chunks]
+    rng.shuffle(order)
+    return [queues[s].pop(0) for s in order], record
 
 
-def test_sampling_is_uniform_over_stored_transitions():
-    buffer = ReplayBuffer(1000, (2,), "float32", seed=3)
-    buffer.add({k: v for k, v in transitions(range(10), obs_shape=(2,)).items()}
-               | {"obs": np.zeros((10, 2), np.float32), "next_obs": np.zeros((10, 2), np.float32)})
-    counts = np.bincount(buffer.sample(100_000)["reward"].astype(int), minlength=10)
-    expected = 10_000
+def insert_all(buffer, chunks):
+    for chunk in chunks:
+        arrays, meta = wire.decode(chunk, expect_kind=wire.TRANSITIONS)
+        buffer.add(arrays, meta)
+
+
+def sampled_items(buffer, count, beta=0.0):
+    message = wire.encode(wire.BATCH, buffer.sample(count, 1, beta),
+                          {"obs_shape": list(buffer.spec.obs_shape)})
+    batch, _ = wire.decode_batch(message)
+    return {name: array[0] for name, array in batch.items()}
+
+
+@pytest.mark.parametrize("capacity", [10_000, 300])
+def test_rebuilt_stacks_equal_what_the_actors_saw(capacity):
+    """Three senders of three envs each, episodes of random lengths ending in terminations
+    and truncations, chunks interleaved at random; with a small capacity both rings wrap."""
+    rng = np.random.default_rng(0)
+    chunks, record = interleaved_chunks(rng)
+    buffer = make_buffer(capacity)
+    insert_all(buffer, chunks)
+    assert 0 < buffer.size <= capacity
+    items = sampled_items(buffer, 4_000)
+    for i, step_id in enumerate(items["reward"]):
+        step = record[float(step_id)]
+        np.testing.assert_array_equal(items["obs"][i], step.obs)
+        np.testing.assert_array_equal(items["next_obs"][i], step.next_obs)
+        assert items["action"][i] == step.action
+        assert items["discount"][i] == pytest.approx(0.0 if step.terminated else 0.9)
+    if capacity == 10_000:  # nothing evicted: every transition sent is there, once
+        assert buffer.size == buffer.total_added > len(record) - 3 * 8  # 3 senders' leftovers
+        assert len(set(items["reward"])) > 0.85 * buffer.size
+    else:  # the newest transitions survive
+        newest = sorted(record)[-50:]
+        assert set(newest) & set(map(float, items["reward"]))
+
+
+def test_each_frame_is_stored_once():
+    rng = np.random.default_rng(1)
+    chunks, record = interleaved_chunks(rng, senders=2, envs=4, steps=100)
+    buffer = make_buffer()
+    insert_all(buffer, chunks)
+    episodes = sum(step.terminated or step.truncated for step in record.values())
+    # One frame per step plus one per episode start (2 senders x 4 envs started once more).
+    assert buffer.frames_written == len(record) + episodes + 2 * 4
+
+
+def test_sampling_is_uniform_without_priorities():
+    rng = np.random.default_rng(2)
+    chunks, record = interleaved_chunks(rng, senders=1, envs=2, steps=5, chunk=10)
+    buffer = make_buffer()
+    insert_all(buffer, chunks)
+    ids = sorted(record)
+    counts = np.array([np.sum(sampled_items(buffer, 50_000)["reward"] == i) for i in ids])
+    expected = 50_000 / len(ids)
     chi2 = ((counts - expected) ** 2 / expected).sum()
     assert chi2 < 27.9  # chi-square, 9 degrees of freedom, p = 0.001
+    assert (sampled_items(buffer, 64, beta=1.0)["weight"] == 1.0).all()
 
 
-def snapshot(buffer):
-    return {k: v.copy() for k, v in buffer.storage.items()}, buffer.cursor, buffer.size, \
-        buffer.total_added
+def test_priorities_and_importance_weights():
+    rng = np.random.default_rng(3)
+    chunks, record = interleaved_chunks(rng, senders=1, envs=2, steps=4, chunk=8)
+    buffer = make_buffer(alpha=0.5)
+    insert_all(buffer, chunks)
+    assert buffer.size == 8
+    keys = np.arange(8)
+    priorities = np.array([0, 1, 4, 9, 16, 25, 36, 49], np.float64)
+    assert buffer.update_priorities(keys, priorities) == 8
+    # leaf = (p + eps)^0.5, so P(i) ~ sqrt(p_i) = 0, 1, ..., 7.
+    batch = buffer.sample(70_000, 1, beta=0.5)
+    counts = np.bincount(batch["key"][0], minlength=8)
+    expected = 70_000 * np.arange(8) / 28
+    assert counts[0] < 10
+    assert (np.abs(counts[1:] - expected[1:]) < 5 * np.sqrt(expected[1:])).all()
+    # w_i = (N P(i))^-beta / max_j w_j: the rarest sampled item weighs 1.
+    p = np.sqrt(priorities + 1e-6) / np.sqrt(priorities + 1e-6).sum()
+    weights = (8 * p[batch["key"][0]]) ** -0.5
+    np.testing.assert_allclose(batch["weight"][0], weights / weights.max(), rtol=1e-5)
 
 
-def broken(**changes):
-    good = transitions(range(8))
-    good.update(changes)
-    return {k: v for k, v in good.items() if v is not None}
+def test_priority_updates_for_overwritten_transitions_are_skipped():
+    rng = np.random.default_rng(4)
+    chunks, _ = interleaved_chunks(rng, senders=1, envs=2, steps=40, chunk=8)
+    buffer = make_buffer(capacity=32, alpha=1.0)
+    insert_all(buffer, chunks[:4])  # keys 0..31
+    insert_all(buffer, chunks[4:5])  # keys 32..39 overwrite rows of keys 0..7
+    applied = buffer.update_priorities(np.arange(16), np.full(16, 5.0))
+    assert applied == 8  # keys 8..15 only
+    leaves = buffer.tree.get(np.arange(32) % 32)
+    assert np.allclose(leaves[8:16], 5.0 + 1e-6)
+    assert buffer.max_priority == 5.0
+    # New transitions enter at the largest priority seen so far.
+    insert_all(buffer, chunks[5:6])
+    assert np.allclose(buffer.tree.get(np.arange(40, 48) % 32), 5.0 + 1e-6)
 
 
-@pytest.mark.parametrize("bad, needle", [
-    (broken(action=None), "exactly fields"),
-    (broken(extra=np.zeros(8)), "exactly fields"),
-    (broken(obs=np.zeros((8, 4, 6, 5), np.uint8)), "'obs' has shape"),
-    (broken(next_obs=np.zeros((7, 4, 6, 6), np.uint8)), "'next_obs' has shape"),
-    (broken(obs=np.zeros((8, 4, 6, 6), np.float32)), "'obs' has dtype float32"),
-    (broken(reward=np.array([0, 1, np.nan, 0, 0, 0, 0, 0], np.float32)), "'reward' holds a non"),
-    (broken(reward=np.full(8, np.inf, np.float32)), "'reward' holds a non-finite"),
-    (broken(discount=np.full(8, 1.5, np.float32)), "'discount' must lie in [0, 1]"),
-    (broken(action=np.zeros((8, 1), np.int32)), "non-empty 1-d"),
-    (broken(action=np.zeros(0, np.int32)), "non-empty 1-d"),
+def test_actor_priorities_are_used_as_initial_priorities():
+    adder = make_adder(1, chunk=3, priorities=True)
+    stack = np.zeros((STACK, *FRAME_SHAPE), np.uint8)
+    adder.observe_first(0, stack)
+    for t, error in enumerate([0.5, 2.0, 8.0]):
+        next_stack = np.concatenate([stack[1:], np.full((1, *FRAME_SHAPE), t + 1, np.uint8)])
+        adder.observe(0, 0, 0.0, next_stack, terminated=True, truncated=False, q_taken=-error)
+        adder.observe_first(0, next_stack)
+        stack = next_stack
+    buffer = make_buffer(alpha=1.0)
+    insert_all(buffer, [adder.take_chunk()[0]])
+    np.testing.assert_allclose(buffer.tree.get(np.arange(3)), [0.5, 2.0, 8.0], rtol=1e-5)
+
+
+def state_fingerprint(buffer):
+    digest = hashlib.sha256()
+    for array in (buffer.frames, buffer.obs_slots, buffer.next_slots, buffer.oldest_frame,
+                  buffer.action, buffer.reward, buffer.discount, buffer.tree.nodes):
+        digest.update(array.tobytes())
+    digest.update(repr((buffer.counters(), buffer.streams.state())).encode())
+    return digest.hexdigest()
+
+
+def good_chunk():
+    adder = make_adder(2, chunk=6)
+    synthetic = SyntheticEnvs(2, np.random.default_rng(5), id_base=0)
+    chunks = play(synthetic, adder, 6, {})
+    return wire.decode(chunks[0], expect_kind=wire.TRANSITIONS), adder
+
+
+def altered(changes: dict, meta_changes: dict | None = None):
+    (arrays, meta), _ = good_chunk()
+    arrays = {name: array.copy() for name, array in arrays.items()}
+    for name, value in changes.items():
+        if value is None:
+            del arrays[name]
+        elif callable(value):
+            arrays[name] = value(arrays[name])
+        else:
+            arrays[name] = value
+    return arrays, {**meta, **(meta_changes or {})}
+
+
+def set_item(index, value):
+    def change(array):
+        array[index] = value
+        return array
+    return change
+
+
+@pytest.mark.parametrize("changes, meta_changes, needle", [
+    ({"action": None}, None, "must have fields"),
+    ({"extra": np.zeros(3)}, None, "must have fields"),
+    ({"frames": lambda f: f[:, :, :5].copy()}, None, "'frames' has shape"),
+    ({"frames": lambda f: f.astype(np.float32)}, None, "'frames' has dtype float32"),
+    ({"obs_frames": lambda f: f[:, :3].copy()}, None, "'obs_frames' has shape"),
+    ({"obs_frames": lambda f: f.astype(np.int32)}, None, "'obs_frames' has dtype int32"),
+    ({"reward": set_item(2, np.nan)}, None, "'reward' holds a non-finite"),
+    ({"discount": set_item(0, 1.5)}, None, "'discount' must lie in [0, 1]"),
+    ({"action": set_item(1, 7)}, None, "'action' outside [0, 4)"),
+    ({"priority": np.full(6, -1.0, np.float32)}, None, "'priority' must be >= 0"),
+    ({"next_obs_frames": set_item((0, 3), 10_000)}, None, "frame 10000 of stream"),
+    ({}, {"stream": -1}, "meta 'stream' must be an integer"),
+    ({}, {"first_frame": "zero"}, "meta 'first_frame' must be an integer"),
+    ({"action": lambda a: a[:0].copy()}, None, "non-empty 1-d"),
 ])
-def test_malformed_inserts_are_refused_and_leave_the_buffer_unchanged(bad, needle):
-    buffer = ReplayBuffer(20, OBS_SHAPE, "uint8")
-    buffer.add(transitions(range(15)))
-    before = snapshot(buffer)
+def test_malformed_inserts_are_refused_and_leave_the_buffer_unchanged(changes, meta_changes,
+                                                                     needle):
+    buffer = make_buffer(capacity=50)
+    insert_all(buffer, interleaved_chunks(np.random.default_rng(6), senders=2, steps=30)[0])
+    before = state_fingerprint(buffer)
+    arrays, meta = altered(changes, meta_changes)
     with pytest.raises(InvalidTransitions) as error:
-        buffer.add(bad)
+        buffer.add(arrays, meta)
     assert needle in str(error.value)
-    after = snapshot(buffer)
-    assert before[1:] == after[1:]
-    for name in before[0]:
-        np.testing.assert_array_equal(before[0][name], after[0][name])
+    assert state_fingerprint(buffer) == before
+
+
+def test_a_chunk_resent_or_out_of_order_is_refused():
+    (arrays, meta), adder = good_chunk()
+    buffer = make_buffer()
+    buffer.add(arrays, meta)
+    before = state_fingerprint(buffer)
+    with pytest.raises(InvalidTransitions, match="frame numbers must increase"):
+        buffer.add(arrays, meta)
+    assert state_fingerprint(buffer) == before
 
 
 def test_rate_limiter_follows_reverb_semantics():
@@ -125,43 +253,88 @@ def test_rate_limiter_keeps_the_observed_ratio_within_tolerance(actor_period, le
     assert abs(limiter.samples - spi * limiter.inserts) <= tolerance + spi * 100
 
 
-def make_server(capacity=200, **changes):
-    config = PRESETS["seed"].replace(replay_capacity=capacity, chunk_transitions=16,
+def make_server(capacity=2_000, **changes):
+    config = PRESETS["seed"].replace(replay_capacity=capacity, chunk_transitions=8,
                                      min_replay_size=10, **changes)
-    return ReplayServer.from_config(config, EnvInfo("test", OBS_SHAPE, "uint8", 4, 4))
+    info = EnvInfo("test", (STACK, *FRAME_SHAPE), "uint8", 4, 4)
+    return ReplayServer.from_config(config, info)
+
+
+@pytest.mark.parametrize("actor_sleep_s, learner_sleep_s", [(0.0, 0.004), (0.004, 0.0)])
+def test_server_holds_the_ratio_with_real_threads(actor_sleep_s, learner_sleep_s):
+    """An inserting thread and a sampling thread at different speeds: the slower one sets
+    the pace and the observed ratio stays within the tolerance; stopping never deadlocks."""
+    server = make_server(samples_per_insert=4.0)
+    chunks, _ = interleaved_chunks(np.random.default_rng(7), senders=1, envs=4, steps=400,
+                                   chunk=8)
+    stop = threading.Event()
+
+    def act():
+        for chunk in chunks:
+            while server.insert_budget() < 8 and not stop.is_set():
+                time.sleep(0.001)
+            if stop.is_set():
+                return
+            server.insert(chunk)
+            time.sleep(actor_sleep_s)
+
+    def learn():
+        while not stop.is_set():
+            if server.sample(16) is None:
+                time.sleep(0.001)
+            time.sleep(learner_sleep_s)
+
+    threads = [threading.Thread(target=act), threading.Thread(target=learn)]
+    for thread in threads:
+        thread.start()
+    time.sleep(2.0)
+    stop.set()
+    for thread in threads:
+        thread.join(timeout=5)
+        assert not thread.is_alive()
+    limiter = server.limiter
+    assert limiter.inserts > 100 and limiter.samples > 400
+    assert limiter.min_diff - 16 <= limiter.diff <= limiter.max_diff
 
 
 def test_server_round_trip_through_the_wire():
     server = make_server()
-    t = transitions(range(40))
-    ack = server.insert(wire.encode_transitions(**t))
-    assert ack["inserted"] == 40 and ack["total_inserted"] == 40 and ack["insert_budget"] >= 0
-    arrays, meta = wire.decode(server.sample(8, num_batches=3), expect_kind=wire.BATCH)
-    assert arrays["obs"].shape == (3, 8, *OBS_SHAPE) and arrays["index"].shape == (3, 8)
-    assert meta["total_inserted"] == 40
+    chunks, record = interleaved_chunks(np.random.default_rng(8), senders=1, envs=2, steps=20)
+    acks = [server.insert(chunk) for chunk in chunks]
+    inserted = sum(a["inserted"] for a in acks)
+    assert acks[-1]["total_inserted"] == inserted == 40
+    batch, meta = wire.decode_batch(server.sample(8, num_batches=3))
+    assert batch["obs"].shape == (3, 8, STACK, *FRAME_SHAPE)
+    assert batch["key"].shape == batch["weight"].shape == (3, 8)
+    assert meta["total_inserted"] == inserted and meta["size"] == inserted
     assert server.stats()["total_sampled"] == 24
 
 
 def test_server_refuses_malformed_messages_and_keeps_serving():
     server = make_server()
-    server.insert(wire.encode_transitions(**transitions(range(20))))
-    before = snapshot(server.buffer), server.limiter.inserts
-    bad = dict(transitions(range(5)))
-    bad["reward"] = np.array([1, 2, np.nan, 4, 5], np.float32)
-    for message in [b"junk", wire.encode_transitions(**bad),
-                    wire.encode("batch", transitions(range(3)))]:
+    chunks, _ = interleaved_chunks(np.random.default_rng(9), senders=1, envs=2, steps=20)
+    server.insert(chunks[0])
+    before = state_fingerprint(server.buffer), server.limiter.inserts
+    arrays, meta = wire.decode(chunks[1], expect_kind=wire.TRANSITIONS)
+    bad = {**arrays, "reward": np.full(len(arrays["reward"]), np.nan, np.float32)}
+    for message in [b"junk", wire.encode(wire.TRANSITIONS, bad, meta),
+                    wire.encode(wire.BATCH, arrays, meta)]:
         with pytest.raises(ValueError):
             server.insert(message)
-    assert server.stats()["rejected_messages"] == 3
-    assert server.limiter.inserts == before[1] and server.buffer.total_added == 20
-    server.insert(wire.encode_transitions(**transitions(range(20, 25))))
-    assert server.buffer.total_added == 25
+    with pytest.raises(ValueError, match="key and priority"):
+        server.update_priorities(wire.encode(wire.PRIORITIES, {"key": np.zeros(2, np.int64)}))
+    assert server.stats()["rejected_messages"] == 4
+    assert (state_fingerprint(server.buffer), server.limiter.inserts) == before
+    server.insert(chunks[1])
+    assert server.buffer.total_added == 16
 
 
 def test_server_sample_waits_while_the_learner_is_ahead():
     server = make_server(samples_per_insert=1.0, samples_per_insert_tolerance=16.0)
     assert server.sample(4) is None  # empty: below min size
-    server.insert(wire.encode_transitions(**transitions(range(16))))
+    chunks, _ = interleaved_chunks(np.random.default_rng(10), senders=1, envs=2, steps=8)
+    server.insert(chunks[0])
+    server.insert(chunks[1])
     taken = 0
     while server.sample(4) is not None:
         taken += 4

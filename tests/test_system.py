@@ -13,6 +13,8 @@ from common import metrics, wire
 from common.config import PRESETS
 from common.envs import describe_env
 from common.networks import build_q_network
+from replay_server.buffer import ReplaySpec
+from replay_server.snapshot import read_snapshot
 from tests.conftest import ROOT
 
 SUMMARY_KEYS = {"agent_steps", "env_frames", "updates", "weight_version", "target_syncs",
@@ -110,6 +112,29 @@ def test_metrics_reach_the_export_endpoint_and_ctrl_c_stops_cleanly(ray_address,
     assert summary["agent_steps"] > 0 and (tmp_path / "q_network.weights.h5").exists()
 
 
+@pytest.mark.slow
+def test_apex_breakout_runs_end_to_end_with_shards_and_snapshots(ray_address, tmp_path):
+    """The apex preset at a small size: n-step double DQN with a dueling head, prioritized
+    replay over two shards fed actor priorities, snapshots written when the run stops."""
+    snapshots = tmp_path / "snapshots"
+    summary, wall_s, stdout = launch(
+        ray_address, tmp_path, "--preset", "apex", "--num-actors", 2, "--envs-per-actor", 2,
+        "--replay-shards", 2, "--replay-capacity", 20_000, "--min-replay-size", 256,
+        "--batch-size", 32, "--target-sync-updates", 20, "--weight-publish-updates", 5,
+        "--max-seconds", 50, "--report-every-s", 10, "--replay-snapshot-dir", snapshots,
+        timeout=150)
+    assert summary["preset"] == "apex" and summary["updates"] >= 20
+    assert summary["weight_version"] >= 1 and summary["target_syncs"] >= 1
+    assert "eps ladder" in stdout
+    info = describe_env("BreakoutNoFrameskip-v4")
+    spec = ReplaySpec.for_env(20_000, info, PRESETS["apex"].priority_exponent)
+    sizes = [read_snapshot(snapshots / f"replay-shard-{i}.msgpack", spec)[0].size
+             for i in range(2)]
+    assert min(sizes) > 0 and sum(sizes) == summary["replay_size"]
+    model = build_q_network(info.obs_shape, 4, dueling=True)
+    model.load_weights(str(tmp_path / "q_network.weights.h5"))
+
+
 def test_a_malformed_insert_is_refused_and_the_replay_service_keeps_serving(ray_address):
     import ray
     from replay_server.service import ReplayService
@@ -117,12 +142,16 @@ def test_a_malformed_insert_is_refused_and_the_replay_service_keeps_serving(ray_
     replay = ReplayService.remote(PRESETS["cartpole"], info)
     with pytest.raises(ray.exceptions.RayTaskError, match="not a msgpack message"):
         ray.get(replay.insert.remote(b"\x00garbage"))
-    obs = np.zeros((3, 4), np.float32)
-    bad = wire.encode_transitions(obs, np.zeros(3), np.array([0, np.nan, 1]), np.ones(3), obs)
+    frames = np.zeros((3, 4), np.float32)
+    refs = np.arange(3)[:, None]
+
+    def chunk(reward):
+        return wire.encode_transitions(frames, refs, refs, np.zeros(3), np.array(reward),
+                                       np.ones(3), stream=1, first_frame=0)
+
     with pytest.raises(ray.exceptions.RayTaskError, match="'reward' holds a non-finite"):
-        ray.get(replay.insert.remote(bad))
-    good = wire.encode_transitions(obs, np.zeros(3), np.ones(3), np.ones(3), obs)
-    assert ray.get(replay.insert.remote(good))["total_inserted"] == 3
+        ray.get(replay.insert.remote(chunk([0, np.nan, 1])))
+    assert ray.get(replay.insert.remote(chunk([0, 1, 1])))["total_inserted"] == 3
     stats = ray.get(replay.stats.remote())
     assert stats["size"] == 3 and stats["rejected_messages"] == 2
     ray.kill(replay)

@@ -26,11 +26,31 @@ def test_round_trip_keeps_special_values_and_empty_and_noncontiguous_arrays():
 
 
 def test_transitions_message_decodes_to_the_insert_schema():
-    obs = np.zeros((2, 4), np.float32)
-    arrays, _ = wire.decode(wire.encode_transitions(obs, np.array([0, 1]), np.array([1.0, 0.5]),
-                                                    np.array([0.99, 0.0]), obs),
-                            expect_kind=wire.TRANSITIONS)
-    assert arrays["action"].dtype == np.int32 and arrays["reward"].dtype == np.float32
+    frames = np.zeros((3, 84, 84), np.uint8)
+    refs = np.array([[0, 0, 0, 0], [0, 0, 0, 1]])
+    arrays, meta = wire.decode(wire.encode_transitions(
+        frames, refs, refs + 1, np.array([0, 1]), np.array([1.0, 0.5]), np.array([0.99, 0.0]),
+        stream=2**62 + 5, first_frame=40), expect_kind=wire.TRANSITIONS)
+    assert meta == {"stream": 2**62 + 5, "first_frame": 40}
+    assert arrays["obs_frames"].dtype == np.int64 and arrays["action"].dtype == np.int32
+    assert arrays["reward"].dtype == np.float32 and "priority" not in arrays
+
+
+def test_batch_message_rebuilds_stacks_from_distinct_frames():
+    frames = np.arange(5 * 2 * 2, dtype=np.uint8).reshape(5, 2, 2)
+    obs_index = np.array([[[0, 1, 2], [2, 3, 4]]], np.int32)  # 1 batch of 2, stack 3
+    next_index = obs_index + np.array([0, 0, 0])
+    message = wire.encode(wire.BATCH, {"frames": frames, "obs_frames": obs_index,
+                                       "next_obs_frames": next_index,
+                                       "action": np.zeros((1, 2), np.int32)},
+                          {"obs_shape": [3, 2, 2]})
+    batch, _ = wire.decode_batch(message)
+    assert batch["obs"].shape == (1, 2, 3, 2, 2)
+    np.testing.assert_array_equal(batch["obs"][0, 1], frames[[2, 3, 4]])
+    bad = wire.encode(wire.BATCH, {"frames": frames, "obs_frames": obs_index + 3,
+                                   "next_obs_frames": next_index}, {"obs_shape": [3, 2, 2]})
+    with pytest.raises(wire.WireError, match="indexes outside the batch's 5 frames"):
+        wire.decode_batch(bad)
 
 
 def valid_message():
@@ -54,6 +74,7 @@ def forged(**changes):
     (msgpack.packb([1, 2, 3]), "not a dqn-wire message"),
     (forged(format="other"), "not a dqn-wire message"),
     (forged(version=99), "unsupported dqn-wire version 99"),
+    (forged(version=1), "unsupported dqn-wire version 1"),
     (forged(kind="transitions"), "expected a 'batch' message"),
     (forged(arrays=[1]), "'arrays' must be a map"),
     (forged(meta="x"), "'meta' must be a map"),

@@ -1,0 +1,146 @@
+"""Replay snapshots: exact round trips, consistency while inserts go on, refusal of bad files."""
+import pickle
+import threading
+
+import msgpack
+import numpy as np
+import pytest
+
+from common import wire
+from replay_server import snapshot as snapshot_module
+from replay_server.snapshot import SnapshotError, read_snapshot, write_snapshot
+from tests.test_replay import (insert_all, interleaved_chunks, make_buffer, make_server,
+                               state_fingerprint)
+
+
+def filled_buffer(capacity=200, seed=0):
+    chunks, _ = interleaved_chunks(np.random.default_rng(seed), senders=3, envs=2, steps=60)
+    buffer = make_buffer(capacity, alpha=0.6, seed=seed)
+    insert_all(buffer, chunks[:-6])
+    keys = np.arange(buffer.total_added - 50, buffer.total_added)
+    buffer.update_priorities(keys, np.linspace(0.1, 3.0, 50))
+    return buffer, chunks[-6:]
+
+
+def test_snapshot_then_restore_is_exact(tmp_path):
+    buffer, _ = filled_buffer()
+    path = tmp_path / "shard.msgpack"
+    written = write_snapshot(buffer, path, threading.Lock(), extra_state={"note": 7})
+    assert written["transitions"] == 200 and path.stat().st_size == written["bytes"]
+    assert not (tmp_path / "shard.msgpack.tmp").exists()
+    restored, extra = read_snapshot(path, buffer.spec, seed=99)
+    assert extra == {"note": 7}
+    assert state_fingerprint(restored) == state_fingerprint(buffer)
+    # Same state, same random stream: the next batches are identical.
+    original, again = buffer.sample(16, 2, 0.4), restored.sample(16, 2, 0.4)
+    for name, array in original.items():
+        np.testing.assert_array_equal(again[name], array)
+
+
+def test_inserts_during_a_snapshot_do_not_change_what_it_holds(tmp_path, monkeypatch):
+    """Inserts land between the pieces of frames being written, overwriting frames not yet
+    saved; the file still holds the state at the moment the snapshot began."""
+    buffer, more_chunks = filled_buffer(capacity=60)
+    reference_state = state_fingerprint(buffer)
+    reference_sample = make_copy_sample(buffer)
+    lock = threading.Lock()
+    monkeypatch.setattr(snapshot_module, "PIECE_BYTES", 36 * 8)  # 8 frames a piece
+    original = snapshot_module.SnapshotWriter.write_array
+    pending = list(more_chunks)
+
+    def write_then_insert(self, name, start, array):
+        original(self, name, start, array)
+        if name == "frames" and pending:
+            arrays, meta = wire.decode(pending.pop(0), expect_kind=wire.TRANSITIONS)
+            with lock:
+                buffer.add(arrays, meta)
+
+    monkeypatch.setattr(snapshot_module.SnapshotWriter, "write_array", write_then_insert)
+    rescue, rescued = snapshot_module.FrameSaver.rescue, []
+
+    def counting_rescue(self, lost_from, lost_to):
+        before = self.next
+        rescue(self, lost_from, lost_to)
+        rescued.append(self.next - before)
+
+    monkeypatch.setattr(snapshot_module.FrameSaver, "rescue", counting_rescue)
+    write_snapshot(buffer, tmp_path / "s.msgpack", lock)
+    assert not pending  # every insert happened while the snapshot was being written
+    assert sum(rescued) > 0  # and some overwrote frames the snapshot had not saved yet
+    assert state_fingerprint(buffer) != reference_state
+    restored, _ = read_snapshot(tmp_path / "s.msgpack", buffer.spec)
+    assert state_fingerprint(restored) == reference_state
+    assert make_copy_sample(restored) == reference_sample
+
+
+def make_copy_sample(buffer):
+    state = buffer.rng.bit_generator.state
+    batch = buffer.sample(8, 1, 0.5)
+    buffer.rng.bit_generator.state = state
+    return {name: array.tolist() for name, array in batch.items()}
+
+
+def corruptions(data: bytes):
+    header_end = len(msgpack.packb(next(msgpack.Unpacker(__import__("io").BytesIO(data)))))
+    middle = len(data) // 2
+    flipped = bytearray(data)
+    flipped[middle] ^= 0xFF
+    yield "truncated", data[:middle]
+    yield "truncated", data[:-3]
+    yield "no footer", data[:header_end]
+    yield "flipped byte", bytes(flipped)
+    yield "empty", b""
+    yield "pickle", pickle.dumps({"format": "dqn-replay-snapshot"})
+    yield "garbage", b"\x00\x01garbage" * 100
+
+
+def test_corrupt_snapshots_are_refused_and_the_running_shard_is_untouched(tmp_path):
+    source, _ = filled_buffer()
+    good = tmp_path / "good.msgpack"
+    write_snapshot(source, good, threading.Lock())
+    data = good.read_bytes()
+    server = make_server(capacity=200)
+    chunks, _ = interleaved_chunks(np.random.default_rng(3), senders=1, envs=2, steps=20)
+    for chunk in chunks:
+        server.insert(chunk)
+    before = state_fingerprint(server.buffer)
+    for what, corrupt in corruptions(data):
+        path = tmp_path / "bad.msgpack"
+        path.write_bytes(corrupt)
+        with pytest.raises(SnapshotError) as error:
+            server.restore(str(path))
+        assert str(path) in str(error.value), what
+        assert state_fingerprint(server.buffer) == before, what
+    with pytest.raises(SnapshotError, match="cannot open"):
+        server.restore(str(tmp_path / "missing.msgpack"))
+    server.insert(make_more_chunk())  # still serving
+    assert state_fingerprint(server.buffer) != before
+
+
+def make_more_chunk():
+    chunks, _ = interleaved_chunks(np.random.default_rng(4), senders=1, envs=2, steps=8)
+    return chunks[0]
+
+
+def test_a_snapshot_of_another_kind_of_shard_is_refused(tmp_path):
+    buffer, _ = filled_buffer()
+    path = tmp_path / "s.msgpack"
+    write_snapshot(buffer, path, threading.Lock())
+    other = make_buffer(capacity=400, alpha=0.6)
+    with pytest.raises(SnapshotError, match="holds a shard with spec"):
+        read_snapshot(path, other.spec)
+
+
+def test_server_snapshot_and_restore_keep_the_rate_limiter(tmp_path):
+    server = make_server(capacity=200)
+    chunks, _ = interleaved_chunks(np.random.default_rng(5), senders=1, envs=2, steps=40)
+    for chunk in chunks:
+        server.insert(chunk)
+    server.sample(8)
+    written = server.snapshot(str(tmp_path / "shard.msgpack"))
+    fresh = make_server(capacity=200)
+    restored = fresh.restore(written["path"])
+    assert restored["transitions"] == server.buffer.size
+    assert (fresh.limiter.inserts, fresh.limiter.samples) == (server.limiter.inserts,
+                                                               server.limiter.samples)
+    assert fresh.stats() == server.stats()

@@ -18,7 +18,7 @@ import traceback
 import ray
 
 from actors.actor import Actor
-from common import metrics
+from common import metrics, wire
 from common.config import Config
 from common.envs import EnvInfo
 from common.networks import configure_cpu_threads
@@ -93,7 +93,7 @@ class ActorService:
             self.insert_budget = ray.get(self.replay.insert_budget.remote()) - pending
             if self.insert_budget < transitions:
                 time.sleep(BUDGET_POLL_S)
-        self.inflight.append((self.replay.insert.remote(message), transitions))
+        self.inflight.append((self.replay.insert.remote(wire.for_ray(message)), transitions))
         self.insert_budget -= transitions
 
     def _collect_acks(self, wait_one: bool = False, wait_all: bool = False):

@@ -43,6 +43,8 @@ class BatchPrefetcher:
         self.mass = np.ones(len(shards))
         self.rng = np.random.default_rng(seed)
         self.ready: queue.Queue = queue.Queue(maxsize=depth)
+        # Batches live in the queue (depth), in training (1) and in decoding (1).
+        self.decode = wire.BatchDecoder(ring=depth + 2)
         self.error: str | None = None
         self.thread = threading.Thread(target=self._run, name="prefetch", daemon=True)
         self.thread.start()
@@ -70,7 +72,7 @@ class BatchPrefetcher:
                     if message is None:  # rate limiter: the learner is ahead of the actors
                         time.sleep(RATE_LIMITED_BACKOFF_S)
                     else:
-                        batch, meta = wire.decode_batch(message)
+                        batch, meta = self.decode(message)
                         self.mass[shard] = meta["priority_mass"]
                         self._put((shard, batch))
                     self._call(pending)

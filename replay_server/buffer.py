@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from common.wire import Gather
 from replay_server.streams import STREAM_ID_LIMIT, StreamTable, UnresolvedFrames
 from replay_server.sumtree import SumTree
 
@@ -32,7 +33,6 @@ REQUIRED_FIELDS = frozenset({"frames", "obs_frames", "next_obs_frames", "action"
                              "discount"})
 OPTIONAL_FIELDS = frozenset({"priority"})
 PRIORITY_EPSILON = 1e-6  # keeps a zero-error transition sampleable
-STREAM_SWEEP_EVERY_INSERTS = 256
 
 
 class InvalidTransitions(ValueError):
@@ -193,8 +193,9 @@ class ReplayBuffer:
                 self.snapshot_hook(lost_from, lost_from + m)
             frame_slots = (self.frames_written + np.arange(m)) % spec.frame_capacity
             self.frames[frame_slots] = arrays["frames"]
-            self.streams.add(plan["stream"], plan["first"], m, self.frames_written)
             self.frames_written += m
+            self.streams.add(plan["stream"], plan["first"], m, self.frames_written - m,
+                             self._first_kept_frame(self.frames_written))
         keys = self.transitions_written + np.arange(n)
         rows = keys % spec.capacity
         slots = (plan["globals"] % spec.frame_capacity).astype(np.int32)
@@ -213,9 +214,6 @@ class ReplayBuffer:
         self._set_leaves(rows, leaves)
         self.transitions_written += n
         self._drop_rows_with_evicted_frames()
-        if self.transitions_written // STREAM_SWEEP_EVERY_INSERTS != \
-                (self.transitions_written - n) // STREAM_SWEEP_EVERY_INSERTS:
-            self.streams.forget_before(self._first_kept_frame(self.frames_written))
 
     def _set_leaves(self, rows: np.ndarray, values: np.ndarray) -> None:
         """Set distinct rows' leaves, keeping the live count."""
@@ -266,7 +264,8 @@ class ReplayBuffer:
 
     def sample(self, batch_size: int, num_batches: int = 1, beta: float = 0.0) -> dict:
         """`num_batches` batches, each item drawn with probability P(i) = leaf_i / total.
-        Returns each distinct frame once (`frames`) and, per item, the indices of its stack
+        Returns each distinct frame once (`frames`, a `wire.Gather` of frame-ring rows, so
+        encoding copies them straight into the message) and, per item, the indices of its stack
         frames into it (`obs_frames`, `next_obs_frames` [k, B, stack]), plus action, reward,
         discount, the importance weight (N * P(i))^-beta normalised by its batch's largest,
         and the key for priority updates."""
@@ -278,7 +277,7 @@ class ReplayBuffer:
         unique, inverse = np.unique(slots, return_inverse=True)
         inverse = inverse.reshape(num_batches, batch_size, 2 * self.spec.stack).astype(np.int32)
         shape = (num_batches, batch_size)
-        return {"frames": self.frames[unique],
+        return {"frames": Gather(self.frames, unique),
                 "obs_frames": inverse[..., :self.spec.stack],
                 "next_obs_frames": inverse[..., self.spec.stack:],
                 "action": self.action[rows].reshape(shape),

@@ -2,11 +2,20 @@
 
 `insert`, `sample` and `update_priorities` speak the wire format (`common.wire`); a malformed
 message raises an error naming the problem and leaves the buffer and the limiter exactly as
-they were. Every method takes `lock`, so a snapshot can be written from another thread while
-inserts go on (see snapshot.py).
+they were.
+
+Methods may run on several threads (the Ray shell samples on two, and writes snapshots on a
+third). Two locks keep that safe:
+- `lock`, shared or exclusive: frames and rows change only under it exclusively (inserts,
+  restores, a snapshot's copies); samples hold it shared while they gather frames, so two
+  samples overlap their copying but never see an insert half done;
+- `mutex`: the sum-tree, the random state, the rate limiter and the counters, which shared
+  holders also change (a sample draws rows, a priority update sets leaves).
+Always `lock` before `mutex`.
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 
@@ -18,13 +27,50 @@ from replay_server.rate_limiter import RateLimiter
 from replay_server.snapshot import read_snapshot, write_snapshot
 
 
+class SharedExclusiveLock:
+    """Held by many at once (`with lock.shared():`) or by one alone (`with lock:`). A waiting
+    exclusive holder goes first, so a stream of samples cannot starve inserts."""
+
+    def __init__(self):
+        self._condition = threading.Condition()
+        self._shared = 0
+        self._exclusive = False
+        self._waiting = 0
+
+    def __enter__(self):
+        with self._condition:
+            self._waiting += 1
+            self._condition.wait_for(lambda: not self._exclusive and not self._shared)
+            self._waiting -= 1
+            self._exclusive = True
+        return self
+
+    def __exit__(self, *exc):
+        with self._condition:
+            self._exclusive = False
+            self._condition.notify_all()
+
+    @contextlib.contextmanager
+    def shared(self):
+        with self._condition:
+            self._condition.wait_for(lambda: not self._exclusive and not self._waiting)
+            self._shared += 1
+        try:
+            yield self
+        finally:
+            with self._condition:
+                self._shared -= 1
+                self._condition.notify_all()
+
+
 class ReplayServer:
     def __init__(self, buffer: ReplayBuffer, limiter: RateLimiter, shard: int = 0):
         self.buffer = buffer
         self.limiter = limiter
         self.shard = shard
         self.rejected = 0
-        self.lock = threading.Lock()
+        self.lock = SharedExclusiveLock()
+        self.mutex = threading.Lock()
 
     @classmethod
     def from_config(cls, config: Config, env_info: EnvInfo, shard: int = 0) -> "ReplayServer":
@@ -36,7 +82,7 @@ class ReplayServer:
 
     def insert(self, message: bytes) -> dict:
         """Store a chunk of transitions. Returns the totals an actor paces itself by."""
-        with self.lock:
+        with self.lock, self.mutex:
             try:
                 arrays, meta = wire.decode(message, expect_kind=wire.TRANSITIONS)
                 n = self.buffer.add(arrays, meta)
@@ -48,27 +94,29 @@ class ReplayServer:
                     "insert_budget": self.limiter.insert_budget()}
 
     def insert_budget(self) -> int:
-        with self.lock:
+        with self.mutex:
             return self.limiter.insert_budget()
 
     def sample(self, batch_size: int, num_batches: int = 1, beta: float = 0.0) -> bytes | None:
         """`num_batches` batches [num_batches, batch_size, ...] in one wire message (each
         distinct frame once; `wire.decode_batch` rebuilds the stacks), or None while the rate
         limiter says wait."""
-        with self.lock:
-            total = batch_size * num_batches
-            if not self.limiter.can_sample(total):
-                return None
-            batch = self.buffer.sample(batch_size, num_batches, beta)
-            self.limiter.record_sample(total)
-            meta = {"shard": self.shard, "obs_shape": list(self.buffer.spec.obs_shape),
-                    "total_inserted": self.buffer.total_added, "size": self.buffer.size,
-                    "priority_mass": self.buffer.priority_mass()}
+        total = batch_size * num_batches
+        with self.lock.shared():
+            with self.mutex:
+                if not self.limiter.can_sample(total):
+                    return None
+                batch = self.buffer.sample(batch_size, num_batches, beta)
+                self.limiter.record_sample(total)
+                meta = {"shard": self.shard, "obs_shape": list(self.buffer.spec.obs_shape),
+                        "total_inserted": self.buffer.total_added, "size": self.buffer.size,
+                        "priority_mass": self.buffer.priority_mass()}
+            # The frames are gathered here, by encode, while other samples may do the same.
             return wire.encode(wire.BATCH, batch, meta)
 
     def update_priorities(self, message: bytes) -> int:
         """New priorities from the learner; returns how many still-stored items took them."""
-        with self.lock:
+        with self.lock.shared(), self.mutex:
             try:
                 arrays, _ = wire.decode(message, expect_kind=wire.PRIORITIES)
                 if set(arrays) != {"key", "priority"}:
@@ -92,7 +140,7 @@ class ReplayServer:
         SnapshotError and leaves the current state untouched."""
         started = time.monotonic()
         buffer, extra = read_snapshot(path, self.buffer.spec)
-        with self.lock:
+        with self.lock, self.mutex:
             self.buffer = buffer
             self.limiter.inserts = int(extra.get("limiter_inserts", buffer.total_added))
             self.limiter.samples = int(extra.get("limiter_samples", 0))
@@ -100,7 +148,7 @@ class ReplayServer:
         return {"transitions": buffer.size, "seconds": round(time.monotonic() - started, 3)}
 
     def stats(self) -> dict:
-        with self.lock:
+        with self.lock.shared(), self.mutex:
             return {"shard": self.shard, "size": self.buffer.size,
                     "capacity": self.buffer.capacity,
                     "total_inserted": self.buffer.total_added,

@@ -1,15 +1,18 @@
 """A replay shard as a Ray actor: a thin shell over `ReplayServer` that exports metrics.
 
-Inserts, samples and priority updates run one at a time in the default group, in the order
-each caller sent them (an actor's chunks name frames of its earlier chunks, so order matters).
-Snapshots and restores run in their own thread ("snapshot" group), so a long write does not
-stop inserts. A malformed message raises in the caller and leaves this actor serving.
+Inserts and priority updates run one at a time in the default group, in the order each
+caller sent them (an actor's chunks name frames of its earlier chunks, so order matters).
+Samples run on two threads of their own ("sample" group), so one batch's frames are gathered
+and handed to Ray while the next is drawn; snapshots and restores on a third ("snapshot"),
+so a long write does not stop inserts. `ReplayServer` keeps the threads apart. A malformed
+message raises in the caller and leaves this actor serving.
 """
 from __future__ import annotations
 
+import numpy as np
 import ray
 
-from common import metrics
+from common import metrics, wire
 from common.config import Config
 from common.envs import EnvInfo
 from replay_server.server import ReplayServer
@@ -21,7 +24,7 @@ def shard_name(shard: int) -> str:
     return f"{SERVICE_NAME}_{shard}"
 
 
-@ray.remote(concurrency_groups={"snapshot": 1})
+@ray.remote(concurrency_groups={"sample": 2, "snapshot": 1})
 class ReplayService:
     def __init__(self, config: Config, env_info: EnvInfo, shard: int = 0):
         self.server = ReplayServer.from_config(config, env_info, shard)
@@ -42,11 +45,16 @@ class ReplayService:
     def insert_budget(self) -> int:
         return self.server.insert_budget()
 
-    def sample(self, batch_size: int, num_batches: int = 1, beta: float = 0.0) -> bytes | None:
+    @ray.method(concurrency_group="sample")
+    def sample(self, batch_size: int, num_batches: int = 1,
+               beta: float = 0.0) -> np.ndarray | None:
+        """A batch message (as `wire.for_ray` bytes), or None while the rate limiter says
+        wait."""
         message = self.server.sample(batch_size, num_batches, beta)
-        if message is not None:
-            self.metrics[metrics.REPLAY_SAMPLES].inc(batch_size * num_batches)
-        return message
+        if message is None:
+            return None
+        self.metrics[metrics.REPLAY_SAMPLES].inc(batch_size * num_batches)
+        return wire.for_ray(message)
 
     def update_priorities(self, message: bytes) -> int:
         try:

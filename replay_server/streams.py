@@ -6,7 +6,7 @@ numbers, including frames of the sender's earlier chunks (a stack or an n-step t
 reaches a few steps back). The replay writes each chunk's frames contiguously into its frame
 ring, so a stream's history is a short list of ranges (first number, count, first global
 frame serial). Ranges are dropped once their frames have left the ring, streams once all of
-theirs have.
+theirs have; both checks cost O(1) per insert, however many streams there are.
 """
 from __future__ import annotations
 
@@ -56,26 +56,32 @@ class StreamTable:
                 f"frames this replay still holds")
         return (globals_[which] + flat - firsts[which]).reshape(numbers.shape)
 
-    def add(self, stream: int, first: int, count: int, first_global: int) -> None:
-        if count == 0:
-            return
-        ranges = self.streams.setdefault(stream, [[], [], []])
-        self.streams.move_to_end(stream)
-        for column, value in zip(ranges, (first, count, first_global)):
-            column.append(value)
-            del column[:-MAX_RANGES_PER_STREAM]
+    def add(self, stream: int, first: int, count: int, first_global: int,
+            oldest_global: int) -> None:
+        """Record a chunk's frames; forget ranges and streams whose frames all have serials
+        below `oldest_global` (they have left the frame ring)."""
+        if count:
+            ranges = self.streams.setdefault(stream, [[], [], []])
+            self.streams.move_to_end(stream)
+            for column, value in zip(ranges, (first, count, first_global)):
+                column.append(value)
+                del column[:-MAX_RANGES_PER_STREAM]
+            self._trim(ranges, oldest_global)
+        # Least recently active first: stop at the first stream that still has frames.
+        while self.streams:
+            stream, ranges = next(iter(self.streams.items()))
+            if ranges[2][-1] + ranges[1][-1] > oldest_global:
+                break
+            del self.streams[stream]
 
-    def forget_before(self, oldest_global: int) -> None:
-        """Drop ranges (and whole streams) whose frames all have serials < oldest_global."""
-        for stream in list(self.streams):
-            firsts, counts, globals_ = self.streams[stream]
-            keep = next((i for i, (c, g) in enumerate(zip(counts, globals_))
-                         if g + c > oldest_global), len(counts))
-            if keep == len(counts):
-                del self.streams[stream]
-            elif keep:
-                for column in (firsts, counts, globals_):
-                    del column[:keep]
+    @staticmethod
+    def _trim(ranges: list, oldest_global: int) -> None:
+        firsts, counts, globals_ = ranges
+        gone = 0
+        while gone < len(counts) - 1 and globals_[gone] + counts[gone] <= oldest_global:
+            gone += 1
+        for column in ranges:
+            del column[:gone]
 
     def state(self) -> list:
         return [[stream, *ranges] for stream, ranges in self.streams.items()]

@@ -33,11 +33,24 @@ class SumTree:
 
     def set(self, slots: np.ndarray, values: np.ndarray) -> None:
         """Leaf `slots[i]` becomes `values[i]` (the last one wins for repeated slots)."""
+        nodes = self.nodes
         node = self.size + np.asarray(slots, np.int64)
-        self.nodes[node] = values
-        for _ in range(self.depth):
+        nodes[node] = values
+        width = self.size  # nodes on the level being updated
+        while width > 1:
             node >>= 1
-            self.nodes[node] = self.nodes[2 * node] + self.nodes[2 * node + 1]
+            width >>= 1
+            if width <= 2 * len(node):
+                break
+            nodes[node] = nodes[2 * node] + nodes[2 * node + 1]
+        else:
+            return
+        # Near the root a level has few nodes: recomputing whole levels with two slices is
+        # cheaper than gathering the batch's paths (and touches memory in order).
+        while width >= 1:
+            np.add(nodes[2 * width:4 * width:2], nodes[2 * width + 1:4 * width:2],
+                   out=nodes[width:2 * width])
+            width >>= 1
 
     def set_all(self, values: np.ndarray) -> None:
         """Replace every leaf at once (restore, bulk fills): O(capacity), level by level."""
@@ -56,10 +69,11 @@ class SumTree:
         values = np.array(values, np.float64)
         node = np.ones(len(values), np.int64)
         for _ in range(self.depth):
-            left = self.nodes[2 * node]
+            node <<= 1
+            left = self.nodes[node]
             go_right = values >= left
             values -= left * go_right
-            node = 2 * node + go_right
+            node += go_right
         slots = node - self.size
         # Rounding can push a value onto an empty leaf at an interval edge: walk back to the
         # nearest non-empty one on its left (rare, and only ever a step or two).

@@ -105,15 +105,15 @@ def test_priorities_and_importance_weights():
     priorities = np.array([0, 1, 4, 9, 16, 25, 36, 49], np.float64)
     assert buffer.update_priorities(keys, priorities) == 8
     # leaf = (p + eps)^0.5, so P(i) ~ sqrt(p_i) = 0, 1, ..., 7.
-    batch = buffer.sample(70_000, 1, beta=0.5)
-    counts = np.bincount(batch["key"][0], minlength=8)
+    batch = sampled_items(buffer, 70_000, beta=0.5)
+    counts = np.bincount(batch["key"], minlength=8)
     expected = 70_000 * np.arange(8) / 28
     assert counts[0] < 10
     assert (np.abs(counts[1:] - expected[1:]) < 5 * np.sqrt(expected[1:])).all()
     # w_i = (N P(i))^-beta / max_j w_j: the rarest sampled item weighs 1.
     p = np.sqrt(priorities + 1e-6) / np.sqrt(priorities + 1e-6).sum()
-    weights = (8 * p[batch["key"][0]]) ** -0.5
-    np.testing.assert_allclose(batch["weight"][0], weights / weights.max(), rtol=1e-5)
+    weights = (8 * p[batch["key"]]) ** -0.5
+    np.testing.assert_allclose(batch["weight"], weights / weights.max(), rtol=1e-5)
 
 
 def test_priority_updates_for_overwritten_transitions_are_skipped():
@@ -341,3 +341,16 @@ def test_server_sample_waits_while_the_learner_is_ahead():
     # Ratio 1 allows 16 samples for 16 inserts, plus what the tolerance (16) leaves beyond
     # the min-size offset (10): 6 more, in whole batches of 4.
     assert taken == 20
+
+
+def test_streams_whose_frames_have_left_the_ring_are_forgotten():
+    rng = np.random.default_rng(11)
+    chunks, _ = interleaved_chunks(rng, senders=3, envs=2, steps=20)
+    buffer = make_buffer(capacity=100)
+    insert_all(buffer, chunks)
+    assert len(buffer.streams) == 3
+    adder = make_adder(2)
+    later = play(SyntheticEnvs(2, rng, id_base=9_000_000), adder, 400, {})
+    insert_all(buffer, later)  # one sender alone pushes the others' frames out
+    assert list(buffer.streams.streams) == [adder.stream]
+    assert len(buffer.streams.streams[adder.stream][0]) <= 64

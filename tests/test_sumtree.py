@@ -49,3 +49,16 @@ def test_empty_tree_refuses_to_sample():
         tree.sample(4, np.random.default_rng(0))
     with pytest.raises(ValueError, match="positive"):
         SumTree(0)
+
+
+def test_tiny_and_bulk_trees():
+    one = SumTree(1)
+    one.set(np.array([0]), np.array([3.0]))
+    assert one.total == 3.0 and (one.sample(4, np.random.default_rng(0)) == 0).all()
+    tree = SumTree(1 << 12)
+    values = np.random.default_rng(2).random(1 << 12)
+    tree.set(np.arange(1 << 12), values)  # a batch wider than most levels
+    assert tree.total == pytest.approx(values.sum())
+    reference = SumTree(1 << 12)
+    reference.set_all(values)
+    np.testing.assert_allclose(tree.nodes, reference.nodes)

@@ -288,6 +288,8 @@ def main() -> None:
                         help="transitions in the buffer whose memory is measured")
     parser.add_argument("--ray-capacity", type=int, default=200_000,
                         help="capacity of the Ray shard for the insert and sample figures")
+    parser.add_argument("--address", default=None,
+                        help="Ray cluster to join (default: start a local one)")
     parser.add_argument("--quick", action="store_true",
                         help="every part at a small size (checks the script, measures nothing)")
     args = parser.parse_args()
@@ -310,8 +312,12 @@ def main() -> None:
           f"{results['restore_s_per_100k']} s per 100K (in process)", flush=True)
 
     import ray
-    ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR",
-             runtime_env={"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "2"}})
+    runtime_env = {"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "2"}}
+    if args.address:
+        ray.init(address=args.address, logging_level="ERROR", runtime_env=runtime_env)
+    else:
+        ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR",
+                 runtime_env=runtime_env)
     try:
         pool_ref = ray.put(pool)
         results["insert_transitions_per_s"] = round(

@@ -85,6 +85,7 @@ class ReplayBuffer:
         self.transitions_written = 0
         self.scan_key = 0  # rows below this key were checked for evicted frames
         self.live = 0
+        self.stale_dropped = 0  # transitions refused for naming frames already evicted
         self.max_priority = 1.0
         self.rng = np.random.default_rng(seed)
         self.snapshot_hook = None  # called with (first, last) global frames about to be lost
@@ -109,7 +110,7 @@ class ReplayBuffer:
         return frames_written - self.spec.frame_capacity
 
     def validate(self, arrays: dict[str, np.ndarray], meta: dict) -> dict:
-        """Check an insert completely, before anything is stored; returns what `commit`
+        """Check an insert completely, before anything is stored; returns what `_commit`
         needs. Raises InvalidTransitions naming the first problem."""
         spec = self.spec
         fields = set(arrays)
@@ -173,20 +174,23 @@ class ReplayBuffer:
             globals_ = self.streams.resolve(stream, references, first, m, self.frames_written)
         except UnresolvedFrames as error:
             raise InvalidTransitions(str(error)) from None
+        # A sender that was slow (or stalled) can name frames that have left the ring since
+        # it sent them (EVICTED is -1): those transitions are too old to keep, not malformed.
         oldest = globals_.min(axis=1)
-        if (oldest < self._first_kept_frame(self.frames_written + m)).any():
-            raise InvalidTransitions("a transition names frames that have left the replay")
-        return {"n": n, "m": m, "stream": stream, "first": first, "globals": globals_,
-                "oldest": oldest}
+        keep = oldest >= self._first_kept_frame(self.frames_written + m)
+        return {"n": int(keep.sum()), "m": m, "stream": stream, "first": first,
+                "keep": keep, "globals": globals_[keep], "oldest": oldest[keep]}
 
     def add(self, arrays: dict[str, np.ndarray], meta: dict) -> int:
-        """Validate, then store. Returns the number of transitions stored."""
+        """Validate, then store. Returns the number of transitions stored: all of the chunk's
+        except those naming frames that have left the ring (counted in `stale_dropped`)."""
         plan = self.validate(arrays, meta)
         self._commit(arrays, plan)
+        self.stale_dropped += len(plan["keep"]) - plan["n"]
         return plan["n"]
 
     def _commit(self, arrays: dict[str, np.ndarray], plan: dict) -> None:
-        spec, n, m = self.spec, plan["n"], plan["m"]
+        spec, n, m, keep = self.spec, plan["n"], plan["m"], plan["keep"]
         if m:
             if self.snapshot_hook is not None:
                 lost_from = self._first_kept_frame(self.frames_written)
@@ -202,14 +206,15 @@ class ReplayBuffer:
         self.obs_slots[rows] = slots[:, :spec.stack]
         self.next_slots[rows] = slots[:, spec.stack:]
         self.oldest_frame[rows] = plan["oldest"]
-        self.action[rows] = arrays["action"]
-        self.reward[rows] = arrays["reward"]
-        self.discount[rows] = arrays["discount"]
+        self.action[rows] = arrays["action"][keep]
+        self.reward[rows] = arrays["reward"][keep]
+        self.discount[rows] = arrays["discount"][keep]
         if spec.priority_exponent == 0.0:
             leaves = np.ones(n)
         else:
-            raw = arrays["priority"] if "priority" in arrays else np.full(n, self.max_priority)
-            self.max_priority = max(self.max_priority, float(raw.max()))
+            raw = arrays["priority"][keep] if "priority" in arrays \
+                else np.full(n, self.max_priority)
+            self.max_priority = max(self.max_priority, float(raw.max(initial=0.0)))
             leaves = (raw.astype(np.float64) + PRIORITY_EPSILON) ** spec.priority_exponent
         self._set_leaves(rows, leaves)
         self.transitions_written += n
@@ -318,6 +323,7 @@ class ReplayBuffer:
         return {"frames_written": self.frames_written,
                 "transitions_written": self.transitions_written, "scan_key": self.scan_key,
                 "live": self.live, "max_priority": self.max_priority,
+                "stale_dropped": self.stale_dropped,
                 "rng": {**self.rng.bit_generator.state,  # PCG64's 128-bit ints as text
                         "state": {k: str(v) for k, v in
                                   self.rng.bit_generator.state["state"].items()}}}

@@ -22,9 +22,13 @@ import time
 from common import wire
 from common.config import Config
 from common.envs import EnvInfo
-from replay_server.buffer import ReplayBuffer, ReplaySpec
+from replay_server.buffer import InvalidTransitions, ReplayBuffer, ReplaySpec
 from replay_server.rate_limiter import RateLimiter
 from replay_server.snapshot import read_snapshot, write_snapshot
+
+
+MAX_PARKED_PER_STREAM = 16
+PARKED_TIMEOUT_S = 30.0
 
 
 class SharedExclusiveLock:
@@ -71,6 +75,7 @@ class ReplayServer:
         self.rejected = 0
         self.lock = SharedExclusiveLock()
         self.mutex = threading.Lock()
+        self.parked: dict[int, dict[int, tuple[bytes, float]]] = {}  # stream -> first -> chunk
 
     @classmethod
     def from_config(cls, config: Config, env_info: EnvInfo, shard: int = 0) -> "ReplayServer":
@@ -81,17 +86,63 @@ class ReplayServer:
         return cls(buffer, limiter, shard)
 
     def insert(self, message: bytes) -> dict:
-        """Store a chunk of transitions. Returns the totals an actor paces itself by."""
+        """Store a chunk of transitions. Returns the totals an actor paces itself by.
+
+        A sender's chunks must be stored in the order it numbered their frames, and Ray does
+        not promise to run one caller's calls in order on an actor with several threads. A
+        chunk that arrives before its predecessor is parked (a copy) until the predecessor
+        is stored, then stored itself; one whose predecessor never comes is dropped after
+        PARKED_TIMEOUT_S and counted as rejected."""
         with self.lock, self.mutex:
+            self._expire_parked()
             try:
                 arrays, meta = wire.decode(message, expect_kind=wire.TRANSITIONS)
+                stream, first = meta.get("stream"), meta.get("first_frame")
+                if (isinstance(stream, int) and isinstance(first, int)
+                        and first > self.buffer.streams.next_number(stream)):
+                    return self._park(stream, first, message)
                 n = self.buffer.add(arrays, meta)
             except ValueError:
                 self.rejected += 1
                 raise
+            n += self._store_parked_successors(stream)
             self.limiter.record_insert(n)
-            return {"inserted": n, "total_inserted": self.buffer.total_added,
-                    "insert_budget": self.limiter.insert_budget()}
+            return self._ack(n)
+
+    def _ack(self, inserted: int) -> dict:
+        return {"inserted": inserted, "total_inserted": self.buffer.total_added,
+                "insert_budget": self.limiter.insert_budget()}
+
+    def _park(self, stream: int, first: int, message) -> dict:
+        waiting = self.parked.setdefault(stream, {})
+        if len(waiting) >= MAX_PARKED_PER_STREAM:
+            raise InvalidTransitions(
+                f"stream {stream}: {len(waiting)} chunks already wait for its frames from "
+                f"{self.buffer.streams.next_number(stream)}; this one starts at {first}")
+        waiting[first] = (bytes(message), time.monotonic())
+        return {**self._ack(0), "parked": True}
+
+    def _store_parked_successors(self, stream: int) -> int:
+        stored, waiting = 0, self.parked.get(stream, {})
+        while (entry := waiting.pop(self.buffer.streams.next_number(stream), None)):
+            try:
+                arrays, meta = wire.decode(entry[0], expect_kind=wire.TRANSITIONS)
+                stored += self.buffer.add(arrays, meta)
+            except ValueError:
+                self.rejected += 1
+        if not waiting:
+            self.parked.pop(stream, None)
+        return stored
+
+    def _expire_parked(self) -> None:
+        deadline = time.monotonic() - PARKED_TIMEOUT_S
+        for stream in list(self.parked):
+            waiting = self.parked[stream]
+            for first in [f for f, (_, arrived) in waiting.items() if arrived < deadline]:
+                del waiting[first]
+                self.rejected += 1
+            if not waiting:
+                del self.parked[stream]
 
     def insert_budget(self) -> int:
         with self.mutex:
@@ -155,4 +206,6 @@ class ReplayServer:
                     "total_sampled": self.limiter.samples,
                     "samples_per_insert": self.limiter.observed_samples_per_insert(),
                     "priority_mass": self.buffer.priority_mass(),
-                    "rejected_messages": self.rejected}
+                    "rejected_messages": self.rejected,
+                    "stale_dropped": self.buffer.stale_dropped,
+                    "parked_chunks": sum(map(len, self.parked.values()))}

@@ -295,6 +295,7 @@ def _build_buffer(path: Path, spec: ReplaySpec, seed: int, state: dict, arrays: 
         buffer.frames_written, buffer.transitions_written = frames_written, transitions_written
         buffer.scan_key = int(state["scan_key"])
         buffer.max_priority = float(state["max_priority"])
+        buffer.stale_dropped = int(state["stale_dropped"])
         buffer.streams = StreamTable.from_state(state["streams"])
         buffer.set_rng_state(state["rng"])
         return buffer, dict(state.get("extra", {}))

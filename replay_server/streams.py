@@ -6,7 +6,9 @@ numbers, including frames of the sender's earlier chunks (a stack or an n-step t
 reaches a few steps back). The replay writes each chunk's frames contiguously into its frame
 ring, so a stream's history is a short list of ranges (first number, count, first global
 frame serial). Ranges are dropped once their frames have left the ring, streams once all of
-theirs have; both checks cost O(1) per insert, however many streams there are.
+theirs have; both checks cost O(1) per insert, however many streams there are. The next
+number each stream may send is remembered longer (for the last MAX_REMEMBERED_STREAMS
+streams), so a sender that was silent while its frames left the ring can go on.
 """
 from __future__ import annotations
 
@@ -15,11 +17,13 @@ import collections
 import numpy as np
 
 MAX_RANGES_PER_STREAM = 64  # a reference may reach back this many chunks of its own stream
+MAX_REMEMBERED_STREAMS = 100_000
+EVICTED = -1  # what `resolve` returns for a frame the stream sent that has left the ring
 STREAM_ID_LIMIT = 1 << 63
 
 
 class UnresolvedFrames(ValueError):
-    """A transition names a frame the replay does not hold."""
+    """A transition names a frame its stream never sent, or sent in a chunk not stored."""
 
 
 class StreamTable:
@@ -27,39 +31,47 @@ class StreamTable:
         # stream id -> [first_numbers, counts, first_globals] as lists, oldest range first;
         # the dict is ordered by last insert so the least recently active stream comes first.
         self.streams: collections.OrderedDict[int, list[list[int]]] = collections.OrderedDict()
+        self.next_numbers: collections.OrderedDict[int, int] = collections.OrderedDict()
 
     def __len__(self) -> int:
         return len(self.streams)
 
     def next_number(self, stream: int) -> int:
-        """The lowest frame number the stream may send next."""
-        ranges = self.streams.get(stream)
-        return 0 if ranges is None else ranges[0][-1] + ranges[1][-1]
+        """The frame number the stream's next chunk starts at."""
+        return self.next_numbers.get(stream, 0)
 
     def resolve(self, stream: int, numbers: np.ndarray, chunk_first: int, chunk_count: int,
                 chunk_global: int) -> np.ndarray:
         """Global frame serials of `numbers`, which may name this chunk's own frames (to be
-        written at `chunk_global`) or the stream's earlier ones. Raises UnresolvedFrames."""
+        written at `chunk_global`) or the stream's earlier ones; EVICTED for earlier frames
+        this table no longer holds. Raises UnresolvedFrames for numbers never stored."""
         firsts, counts, globals_ = ([], [], []) if stream not in self.streams \
             else self.streams[stream]
+        oldest_held = firsts[0] if firsts else chunk_first
         firsts = np.array(firsts + [chunk_first], np.int64)
         counts = np.array(counts + [chunk_count], np.int64)
         globals_ = np.array(globals_ + [chunk_global], np.int64)
         flat = numbers.reshape(-1)
-        which = np.searchsorted(firsts, flat, side="right") - 1
-        found = (which >= 0) & (flat < firsts[which] + counts[which])
-        if not found.all():
-            missing = int(flat[~found][0])
+        which = np.maximum(np.searchsorted(firsts, flat, side="right") - 1, 0)
+        found = (flat >= firsts[which]) & (flat < firsts[which] + counts[which])
+        evicted = (flat >= 0) & (flat < oldest_held)
+        if not (found | evicted).all():
+            missing = int(flat[~(found | evicted)][0])
             raise UnresolvedFrames(
                 f"frame {missing} of stream {stream} is neither in this chunk (frames "
-                f"{chunk_first}..{chunk_first + chunk_count - 1}) nor among the stream's "
-                f"frames this replay still holds")
-        return (globals_[which] + flat - firsts[which]).reshape(numbers.shape)
+                f"{chunk_first}..{chunk_first + chunk_count - 1}) nor one the stream sent "
+                f"before")
+        resolved = np.where(found, globals_[which] + flat - firsts[which], EVICTED)
+        return resolved.reshape(numbers.shape)
 
     def add(self, stream: int, first: int, count: int, first_global: int,
             oldest_global: int) -> None:
         """Record a chunk's frames; forget ranges and streams whose frames all have serials
         below `oldest_global` (they have left the frame ring)."""
+        self.next_numbers[stream] = first + count
+        self.next_numbers.move_to_end(stream)
+        if len(self.next_numbers) > MAX_REMEMBERED_STREAMS:
+            self.next_numbers.popitem(last=False)
         if count:
             ranges = self.streams.setdefault(stream, [[], [], []])
             self.streams.move_to_end(stream)
@@ -83,13 +95,16 @@ class StreamTable:
         for column in ranges:
             del column[:gone]
 
-    def state(self) -> list:
-        return [[stream, *ranges] for stream, ranges in self.streams.items()]
+    def state(self) -> dict:
+        return {"ranges": [[stream, *ranges] for stream, ranges in self.streams.items()],
+                "next_numbers": [[stream, n] for stream, n in self.next_numbers.items()]}
 
     @classmethod
-    def from_state(cls, state: list) -> "StreamTable":
+    def from_state(cls, state: dict) -> "StreamTable":
         table = cls()
-        for stream, firsts, counts, globals_ in state:
+        for stream, firsts, counts, globals_ in state["ranges"]:
             table.streams[int(stream)] = [list(map(int, firsts)), list(map(int, counts)),
                                           list(map(int, globals_))]
+        for stream, n in state["next_numbers"]:
+            table.next_numbers[int(stream)] = int(n)
         return table

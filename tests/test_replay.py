@@ -354,3 +354,66 @@ def test_streams_whose_frames_have_left_the_ring_are_forgotten():
     insert_all(buffer, later)  # one sender alone pushes the others' frames out
     assert list(buffer.streams.streams) == [adder.stream]
     assert len(buffer.streams.streams[adder.stream][0]) <= 64
+
+
+def test_chunks_arriving_out_of_order_are_stored_in_order():
+    """Ray may run one caller's calls out of order on a threaded actor: a chunk that comes
+    before its predecessor waits for it, and the stored stacks are still the actors'."""
+    rng = np.random.default_rng(12)
+    server = make_server(capacity=5_000)
+    record, chunks = {}, []
+    for sender in range(2):
+        adder = make_adder(3)
+        chunks.append(play(SyntheticEnvs(3, rng, id_base=1_000_000 * sender), adder, 60,
+                           record))
+    arrivals = []
+    for own in chunks:  # swap neighbours: 1 0 3 2 5 4 ...
+        for i in range(0, len(own) - 1, 2):
+            own[i], own[i + 1] = own[i + 1], own[i]
+        arrivals += own
+    acks = [server.insert(chunk) for chunk in arrivals]
+    assert any(ack.get("parked") for ack in acks)
+    assert server.stats()["parked_chunks"] == (len(chunks[0]) % 2) + (len(chunks[1]) % 2)
+    assert server.stats()["rejected_messages"] == 0
+    stored = server.buffer.total_added
+    assert stored == sum(ack["inserted"] for ack in acks) > 0
+    items = sampled_items(server.buffer, 2_000)
+    for i, step_id in enumerate(items["reward"]):
+        step = record[float(step_id)]
+        np.testing.assert_array_equal(items["obs"][i], step.obs)
+        np.testing.assert_array_equal(items["next_obs"][i], step.next_obs)
+
+
+def test_a_chunk_whose_predecessor_never_comes_expires(monkeypatch):
+    import replay_server.server as server_module
+    server = make_server()
+    chunks, _ = interleaved_chunks(np.random.default_rng(13), senders=1, envs=2, steps=40)
+    assert server.insert(chunks[1])["parked"]
+    monkeypatch.setattr(server_module, "PARKED_TIMEOUT_S", 0.0)
+    server.insert(interleaved_chunks(np.random.default_rng(14), senders=1, envs=2,
+                                     steps=8)[0][0])  # another stream's insert expires it
+    assert server.stats()["parked_chunks"] == 0 and server.stats()["rejected_messages"] == 1
+    monkeypatch.setattr(server_module, "PARKED_TIMEOUT_S", 30.0)
+    monkeypatch.setattr(server_module, "MAX_PARKED_PER_STREAM", 2)
+    server.insert(chunks[2])
+    server.insert(chunks[3])
+    with pytest.raises(InvalidTransitions, match="2 chunks already wait"):
+        server.insert(chunks[4])
+
+
+def test_a_sender_silent_while_its_frames_left_the_ring_goes_on():
+    """Transitions naming frames evicted since they were sent are dropped, not refused."""
+    rng = np.random.default_rng(15)
+    buffer = make_buffer(capacity=200)
+    slow = make_adder(2, n_step=3)
+    slow_envs = SyntheticEnvs(2, rng, id_base=0, mean_episode=40)
+    slow_chunks = play(slow_envs, slow, 30, {})
+    insert_all(buffer, slow_chunks[:-1])  # the last chunk is held back ...
+    busy = interleaved_chunks(rng, senders=2, envs=2, steps=200)[0]
+    insert_all(buffer, busy)  # ... while others turn the frame ring over
+    insert_all(buffer, slow_chunks[-1:])
+    assert buffer.stale_dropped > 0
+    more = play(slow_envs, slow, 20, {})
+    insert_all(buffer, more)  # and the sender carries on normally
+    assert buffer.streams.next_number(slow.stream) == slow.next_number - len(
+        slow.unsent_frames)

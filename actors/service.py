@@ -66,15 +66,22 @@ class ActorService:
                 chunk = self.actor.take_chunk()
                 if chunk is not None:
                     self._send(*chunk)
-                self.steps_since_refresh += 1
-                if (self.steps_since_refresh >= self.steps_per_refresh if self.steps_per_refresh
-                        else chunk is not None):
-                    self.steps_since_refresh = 0
+                if self._refresh_due(chunk_sent=chunk is not None):
                     self._refresh_weights()
             self._collect_acks(wait_all=True)
         except Exception:
             if not self.stop_event.is_set():
                 self.error = traceback.format_exc()
+
+    def _refresh_due(self, chunk_sent: bool) -> bool:
+        """Every `steps_per_refresh` loop steps, or after each chunk when that is 0."""
+        if not self.steps_per_refresh:
+            return chunk_sent
+        self.steps_since_refresh += 1
+        if self.steps_since_refresh < self.steps_per_refresh:
+            return False
+        self.steps_since_refresh = 0
+        return True
 
     def _global_steps(self) -> int:
         """All actors' agent steps, estimated from this shard's inserts (one transition per

@@ -1,9 +1,10 @@
-"""Environment factory and a batch of envs stepped together by one actor.
+"""Environment factory and the batch of envs one actor steps together.
 
-Atari ids get the seed's preprocessing: gymnasium's `AtariPreprocessing` with its defaults
-(no-op reset up to 30, frame skip 4, 84x84 gray, no life-loss terminal) on an unskipped base env,
-then a frame stack. Rewards are left unclipped. The time limit counts agent steps, so it wraps
-the preprocessed env, not the frame-level one.
+Atari ids get the seed's preprocessing: gymnasium's `AtariPreprocessing` defaults (no-op reset
+up to 30, frame skip 4 with max-pooling, 84x84 gray, no life-loss terminal) and a 4-frame
+stack, rewards unclipped, the time limit in agent steps. `make_env` builds one such env with
+gymnasium's wrappers (for describing an env, and as the reference in tests); `EnvBatch` runs
+K of them as one vector env.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 import ale_py
 import gymnasium as gym
 import numpy as np
+from gymnasium.vector import AutoresetMode
 from gymnasium.wrappers import AtariPreprocessing, FrameStackObservation, TimeLimit
 
 gym.register_envs(ale_py)
@@ -57,11 +59,13 @@ def is_atari(env_id: str) -> bool:
     return isinstance(entry, str) and entry.startswith("ale_py")
 
 
-def make_env(env_id: str, max_episode_agent_steps: int, frame_stack: int = 4) -> gym.Env:
+def make_env(env_id: str, max_episode_agent_steps: int, frame_stack: int = 4,
+             noop_max: int = 30) -> gym.Env:
+    """One env with the seed's wrappers (the reference `EnvBatch`'s vector envs match)."""
     if is_atari(env_id):
-        # Atari ids register no frame-level limit; ours counts agent steps, so it goes outside.
+        # The time limit counts agent steps, so it goes outside the frame-level env.
         env = gym.make(env_id, frameskip=1)
-        env = AtariPreprocessing(env, frame_skip=ATARI_FRAME_SKIP)
+        env = AtariPreprocessing(env, frame_skip=ATARI_FRAME_SKIP, noop_max=noop_max)
         env = FrameStackObservation(env, frame_stack)
         env = TimeLimit(env, max_episode_steps=max_episode_agent_steps)
     else:
@@ -101,51 +105,93 @@ class BatchStep:
 
 
 class EnvBatch:
-    """K independent envs stepped in lockstep; resets are handled here so callers see the
-    true last observation of each episode and the first of the next."""
+    """K envs stepped together as one gymnasium vector env, so callers see the true last
+    observation of each episode (`next_obs`) and the first of the next (`obs`).
+
+    Atari ids run on `ale_py`'s AtariVectorEnv: its C++ threads step the K games and do the
+    seed's preprocessing (frame skip 4 with max-pooling, 84x84 gray, 4-frame stack, up to 30
+    no-op starts), pixel for pixel what gymnasium's AtariPreprocessing + FrameStackObservation
+    give. Its defaults differ from the seed's and are set here: no reward clipping (the
+    returns reported are the game score; clipping for training is the adder's job), no fire
+    on reset, no life-loss terminal, the env id's own sticky-action probability, and the time
+    limit counted here in agent steps (ALE's frame limit would cut the last step short). One
+    more difference is mended: it pads a new episode's stack with black frames where
+    gymnasium repeats the first frame.
+    Other ids run on gymnasium's SyncVectorEnv with the time limit in agent steps.
+    """
 
     def __init__(self, env_id: str, num_envs: int, seed: int, max_episode_agent_steps: int,
-                 frame_stack: int = 4):
-        self.envs = [make_env(env_id, max_episode_agent_steps, frame_stack)
-                     for _ in range(num_envs)]
+                 frame_stack: int = 4, noop_max: int = 30):
         self.seed = seed
+        self.atari = is_atari(env_id)
+        if self.atari:
+            from ale_py.vector_env import AtariVectorEnv
+            kwargs = gym.spec(env_id).kwargs
+            self.envs = AtariVectorEnv(
+                game=kwargs["game"], num_envs=num_envs, frameskip=ATARI_FRAME_SKIP,
+                stack_num=frame_stack, noop_max=noop_max, reward_clipping=False,
+                use_fire_reset=False, episodic_life=False,
+                repeat_action_probability=kwargs.get("repeat_action_probability", 0.0),
+                full_action_space=kwargs.get("full_action_space", False),
+                # The time limit is ours, in agent steps (below): ALE's own frame limit ends
+                # the last step short of its 4 frames. This one is only a backstop.
+                max_num_frames_per_episode=(max_episode_agent_steps + noop_max + 1)
+                * ATARI_FRAME_SKIP,
+                autoreset_mode=AutoresetMode.SAME_STEP)
+        else:
+            self.envs = gym.vector.SyncVectorEnv(
+                [lambda: make_env(env_id, max_episode_agent_steps, frame_stack)] * num_envs,
+                autoreset_mode=AutoresetMode.SAME_STEP)
+        self.stack = frame_stack
+        self.max_episode_agent_steps = max_episode_agent_steps
         self.returns = np.zeros(num_envs, dtype=np.float64)
         self.lengths = np.zeros(num_envs, dtype=np.int64)
         self.obs: np.ndarray | None = None
 
     @property
     def num_envs(self) -> int:
-        return len(self.envs)
+        return len(self.returns)
 
     def reset(self) -> np.ndarray:
-        self.obs = np.stack([np.asarray(env.reset(seed=self.seed + i)[0])
-                             for i, env in enumerate(self.envs)])
         self.returns[:] = 0
         self.lengths[:] = 0
+        self.obs = self._pad(np.asarray(self.envs.reset(seed=self.seed)[0]), self.lengths)
         return self.obs
 
     def step(self, actions: np.ndarray) -> BatchStep:
         if self.obs is None:
             raise RuntimeError("EnvBatch.step before reset")
-        results = [env.step(int(a)) for env, a in zip(self.envs, actions)]
-        next_obs = np.stack([np.asarray(r[0]) for r in results])
-        reward = np.array([r[1] for r in results], dtype=np.float32)
-        terminated = np.array([r[2] for r in results], dtype=bool)
-        truncated = np.array([r[3] for r in results], dtype=bool)
+        obs, reward, terminated, truncated, info = self.envs.step(np.asarray(actions))
+        obs, reward = np.array(obs), np.asarray(reward, np.float32)
+        terminated, truncated = np.array(terminated), np.array(truncated)
         self.returns += reward
         self.lengths += 1
-        obs = next_obs.copy()
-        finished_returns, finished_lengths = [], []
+        next_obs = obs.copy()
         for i in np.flatnonzero(terminated | truncated):
-            finished_returns.append(float(self.returns[i]))
-            finished_lengths.append(int(self.lengths[i]))
-            self.returns[i] = 0
-            self.lengths[i] = 0
-            obs[i] = np.asarray(self.envs[i].reset()[0])
-        self.obs = obs
-        return BatchStep(next_obs, reward, terminated, truncated, obs,
-                         finished_returns, finished_lengths)
+            next_obs[i] = np.asarray(info["final_obs"][i])
+        if self.atari:  # the time limit, and a reset of just the envs it cut
+            cut = (self.lengths >= self.max_episode_agent_steps) & ~(terminated | truncated)
+            if cut.any():
+                truncated |= cut
+                obs[cut] = np.asarray(self.envs.reset(options={"reset_mask": cut})[0])[cut]
+        ended = terminated | truncated
+        next_obs = self._pad(next_obs, self.lengths)
+        finished_returns = [float(r) for r in self.returns[ended]]
+        finished_lengths = [int(n) for n in self.lengths[ended]]
+        self.returns[ended] = 0
+        self.lengths[ended] = 0
+        self.obs = self._pad(obs, self.lengths)
+        return BatchStep(next_obs, reward, terminated, truncated, self.obs, finished_returns,
+                         finished_lengths)
+
+    def _pad(self, stacks: np.ndarray, steps: np.ndarray) -> np.ndarray:
+        """Episode-start stacks as gymnasium pads them: the first frame repeated in place
+        of the black frames AtariVectorEnv puts before it (`steps` taken in each episode)."""
+        if self.atari:
+            for i in np.flatnonzero(steps < self.stack - 1):
+                first = self.stack - 1 - steps[i]
+                stacks[i, :first] = stacks[i, first]
+        return stacks
 
     def close(self):
-        for env in self.envs:
-            env.close()
+        self.envs.close()

@@ -114,3 +114,32 @@ def test_apex_actor_explores_on_the_ladder_and_sends_priorities():
 @pytest.mark.parametrize("env_id", ["ALE/Pong-v5", "CartPole-v1"])
 def test_action_count_comes_from_the_env(env_id):
     assert describe_env(env_id).num_actions == {"ALE/Pong-v5": 6, "CartPole-v1": 2}[env_id]
+
+
+def test_vector_atari_batch_equals_the_single_env_reference():
+    """AtariVectorEnv (C++ threads) against gymnasium's AtariPreprocessing and
+    FrameStackObservation on single envs, with no random no-op starts so both are
+    deterministic: the same observations (episode-start padding included), rewards,
+    terminations and truncations, step for step across episode ends."""
+    from common.envs import make_env
+    steps, limit = 500, 200
+    batch = EnvBatch("BreakoutNoFrameskip-v4", 2, seed=0, max_episode_agent_steps=limit,
+                     noop_max=0)
+    reference = [make_env("BreakoutNoFrameskip-v4", limit, noop_max=0) for _ in range(2)]
+    obs = batch.reset()
+    ref_obs = [np.asarray(env.reset(seed=i)[0]) for i, env in enumerate(reference)]
+    np.testing.assert_array_equal(obs, ref_obs)
+    actions = np.random.default_rng(0).integers(0, 4, (steps, 2))
+    ends = {"terminated": 0, "truncated": 0}
+    for t in range(steps):
+        step = batch.step(actions[t])
+        for i, env in enumerate(reference):
+            next_obs, reward, terminated, truncated, _ = env.step(int(actions[t, i]))
+            np.testing.assert_array_equal(step.next_obs[i], next_obs, err_msg=f"step {t}")
+            assert (step.reward[i], step.terminated[i], step.truncated[i]) == \
+                (reward, terminated, truncated), t
+            if terminated or truncated:
+                ends["terminated" if terminated else "truncated"] += 1
+                next_obs = env.reset()[0]
+            np.testing.assert_array_equal(step.obs[i], next_obs, err_msg=f"step {t}")
+    assert min(ends.values()) >= 1, ends  # both game overs and time limits were crossed

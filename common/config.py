@@ -155,9 +155,11 @@ class Config:
         if self.epsilon_ladder_base is not None and not 0.0 < self.epsilon_ladder_base <= 1.0:
             raise ConfigError(f"--epsilon-ladder-base must be in (0, 1], "
                               f"got {self.epsilon_ladder_base}")
-        if self.initial_priority not in ("max", "actor"):
-            raise ConfigError(f"--initial-priority must be 'max' or 'actor', "
-                              f"got {self.initial_priority!r}")
+        for f in dataclasses.fields(self):  # the same choices the command line offers
+            choices = f.metadata["choices"]
+            if choices and getattr(self, f.name) not in choices:
+                raise ConfigError(f"--{flag(f.name)} must be one of {', '.join(choices)}, "
+                                  f"got {getattr(self, f.name)!r}")
         if not self.mlp_hidden_units or min(self.mlp_hidden_units) <= 0:
             raise ConfigError(f"--mlp-hidden-units must be positive widths, "
                               f"got {self.mlp_hidden_units}")

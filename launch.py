@@ -70,10 +70,16 @@ def connect_ray(config: Config, num_actors_hint: int) -> str | None:
     return (context.dashboard_url or "disabled") if config.address is None else None
 
 
-def default_num_actors() -> int:
-    import ray
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    return max(2, cpus - 2)  # the learner and the replay service take one CPU each
+def default_num_actors(cpus: int, replay_shards: int) -> int:
+    """One actor per CPU the learner and the replay shards leave, and at least 2: on a few
+    cores two actors overlap one's emulator time with the other's forward pass."""
+    return max(2, cpus - 1 - replay_shards)
+
+
+def default_actor_threads(cpus: int, num_actors: int) -> int:
+    """A local machine's CPUs shared among its actors: the emulators and the forward pass
+    each run on all of an actor's threads, one after the other."""
+    return max(1, cpus // num_actors)
 
 
 @dataclass
@@ -113,6 +119,17 @@ def place_roles(config: Config, env_info: EnvInfo, num_actors: int) -> Roles:
         config, env_info, i, num_actors, shards[i % len(shards)], learner)
         for i in range(num_actors)]
     return Roles(shards, learner, actors, gpus)
+
+
+def stop_roles(roles: Roles) -> None:
+    """Stop in data-flow order and end the roles' processes (freeing the shards' names), for
+    callers that place roles more than once in one Ray session."""
+    import ray
+    ray.get([actor.stop.remote() for actor in roles.actors])
+    ray.get(roles.learner.stop.remote())
+    for handle in [*roles.actors, roles.learner, *roles.shards]:
+        ray.kill(handle)
+    time.sleep(1.0)  # let the processes exit before the next placement
 
 
 def restore_snapshots(config: Config, shards: list) -> None:
@@ -259,13 +276,18 @@ def main(argv: list[str] | None = None) -> int:
         env_info = describe_env(config.env, config.max_episode_agent_steps, config.frame_stack)
     except EnvError as error:
         fail(str(error))
-    num_actors_hint = config.num_actors or max(2, (os.cpu_count() or 1) - 1)
+    num_actors_hint = config.num_actors or default_num_actors(os.cpu_count() or 1,
+                                                              config.replay_shards)
     dashboard_url = connect_ray(config, num_actors_hint)
     started_ray = dashboard_url is not None
     import ray
     try:
-        num_actors = config.num_actors or (
-            num_actors_hint if started_ray else default_num_actors())
+        num_actors = config.num_actors or (num_actors_hint if started_ray else (
+            default_num_actors(int(ray.cluster_resources().get("CPU", 1)),
+                               config.replay_shards)))
+        if config.actor_threads is None:  # on a cluster, actors fill the workers' CPUs
+            config = config.replace(actor_threads=default_actor_threads(
+                os.cpu_count() or 1, num_actors) if started_ray else 1)
         logdir = resolve_logdir(config)
         logdir.mkdir(parents=True, exist_ok=True)
         roles = place_roles(config, env_info, num_actors)

@@ -24,11 +24,12 @@ class Actor:
         self.num_actions = env_info.num_actions
         k = config.envs_per_actor
         self.envs = EnvBatch(config.env, k, seed, config.max_episode_agent_steps,
-                             config.frame_stack)
+                             config.frame_stack, num_threads=config.actor_threads or 0)
         self.model = build_q_network(env_info.obs_shape, env_info.num_actions,
                                      config.mlp_hidden_units, config.dueling)
+        # Called on all K observations at once (one shape, one compilation).
         self.q_values = tf.function(lambda obs: self.model(obs, training=False),
-                                    reduce_retracing=True)
+                                    jit_compile=config.xla)
         self.compute_priorities = (config.priority_exponent > 0
                                    and config.initial_priority == "actor")
         self.adder = FrameAdder(k, env_info.stack, env_info.frame_shape, env_info.obs_dtype,
@@ -75,7 +76,7 @@ class Actor:
         final_values = np.zeros(len(actions))
         if self.compute_priorities and result.truncated.any():
             cut = np.flatnonzero(result.truncated)
-            final_values[cut] = self.q_values(result.next_obs[cut]).numpy().max(axis=1)
+            final_values[cut] = self.q_values(result.next_obs).numpy().max(axis=1)[cut]
         for env, action in enumerate(actions):
             self.adder.observe(
                 env, action, result.reward[env], result.next_obs[env],

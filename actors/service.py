@@ -23,7 +23,7 @@ from common.config import Config
 from common.envs import EnvInfo
 from common.networks import configure_cpu_threads
 
-BUDGET_POLL_S = 0.01
+BUDGET_POLL_S = (0.005, 0.1)  # first and longest wait between asks while the budget is short
 EPISODE_BACKLOG = 10_000
 
 
@@ -31,7 +31,7 @@ EPISODE_BACKLOG = 10_000
 class ActorService:
     def __init__(self, config: Config, env_info: EnvInfo, actor_index: int, num_actors: int,
                  replay, learner):
-        configure_cpu_threads(1)  # many actors share few cores; one TF thread each
+        configure_cpu_threads(config.actor_threads or 1)  # actors share the node's cores
         self.config, self.env_info = config, env_info
         self.replay, self.learner = replay, learner
         self.actor = Actor(config, env_info, actor_index, num_actors)
@@ -63,10 +63,11 @@ class ActorService:
                     self.episodes.append((ret, length))
                     self.metrics[metrics.EPISODES].inc()
                     self.metrics[metrics.EPISODE_RETURN].set(ret)
-                chunk = self.actor.take_chunk()
-                if chunk is not None:
+                sent = False
+                while (chunk := self.actor.take_chunk()) is not None:  # K may exceed a chunk
                     self._send(*chunk)
-                if self._refresh_due(chunk_sent=chunk is not None):
+                    sent = True
+                if self._refresh_due(chunk_sent=sent):
                     self._refresh_weights()
             self._collect_acks(wait_all=True)
         except Exception:
@@ -93,13 +94,17 @@ class ActorService:
         while len(self.inflight) >= self.config.max_inflight_chunks:
             self._collect_acks(wait_one=True)
         self._collect_acks()
+        wait = BUDGET_POLL_S[0]
         while self.insert_budget < transitions:  # the replay's rate limiter says wait
             if self.stop_event.is_set():
                 return
             pending = sum(n for _, n in self.inflight)
             self.insert_budget = ray.get(self.replay.insert_budget.remote()) - pending
             if self.insert_budget < transitions:
-                time.sleep(BUDGET_POLL_S)
+                # Backing off keeps a throttled actor from spending the learner's CPU on
+                # asks; the limiter's tolerance covers the extra wait.
+                time.sleep(wait)
+                wait = min(2 * wait, BUDGET_POLL_S[1])
         self.inflight.append((self.replay.insert.remote(wire.for_ray(message)), transitions))
         self.insert_budget -= transitions
 

@@ -42,8 +42,14 @@ class Config:
     address: str | None = knob(
         None, "Ray cluster to join ('auto' or host:port). Default: start an embedded local Ray.")
     num_actors: int | None = knob(
-        None, "Actor processes (default: one per CPU left after the learner, at least 2).")
-    envs_per_actor: int = knob(4, "Envs each actor steps together with one batched forward pass.")
+        None, "Actor processes (default: one per CPU left after the learner and the replay "
+              "shards, at least 2).")
+    envs_per_actor: int = knob(
+        64, "Envs each actor steps together with one batched forward pass (larger batches "
+            "use the CPU better: see benchmarks/throughput.py --scaling).")
+    actor_threads: int | None = knob(
+        None, "CPU threads each actor's emulators and forward pass use (default: a local "
+              "machine's CPUs shared among its actors, at least 1; 1 on a cluster).")
     learner_gpus: float | None = knob(
         None, "GPUs for the learner (default: 1 if the cluster has a GPU, else 0 = CPU).")
     dashboard_host: str = knob(
@@ -121,10 +127,12 @@ class Config:
     weight_refresh_env_frames: int = knob(
         0, "Emulator frames each env of an actor plays between the actor's checks for newer "
            "weights (Ape-X: 400; 0: after every chunk sent).")
+    xla: bool = knob(True, "Compile the learner's train step and the actors' forward pass with "
+                           "XLA (faster on this project's CPU benchmark, and on GPUs).")
     learner_batches_per_call: int = knob(
-        1, "Batches per replay call, trained in one compiled call: amortizes the ~1 ms "
-           "per-call cost that dominates small networks. Sync and publish periods must be "
-           "multiples of it.")
+        2, "Batches per replay call, trained one after the other in one compiled call: "
+           "amortizes the per-call cost (2 is about a tenth faster than 1 for the Nature CNN on 2 "
+           "CPUs). Sync and publish periods must be multiples of it.")
 
     def __post_init__(self):
         positive = ["envs_per_actor", "batch_size", "n_step", "replay_shards",
@@ -136,7 +144,7 @@ class Config:
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ConfigError(f"--{flag(name)} must be positive, got {getattr(self, name)}")
-        for name in ["num_actors", "total_agent_steps", "max_seconds",
+        for name in ["num_actors", "actor_threads", "total_agent_steps", "max_seconds",
                      "samples_per_insert_tolerance"]:
             value = getattr(self, name)
             if value is not None and not value > 0:

@@ -118,10 +118,11 @@ class EnvBatch:
     more difference is mended: it pads a new episode's stack with black frames where
     gymnasium repeats the first frame.
     Other ids run on gymnasium's SyncVectorEnv with the time limit in agent steps.
+    `num_threads` caps AtariVectorEnv's threads (0: one per CPU).
     """
 
     def __init__(self, env_id: str, num_envs: int, seed: int, max_episode_agent_steps: int,
-                 frame_stack: int = 4, noop_max: int = 30):
+                 frame_stack: int = 4, noop_max: int = 30, num_threads: int = 0):
         self.seed = seed
         self.atari = is_atari(env_id)
         if self.atari:
@@ -137,7 +138,7 @@ class EnvBatch:
                 # the last step short of its 4 frames. This one is only a backstop.
                 max_num_frames_per_episode=(max_episode_agent_steps + noop_max + 1)
                 * ATARI_FRAME_SKIP,
-                autoreset_mode=AutoresetMode.SAME_STEP)
+                autoreset_mode=AutoresetMode.SAME_STEP, num_threads=num_threads)
         else:
             self.envs = gym.vector.SyncVectorEnv(
                 [lambda: make_env(env_id, max_episode_agent_steps, frame_stack)] * num_envs,

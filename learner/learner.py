@@ -43,6 +43,8 @@ class DQNLearner:
         self.target_syncs = 0
         self.sync_target()
         self.target_syncs = 0  # the initial copy is not a scheduled sync
+        self._train_steps = tf.function(self._train_steps_body, jit_compile=config.xla)
+        self._td_error = tf.function(self._td_error_body, jit_compile=config.xla)
 
     def _target(self, reward, discount, next_obs):
         next_q = self.target(next_obs, training=False)
@@ -65,8 +67,7 @@ class DQNLearner:
         self.optimizer.apply_gradients(zip(grads, self.online.trainable_variables))
         return loss, y - q_taken
 
-    @tf.function
-    def _train_steps(self, obs, action, reward, discount, next_obs, weight):
+    def _train_steps_body(self, obs, action, reward, discount, next_obs, weight):
         """k sequential updates on k stacked batches in one call (k is static: unrolled)."""
         losses, tds = [], []
         for i in range(obs.shape[0]):
@@ -76,8 +77,7 @@ class DQNLearner:
             tds.append(td)
         return tf.stack(losses), tf.stack(tds)
 
-    @tf.function
-    def _td_error(self, obs, action, reward, discount, next_obs):
+    def _td_error_body(self, obs, action, reward, discount, next_obs):
         y = self._target(reward, discount, next_obs)
         return y - tf.gather(self.online(obs, training=False), action, axis=1, batch_dims=1)
 

@@ -24,7 +24,7 @@ from common.envs import EnvInfo
 from learner.learner import DQNLearner, tf
 
 PREFETCH_BATCHES = 2  # sample calls in flight
-RATE_LIMITED_BACKOFF_S = 0.002
+RATE_LIMITED_BACKOFF_S = (0.002, 0.05)  # first and longest wait after a refused sample
 
 
 class BatchPrefetcher:
@@ -64,14 +64,19 @@ class BatchPrefetcher:
             pending: dict = {}
             for _ in range(self.depth):
                 self._call(pending)
+            backoff = RATE_LIMITED_BACKOFF_S[0]
             while not self.stop.is_set():
                 done, _ = ray.wait(list(pending), num_returns=1, timeout=0.1)
                 for ref in done:
                     shard = pending.pop(ref)
                     message = ray.get(ref)
                     if message is None:  # rate limiter: the learner is ahead of the actors
-                        time.sleep(RATE_LIMITED_BACKOFF_S)
+                        # Backing off keeps a waiting learner (say, while replay fills to
+                        # its minimum) from spending the actors' CPU on refused calls.
+                        time.sleep(backoff)
+                        backoff = min(2 * backoff, RATE_LIMITED_BACKOFF_S[1])
                     else:
+                        backoff = RATE_LIMITED_BACKOFF_S[0]
                         batch, meta = self.decode(message)
                         self.mass[shard] = meta["priority_mass"]
                         self._put((shard, batch))

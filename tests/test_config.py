@@ -32,7 +32,8 @@ def test_seed_preset_holds_the_keras_io_values():
     assert seed.target_sync_updates * agent_steps_per_update == 10_000
     # The seed learns as soon as it holds more than one batch.
     assert seed.min_replay_size == seed.batch_size
-    assert seed.learner_batches_per_call == 1
+    # Two updates per compiled call: the same ratio, a train call's fixed cost halved.
+    assert seed.learner_batches_per_call == 2 and seed.target_sync_updates % 2 == 0
 
 
 def test_apex_preset_holds_the_ape_x_values():

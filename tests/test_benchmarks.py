@@ -16,3 +16,19 @@ def test_replay_benchmark_quick_mode_prints_its_figures(ray_address):
                  "sampler_ops_per_s", "snapshot_s_per_100k", "restore_s_per_100k"):
         assert figures[name] > 0, name
     assert figures["quick"] is True
+
+
+def test_throughput_benchmark_quick_mode_prints_its_figures(ray_address):
+    result = subprocess.run(
+        [sys.executable, "benchmarks/throughput.py", "--quick", "--address", ray_address,
+         "--num-actors", "2", "--envs-per-actor", "8"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert figures["quick"] is True
+    for name in ("raw_env_agent_steps_per_s", "acting_agent_steps_per_s", "acting_ratio",
+                 "bare_updates_per_s", "system_updates_per_s", "learner_ratio",
+                 "seed_agent_steps_per_s", "system_agent_steps_per_s", "speedup_vs_seed"):
+        assert figures[name] > 0, name
+    assert set(figures["targets_met"]) == {"acting_ratio", "learner_ratio", "speedup_vs_seed"}
+    assert figures["acting_cpus_busy"]["actors"] > 0

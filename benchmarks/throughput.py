@@ -1,0 +1,272 @@
+"""Throughput of every role, against the raw emulator and the seed script, in one run.
+
+    python benchmarks/throughput.py [--seconds 30] [--num-actors N] [--envs-per-actor K]
+                                    [--scaling] [--quick] [--address ADDR]
+
+Each figure is measured for the same `--seconds`, one after the other on the same machine
+(these machines are noisy: the ratios are the result), then one JSON line:
+- raw_env_agent_steps_per_s: one vector env (the actors' AtariVectorEnv, as the actors set
+  it up) holding all N x K envs, stepped with random actions; nothing else runs.
+- acting_agent_steps_per_s: N actors x K envs and a replay shard under Ray, the learner
+  placed but not training (replay never reaches its minimum size, so weights stay fixed).
+  Epsilon is the seed's floor, 0.1, so the network runs every step for all K envs.
+  acting_ratio = acting / raw (target >= 0.6).
+- bare_updates_per_s: the seed preset's train step alone on one fixed in-memory batch.
+  system_updates_per_s: the learner inside the whole running system (seed preset, N x K,
+  8 samples per inserted transition enforced by the rate limiter).
+  learner_ratio = system / bare (target >= 0.8).
+- seed_agent_steps_per_s: the keras.io seed script (../shared/seed/seed_dqn_restored.py) for
+  `--seconds`, past its random phase (random-steps argument 0), like the system run.
+  system_agent_steps_per_s: that system run. speedup_vs_seed = system / seed (target >= 6).
+System rates are taken over a window that opens `--warm-up` seconds after the learner's
+first update (the seed script's timer likewise starts after its set-up). `--scaling` adds
+acting rates for 1, 2, 4 actors and for K = 16, 32, 128 (each with its raw figure). `--quick`
+runs every part for a few seconds: a check that the script works, not a measurement.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+SEED_SCRIPT = ROOT.parent / "shared" / "seed" / "seed_dqn_restored.py"
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from common.config import PRESETS, Config  # noqa: E402
+from common.envs import EnvBatch, describe_env  # noqa: E402
+
+TARGETS = {"acting_ratio": 0.6, "learner_ratio": 0.8, "speedup_vs_seed": 6.0}
+ACTING_EPSILON = 0.1  # the seed's floor: 90% of actions greedy, so every step runs the network
+ACTING_REPLAY_CAPACITY = 2_000_000  # never filled in a run: the learner never starts
+
+
+def raw_env_rate(config: Config, num_envs: int, seconds: float) -> float:
+    """Agent steps/s of the actors' vector env alone, random actions."""
+    batch = EnvBatch(config.env, num_envs, config.seed, config.max_episode_agent_steps,
+                     config.frame_stack)
+    batch.reset()
+    rng = np.random.default_rng(0)
+    num_actions = int(batch.envs.single_action_space.n)
+    for _ in range(20):  # untimed warm-up
+        batch.envs.step(rng.integers(0, num_actions, num_envs))
+    steps, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        batch.envs.step(rng.integers(0, num_actions, num_envs))
+        steps += num_envs
+    rate = steps / (time.perf_counter() - started)
+    batch.close()
+    return rate
+
+
+def bare_learner_rate(config: Config, seconds: float) -> float:
+    """Updates/s of the train step alone on a fixed in-memory batch."""
+    from learner.learner import DQNLearner
+    info = describe_env(config.env)
+    learner = DQNLearner(config, info)
+    rng = np.random.default_rng(0)
+    shape = (config.learner_batches_per_call, config.batch_size)
+    batch = {"obs": rng.integers(0, 256, shape + info.obs_shape, dtype=np.uint8),
+             "next_obs": rng.integers(0, 256, shape + info.obs_shape, dtype=np.uint8),
+             "action": rng.integers(0, info.num_actions, shape).astype(np.int32),
+             "reward": rng.normal(size=shape).astype(np.float32),
+             "discount": np.full(shape, config.gamma, np.float32),
+             "weight": np.ones(shape, np.float32)}
+    for _ in range(3):  # trace, compile, warm up
+        learner.step(batch)
+    updates, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        learner.step(batch)
+        updates += config.learner_batches_per_call
+    return updates / (time.perf_counter() - started)
+
+
+def seed_script_rate(seconds: float) -> dict:
+    out = subprocess.run([sys.executable, str(SEED_SCRIPT), str(seconds), "0"],
+                         capture_output=True, text=True, check=True, timeout=seconds + 300,
+                         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}).stdout
+    fields = dict(re.findall(r"(\w+)=([\d.]+)", out.strip().splitlines()[-1]))
+    return {"agent_steps_per_s": float(fields["agent_steps_per_s"]),
+            "updates_per_s": float(fields["updates_per_s"])}
+
+
+def run_roles(config: Config, num_actors: int, seconds: float, warm_up_s: float,
+              training: bool) -> dict:
+    """Place the roles as launch.py does, wait until they run (and the learner trains, if
+    `training`), then measure agent steps, updates and replay traffic over `seconds`."""
+    import ray
+    from launch import Progress, place_roles, poll, stop_roles
+    env_info = describe_env(config.env, config.max_episode_agent_steps, config.frame_stack)
+    roles = place_roles(config, env_info, num_actors)
+    progress = Progress(frame_skip=env_info.frame_skip)
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            time.sleep(0.5)
+            poll(roles, progress)
+            running = len(progress.actor_steps) == num_actors and min(
+                progress.actor_steps.values()) > 0
+            if running and (not training or progress.learner["updates"] > 0):
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError("the roles did not start within 300 s")
+        time.sleep(warm_up_s)
+        before = snapshot(roles, progress)
+        time.sleep(seconds)
+        after = snapshot(roles, progress)
+    finally:
+        stop_roles(roles)
+    elapsed = after["time"] - before["time"]
+    rates = {name: (after[name] - before[name]) / elapsed
+             for name in ("agent_steps", "updates", "inserted", "sampled")}
+    rates["samples_per_insert"] = (rates["sampled"] / rates["inserted"]
+                                   if rates["inserted"] else 0.0)
+    # CPUs each role kept busy over the window (the sum is at most the machine's CPUs).
+    rates["cpus_busy"] = {role: round((after["cpu"][role] - before["cpu"][role]) / elapsed, 2)
+                          for role in before["cpu"]}
+    return rates
+
+
+ROLE_PROCESSES = {"actors": "ray::ActorService", "learner": "ray::LearnerService",
+                  "replay": "ray::ReplayService"}
+
+
+def cpu_seconds() -> dict[str, float]:
+    """CPU time used so far by the processes of each role, and by everything else."""
+    import psutil
+    used = dict.fromkeys([*ROLE_PROCESSES, "other"], 0.0)
+    for process in psutil.process_iter(["cmdline", "cpu_times"]):
+        times, cmdline = process.info["cpu_times"], " ".join(process.info["cmdline"] or [])
+        if times is None:
+            continue
+        role = next((r for r, name in ROLE_PROCESSES.items() if cmdline.startswith(name)),
+                    "other")
+        used[role] += times.user + times.system
+    return used
+
+
+def snapshot(roles, progress) -> dict:
+    import ray
+    from launch import poll
+    poll(roles, progress)
+    shard_stats = ray.get([shard.stats.remote() for shard in roles.shards])
+    return {"time": time.monotonic(), "agent_steps": progress.agent_steps,
+            "updates": progress.learner["updates"],
+            "inserted": sum(stats["total_inserted"] for stats in shard_stats),
+            "sampled": sum(stats["total_sampled"] for stats in shard_stats),
+            "cpu": cpu_seconds()}
+
+
+def machine_config(base: Config, num_actors: int, envs_per_actor: int) -> Config:
+    """`base` with the actors laid out on this machine as launch.py lays them out."""
+    from launch import default_actor_threads
+    return base.replace(num_actors=num_actors, envs_per_actor=envs_per_actor,
+                        actor_threads=base.actor_threads or default_actor_threads(
+                            os.cpu_count() or 1, num_actors))
+
+
+def acting_config(base: Config, num_actors: int, envs_per_actor: int) -> Config:
+    return machine_config(base, num_actors, envs_per_actor).replace(
+                        epsilon_start=ACTING_EPSILON, epsilon_end=ACTING_EPSILON,
+                        random_agent_steps=0, replay_capacity=ACTING_REPLAY_CAPACITY,
+                        min_replay_size=ACTING_REPLAY_CAPACITY)
+
+
+def acting_row(base: Config, num_actors: int, envs_per_actor: int, seconds: float,
+               warm_up_s: float) -> dict:
+    raw = raw_env_rate(base, num_actors * envs_per_actor, seconds)
+    acting = run_roles(acting_config(base, num_actors, envs_per_actor), num_actors, seconds,
+                       warm_up_s, training=False)["agent_steps"]
+    row = {"num_actors": num_actors, "envs_per_actor": envs_per_actor,
+           "raw_env_agent_steps_per_s": round(raw, 1),
+           "acting_agent_steps_per_s": round(acting, 1), "acting_ratio": round(acting / raw, 3)}
+    print(f"acting {num_actors} x {envs_per_actor}: raw {raw:,.0f} steps/s, acting "
+          f"{acting:,.0f} steps/s, ratio {acting / raw:.2f}", flush=True)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=30.0)
+    parser.add_argument("--warm-up", type=float, default=10.0,
+                        help="Seconds the roles run before a measurement window opens.")
+    parser.add_argument("--num-actors", type=int, default=None,
+                        help="Actors (default: launch.py's default for this machine).")
+    parser.add_argument("--envs-per-actor", type=int, default=None,
+                        help="Envs per actor (default: launch.py's default).")
+    parser.add_argument("--scaling", action="store_true",
+                        help="Also measure acting for 1, 2, 4 actors and K = 16, 32, 128.")
+    parser.add_argument("--quick", action="store_true",
+                        help="Every part for a few seconds: checks the script, measures nothing.")
+    parser.add_argument("--address", default=None, help="Join this Ray cluster instead of "
+                                                        "starting a local one.")
+    args = parser.parse_args()
+    if not SEED_SCRIPT.exists():
+        parser.error(f"seed script not found at {SEED_SCRIPT}")
+    seconds, warm_up = (4.0, 1.0) if args.quick else (args.seconds, args.warm_up)
+
+    import launch
+    seed_preset = PRESETS["seed"].replace(address=args.address)
+    num_actors = args.num_actors or launch.default_num_actors(os.cpu_count() or 1,
+                                                             seed_preset.replay_shards)
+    envs_per_actor = args.envs_per_actor or seed_preset.envs_per_actor
+    system_config = machine_config(seed_preset, num_actors, envs_per_actor).replace(
+        random_agent_steps=0)
+
+    # Without Ray first: the emulator, the train step, the seed script.
+    raw = raw_env_rate(seed_preset, num_actors * envs_per_actor, seconds)
+    print(f"raw vector env ({num_actors * envs_per_actor} envs): {raw:,.0f} agent steps/s",
+          flush=True)
+    bare = bare_learner_rate(seed_preset, seconds)
+    print(f"train step alone: {bare:.1f} updates/s", flush=True)
+    seed = seed_script_rate(seconds)
+    print(f"seed script: {seed['agent_steps_per_s']:.1f} agent steps/s, "
+          f"{seed['updates_per_s']:.2f} updates/s", flush=True)
+
+    launch.connect_ray(system_config, max(num_actors, 4) if args.scaling else num_actors)
+    acting = run_roles(acting_config(seed_preset, num_actors, envs_per_actor), num_actors,
+                       seconds, warm_up, training=False)
+    print(f"acting ({num_actors} actors x {envs_per_actor} envs, epsilon {ACTING_EPSILON}): "
+          f"{acting['agent_steps']:,.0f} agent steps/s", flush=True)
+    system = run_roles(system_config, num_actors, seconds, warm_up, training=True)
+    print(f"system (seed preset): {system['agent_steps']:,.1f} agent steps/s, "
+          f"{system['updates']:.1f} updates/s, {system['samples_per_insert']:.2f} samples "
+          f"per insert", flush=True)
+    scaling = []
+    if args.scaling and not args.quick:
+        shapes = [(a, envs_per_actor) for a in (1, 2, 4)] + [
+            (num_actors, k) for k in (16, 32, 128) if k != envs_per_actor]
+        scaling = [acting_row(seed_preset, a, k, seconds, warm_up) for a, k in shapes]
+
+    result = {
+        "quick": args.quick, "seconds": seconds, "num_actors": num_actors,
+        "envs_per_actor": envs_per_actor, "cpus": os.cpu_count(),
+        "raw_env_agent_steps_per_s": round(raw, 1),
+        "acting_agent_steps_per_s": round(acting["agent_steps"], 1),
+        "acting_ratio": round(acting["agent_steps"] / raw, 3),
+        "bare_updates_per_s": round(bare, 2),
+        "system_updates_per_s": round(system["updates"], 2),
+        "learner_ratio": round(system["updates"] / bare, 3),
+        "system_samples_per_insert": round(system["samples_per_insert"], 2),
+        "acting_cpus_busy": acting["cpus_busy"], "system_cpus_busy": system["cpus_busy"],
+        "seed_agent_steps_per_s": seed["agent_steps_per_s"],
+        "seed_updates_per_s": seed["updates_per_s"],
+        "system_agent_steps_per_s": round(system["agent_steps"], 1),
+        "speedup_vs_seed": round(system["agent_steps"] / seed["agent_steps_per_s"], 2),
+    }
+    result["targets_met"] = {name: result[name] >= target for name, target in TARGETS.items()}
+    if scaling:
+        result["scaling"] = scaling
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()

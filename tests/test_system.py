@@ -120,7 +120,7 @@ def test_apex_breakout_runs_end_to_end_with_shards_and_snapshots(ray_address, tm
     summary, wall_s, stdout = launch(
         ray_address, tmp_path, "--preset", "apex", "--num-actors", 2, "--envs-per-actor", 2,
         "--replay-shards", 2, "--replay-capacity", 20_000, "--min-replay-size", 256,
-        "--batch-size", 32, "--target-sync-updates", 20, "--weight-publish-updates", 5,
+        "--batch-size", 32, "--target-sync-updates", 20, "--weight-publish-updates", 6,
         "--max-seconds", 50, "--report-every-s", 10, "--replay-snapshot-dir", snapshots,
         timeout=150)
     assert summary["preset"] == "apex" and summary["updates"] >= 20

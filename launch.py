@@ -76,10 +76,14 @@ def default_num_actors(cpus: int, replay_shards: int) -> int:
     return max(2, cpus - 1 - replay_shards)
 
 
-def default_actor_threads(cpus: int, num_actors: int) -> int:
-    """A local machine's CPUs shared among its actors: the emulators and the forward pass
-    each run on all of an actor's threads, one after the other."""
-    return max(1, cpus // num_actors)
+def machine_layout(config: Config, cpus: int, local: bool) -> Config:
+    """`config` with the actor count and threads it leaves open chosen for `cpus` CPUs: one
+    actor per CPU the learner and the shards leave (at least 2), and on a local machine its
+    CPUs shared among the actors' TF and emulator threads (on a cluster, where actors fill the
+    workers' CPUs, one thread each)."""
+    num_actors = config.num_actors or default_num_actors(cpus, config.replay_shards)
+    threads = config.actor_threads or (max(1, cpus // num_actors) if local else 1)
+    return config.replace(num_actors=num_actors, actor_threads=threads)
 
 
 @dataclass
@@ -276,18 +280,15 @@ def main(argv: list[str] | None = None) -> int:
         env_info = describe_env(config.env, config.max_episode_agent_steps, config.frame_stack)
     except EnvError as error:
         fail(str(error))
-    num_actors_hint = config.num_actors or default_num_actors(os.cpu_count() or 1,
-                                                              config.replay_shards)
-    dashboard_url = connect_ray(config, num_actors_hint)
+    local_cpus = os.cpu_count() or 1
+    dashboard_url = connect_ray(
+        config, machine_layout(config, local_cpus, local=True).num_actors)
     started_ray = dashboard_url is not None
     import ray
     try:
-        num_actors = config.num_actors or (num_actors_hint if started_ray else (
-            default_num_actors(int(ray.cluster_resources().get("CPU", 1)),
-                               config.replay_shards)))
-        if config.actor_threads is None:  # on a cluster, actors fill the workers' CPUs
-            config = config.replace(actor_threads=default_actor_threads(
-                os.cpu_count() or 1, num_actors) if started_ray else 1)
+        cpus = local_cpus if started_ray else int(ray.cluster_resources().get("CPU", 1))
+        config = machine_layout(config, cpus, local=started_ray)
+        num_actors = config.num_actors
         logdir = resolve_logdir(config)
         logdir.mkdir(parents=True, exist_ok=True)
         roles = place_roles(config, env_info, num_actors)

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import collections
 import threading
-import time
 import traceback
 
 import ray
 
 from actors.actor import Actor
 from common import metrics, wire
+from common.backoff import Backoff
 from common.config import Config
 from common.envs import EnvInfo
 from common.networks import configure_cpu_threads
@@ -94,17 +94,14 @@ class ActorService:
         while len(self.inflight) >= self.config.max_inflight_chunks:
             self._collect_acks(wait_one=True)
         self._collect_acks()
-        wait = BUDGET_POLL_S[0]
+        backoff = Backoff(*BUDGET_POLL_S)  # the limiter's tolerance covers the longer waits
         while self.insert_budget < transitions:  # the replay's rate limiter says wait
             if self.stop_event.is_set():
                 return
             pending = sum(n for _, n in self.inflight)
             self.insert_budget = ray.get(self.replay.insert_budget.remote()) - pending
             if self.insert_budget < transitions:
-                # Backing off keeps a throttled actor from spending the learner's CPU on
-                # asks; the limiter's tolerance covers the extra wait.
-                time.sleep(wait)
-                wait = min(2 * wait, BUDGET_POLL_S[1])
+                backoff.wait()
         self.inflight.append((self.replay.insert.remote(wire.for_ray(message)), transitions))
         self.insert_budget -= transitions
 

@@ -102,7 +102,6 @@ def run_roles(config: Config, num_actors: int, seconds: float, warm_up_s: float,
               training: bool) -> dict:
     """Place the roles as launch.py does, wait until they run (and the learner trains, if
     `training`), then measure agent steps, updates and replay traffic over `seconds`."""
-    import ray
     from launch import Progress, place_roles, poll, stop_roles
     env_info = describe_env(config.env, config.max_episode_agent_steps, config.frame_stack)
     roles = place_roles(config, env_info, num_actors)
@@ -165,19 +164,17 @@ def snapshot(roles, progress) -> dict:
             "cpu": cpu_seconds()}
 
 
-def machine_config(base: Config, num_actors: int, envs_per_actor: int) -> Config:
+def machine_config(base: Config, num_actors: int | None, envs_per_actor: int) -> Config:
     """`base` with the actors laid out on this machine as launch.py lays them out."""
-    from launch import default_actor_threads
-    return base.replace(num_actors=num_actors, envs_per_actor=envs_per_actor,
-                        actor_threads=base.actor_threads or default_actor_threads(
-                            os.cpu_count() or 1, num_actors))
+    from launch import machine_layout
+    return machine_layout(base.replace(num_actors=num_actors, envs_per_actor=envs_per_actor),
+                          os.cpu_count() or 1, local=True)
 
 
 def acting_config(base: Config, num_actors: int, envs_per_actor: int) -> Config:
     return machine_config(base, num_actors, envs_per_actor).replace(
-                        epsilon_start=ACTING_EPSILON, epsilon_end=ACTING_EPSILON,
-                        random_agent_steps=0, replay_capacity=ACTING_REPLAY_CAPACITY,
-                        min_replay_size=ACTING_REPLAY_CAPACITY)
+        epsilon_start=ACTING_EPSILON, epsilon_end=ACTING_EPSILON, random_agent_steps=0,
+        replay_capacity=ACTING_REPLAY_CAPACITY, min_replay_size=ACTING_REPLAY_CAPACITY)
 
 
 def acting_row(base: Config, num_actors: int, envs_per_actor: int, seconds: float,
@@ -215,11 +212,10 @@ def main() -> None:
 
     import launch
     seed_preset = PRESETS["seed"].replace(address=args.address)
-    num_actors = args.num_actors or launch.default_num_actors(os.cpu_count() or 1,
-                                                             seed_preset.replay_shards)
     envs_per_actor = args.envs_per_actor or seed_preset.envs_per_actor
-    system_config = machine_config(seed_preset, num_actors, envs_per_actor).replace(
+    system_config = machine_config(seed_preset, args.num_actors, envs_per_actor).replace(
         random_agent_steps=0)
+    num_actors = system_config.num_actors
 
     # Without Ray first: the emulator, the train step, the seed script.
     raw = raw_env_rate(seed_preset, num_actors * envs_per_actor, seconds)

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import queue
 import threading
-import time
 import traceback
 
 import numpy as np
 import ray
 
 from common import metrics, wire
+from common.backoff import Backoff
 from common.config import Config, importance_exponent_at
 from common.envs import EnvInfo
 from learner.learner import DQNLearner, tf
@@ -64,19 +64,16 @@ class BatchPrefetcher:
             pending: dict = {}
             for _ in range(self.depth):
                 self._call(pending)
-            backoff = RATE_LIMITED_BACKOFF_S[0]
+            backoff = Backoff(*RATE_LIMITED_BACKOFF_S)  # say, while replay fills to its minimum
             while not self.stop.is_set():
                 done, _ = ray.wait(list(pending), num_returns=1, timeout=0.1)
                 for ref in done:
                     shard = pending.pop(ref)
                     message = ray.get(ref)
                     if message is None:  # rate limiter: the learner is ahead of the actors
-                        # Backing off keeps a waiting learner (say, while replay fills to
-                        # its minimum) from spending the actors' CPU on refused calls.
-                        time.sleep(backoff)
-                        backoff = min(2 * backoff, RATE_LIMITED_BACKOFF_S[1])
+                        backoff.wait()
                     else:
-                        backoff = RATE_LIMITED_BACKOFF_S[0]
+                        backoff.reset()
                         batch, meta = self.decode(message)
                         self.mass[shard] = meta["priority_mass"]
                         self._put((shard, batch))

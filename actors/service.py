@@ -3,8 +3,8 @@
 Sends are bounded: at most `max_inflight_chunks` unacknowledged inserts, and none beyond the
 replay shard's insert budget (its rate limiter), so a slow replay service or learner slows
 the actor instead of filling memory. Every `weight_refresh_env_frames` emulator frames per env
-(or after each chunk) it asks the learner, without waiting, whether newer weights exist, and
-fetches that one object when they do. The loop starts in `__init__`, so a restarted actor
+(or after each chunk) it checks, without waiting, its open weight query (a long poll the
+learner answers when it publishes a newer version) and fetches that one object when it came. The loop starts in `__init__`, so a restarted actor
 process resumes playing on its own (with a new frame stream, so replay never mixes its old
 and new frames).
 """
@@ -24,6 +24,7 @@ from common.envs import EnvInfo
 from common.networks import configure_cpu_threads
 
 BUDGET_POLL_S = (0.005, 0.1)  # first and longest wait between asks while the budget is short
+WEIGHTS_WAIT_S = 10.0  # how long the learner holds a weight query open for a new version
 EPISODE_BACKLOG = 10_000
 
 
@@ -124,8 +125,11 @@ class ActorService:
             self.insert_budget = ack["insert_budget"] - pending
 
     def _refresh_weights(self, wait: bool = False):
+        """Check the open weight query (a long poll the learner answers when a newer version
+        is out), open the next one, and load the weights it brought, if any."""
         if self.weights_query is None:
-            self.weights_query = self.learner.latest_weights.remote(self.actor.weight_version)
+            self.weights_query = self.learner.latest_weights.remote(
+                self.actor.weight_version, 0.0 if wait else WEIGHTS_WAIT_S)
         ready, _ = ray.wait([self.weights_query], timeout=None if wait else 0)
         if ready:
             answer = ray.get(self.weights_query)

@@ -4,9 +4,11 @@ Two threads run inside it: a prefetcher keeps sample calls in flight and decodes
 (stacks rebuilt from the distinct frames) into a small queue, and the trainer takes them,
 steps, sends the new |TD| priorities back to the shard each batch came from without waiting,
 and every `weight_publish_updates` updates puts the weights into the object store once
-(`ray.put`) under a new version number. Actors ask `latest_weights(their_version)` and fetch
-that one object when it is newer. The actor is threaded (max_concurrency > 1) so stats and
-weight queries answer while it trains.
+(`ray.put`) under a new version number. Actors ask `latest_weights(their_version, wait_s)`,
+a long poll that answers when a newer version is out (or after `wait_s`), and fetch that one
+object: one query and one fetch per version, however often an actor checks its query. The
+actor is threaded (max_concurrency > 1) so stats answer while it trains, and the long polls
+wait in a concurrency group of their own so they never hold up the rest.
 """
 from __future__ import annotations
 
@@ -24,6 +26,9 @@ from common.envs import EnvInfo
 from learner.learner import DQNLearner, tf
 
 PREFETCH_BATCHES = 2  # sample calls in flight
+# The long polls' concurrency group: one thread per waiting query. Past this many actors the
+# extra queries queue, and answer as soon as the next publish frees the threads.
+WEIGHTS_GROUP, WEIGHTS_QUERY_THREADS = "weights", 64
 RATE_LIMITED_BACKOFF_S = (0.002, 0.05)  # first and longest wait after a refused sample
 
 
@@ -90,7 +95,7 @@ class BatchPrefetcher:
                 continue
 
 
-@ray.remote
+@ray.remote(concurrency_groups={WEIGHTS_GROUP: WEIGHTS_QUERY_THREADS})
 class LearnerService:
     def __init__(self, config: Config, env_info: EnvInfo, shards: list):
         self.config = config
@@ -100,6 +105,7 @@ class LearnerService:
                                     metrics.WEIGHT_VERSION)
         self.version = 0
         self.weights_ref = ray.put(self.learner.get_weights())
+        self.published = threading.Condition()  # notified at each new version, and at stop
         self.last_loss = float("nan")
         self.error: str | None = None
         self.stop_event = threading.Event()
@@ -136,16 +142,24 @@ class LearnerService:
 
     def _publish(self):
         # One object per version, however many actors read it.
-        self.weights_ref = ray.put(self.learner.get_weights())
-        self.version += 1
+        weights_ref = ray.put(self.learner.get_weights())
+        with self.published:
+            self.weights_ref = weights_ref
+            self.version += 1
+            self.published.notify_all()
         self.metrics[metrics.WEIGHT_VERSION].set(self.version)
 
-    def latest_weights(self, known_version: int):
-        """[version, ref] when a newer version than `known_version` exists, else None. The
-        ref sits in a list so Ray hands it over as a reference, not as the weights."""
-        if self.version <= known_version:
-            return None
-        return [self.version, self.weights_ref]
+    @ray.method(concurrency_group=WEIGHTS_GROUP)
+    def latest_weights(self, known_version: int, wait_s: float = 0.0):
+        """[version, ref] once a version newer than `known_version` exists, waiting up to
+        `wait_s` for one; else None. The ref sits in a list so Ray hands it over as a
+        reference, not as the weights."""
+        with self.published:
+            self.published.wait_for(
+                lambda: self.version > known_version or self.stop_event.is_set(), wait_s)
+            if self.version <= known_version:
+                return None
+            return [self.version, self.weights_ref]
 
     def stats(self) -> dict:
         return {"updates": self.learner.updates, "target_syncs": self.learner.target_syncs,
@@ -154,6 +168,8 @@ class LearnerService:
 
     def stop(self) -> dict:
         self.stop_event.set()
+        with self.published:
+            self.published.notify_all()  # release the waiting weight queries
         self.trainer.join()
         self.prefetcher.thread.join()
         return self.stats()

@@ -1,5 +1,6 @@
 """Sharded replay on real Ray: the learner samples every shard in proportion to its priority
-mass and sends each batch's new priorities back to the shard it came from."""
+mass and sends each batch's new priorities back to the shard it came from; actors' weight
+queries are long polls the learner answers when it publishes."""
 import threading
 import time
 
@@ -73,6 +74,32 @@ def test_priority_updates_go_back_to_the_shard_each_batch_came_from(ray_address)
         after = [ray.get(s.stats.remote()) for s in shards]
         # Both shards' items took |TD| priorities in place of the initial 1.0.
         assert all(abs(a["priority_mass"] - a["size"]) > 1.0 for a in after), after
+    finally:
+        for actor in (learner, *shards):
+            ray.kill(actor)
+
+
+def test_weight_queries_wait_for_a_newer_version_and_stop_releases_them(ray_address):
+    config = open_config(batch_size=16, learner_batches_per_call=1, target_sync_updates=1000,
+                         weight_publish_updates=20)
+    shards, info = start_shards(config, [200])
+    learner = LearnerService.options(max_concurrency=4).remote(config, info, shards)
+    try:
+        version, ref = ray.get(learner.latest_weights.remote(-1, 0.0), timeout=30)
+        assert version >= 0 and len(ray.get(ref)) == 6  # 3 dense layers' kernels and biases
+        # A query for the version it has waits, and comes back with the next one published.
+        newer, _ = ray.get(learner.latest_weights.remote(version, 60.0), timeout=60)
+        assert newer > version
+        # Nothing newer within the wait: None once the wait is over, not before.
+        started = time.monotonic()
+        assert ray.get(learner.latest_weights.remote(10**9, 1.0), timeout=30) is None
+        assert time.monotonic() - started >= 0.9
+        # Two queries wait in their own group while stats still answer; stop releases them.
+        waiting = [learner.latest_weights.remote(10**9, 600.0) for _ in range(2)]
+        time.sleep(0.5)
+        assert ray.get(learner.stats.remote(), timeout=10)["error"] is None
+        ray.get(learner.stop.remote(), timeout=30)
+        assert ray.get(waiting, timeout=10) == [None, None]
     finally:
         for actor in (learner, *shards):
             ray.kill(actor)

@@ -1,7 +1,8 @@
 """The learner as a Ray actor: a thin shell that feeds `DQNLearner` from the replay shards.
 
-Two threads run inside it: a prefetcher keeps sample calls in flight and decodes batches
-(stacks rebuilt from the distinct frames) into a small queue, and the trainer takes them,
+Two threads run inside it: a prefetcher keeps sample calls in flight (each waits in the
+shard, up to SAMPLE_WAIT_S, until the rate limiter lets it through: no polling) and decodes
+batches (stacks rebuilt from the distinct frames) into a small queue, and the trainer takes them,
 steps, sends the new |TD| priorities back to the shard each batch came from without waiting,
 and every `weight_publish_updates` updates puts the weights into the object store once
 (`ray.put`) under a new version number. Actors ask `latest_weights(their_version, wait_s)`,
@@ -20,7 +21,6 @@ import numpy as np
 import ray
 
 from common import metrics, wire
-from common.backoff import Backoff
 from common.config import Config, importance_exponent_at
 from common.envs import EnvInfo
 from learner.learner import DQNLearner, tf
@@ -29,7 +29,7 @@ PREFETCH_BATCHES = 2  # sample calls in flight
 # The long polls' concurrency group: one thread per waiting query. Past this many actors the
 # extra queries queue, and answer as soon as the next publish frees the threads.
 WEIGHTS_GROUP, WEIGHTS_QUERY_THREADS = "weights", 64
-RATE_LIMITED_BACKOFF_S = (0.002, 0.05)  # first and longest wait after a refused sample
+SAMPLE_WAIT_S = 1.0  # longest a sample call waits in the shard for the rate limiter
 
 
 class BatchPrefetcher:
@@ -62,23 +62,20 @@ class BatchPrefetcher:
         total = self.mass.sum()
         shard = int(self.rng.choice(len(self.shards),
                                     p=self.mass / total if total > 0 else None))
-        pending[self.shards[shard].sample.remote(*self.sample_shape, self.beta())] = shard
+        pending[self.shards[shard].sample.remote(*self.sample_shape, self.beta(),
+                                                 SAMPLE_WAIT_S)] = shard
 
     def _run(self):
         try:
             pending: dict = {}
             for _ in range(self.depth):
                 self._call(pending)
-            backoff = Backoff(*RATE_LIMITED_BACKOFF_S)  # say, while replay fills to its minimum
             while not self.stop.is_set():
                 done, _ = ray.wait(list(pending), num_returns=1, timeout=0.1)
                 for ref in done:
                     shard = pending.pop(ref)
                     message = ray.get(ref)
-                    if message is None:  # rate limiter: the learner is ahead of the actors
-                        backoff.wait()
-                    else:
-                        backoff.reset()
+                    if message is not None:  # None: still refused after SAMPLE_WAIT_S
                         batch, meta = self.decode(message)
                         self.mass[shard] = meta["priority_mass"]
                         self._put((shard, batch))

@@ -11,7 +11,9 @@ third). Two locks keep that safe:
   samples overlap their copying but never see an insert half done;
 - `mutex`: the sum-tree, the random state, the rate limiter and the counters, which shared
   holders also change (a sample draws rows, a priority update sets leaves).
-Always `lock` before `mutex`.
+Always `lock` before `mutex`. A sample the rate limiter refuses may wait (Reverb's blocking
+sample) on `sampleable`, a condition on `mutex` that inserts and restores notify, holding
+neither lock while it waits.
 """
 from __future__ import annotations
 
@@ -75,6 +77,7 @@ class ReplayServer:
         self.rejected = 0
         self.lock = SharedExclusiveLock()
         self.mutex = threading.Lock()
+        self.sampleable = threading.Condition(self.mutex)  # notified when inserts land
         self.parked: dict[int, dict[int, tuple[bytes, float]]] = {}  # stream -> first -> chunk
 
     @classmethod
@@ -107,6 +110,7 @@ class ReplayServer:
                 raise
             n += self._store_parked_successors(stream)
             self.limiter.record_insert(n)
+            self.sampleable.notify_all()
             return self._ack(n)
 
     def _ack(self, inserted: int) -> dict:
@@ -148,11 +152,15 @@ class ReplayServer:
         with self.mutex:
             return self.limiter.insert_budget()
 
-    def sample(self, batch_size: int, num_batches: int = 1, beta: float = 0.0) -> bytes | None:
+    def sample(self, batch_size: int, num_batches: int = 1, beta: float = 0.0,
+               wait_s: float = 0.0) -> bytes | None:
         """`num_batches` batches [num_batches, batch_size, ...] in one wire message (each
-        distinct frame once; `wire.decode_batch` rebuilds the stacks), or None while the rate
-        limiter says wait."""
+        distinct frame once; `wire.decode_batch` rebuilds the stacks), or None if the rate
+        limiter still says wait after `wait_s` seconds."""
         total = batch_size * num_batches
+        if wait_s > 0:
+            with self.sampleable:
+                self.sampleable.wait_for(lambda: self.limiter.can_sample(total), wait_s)
         with self.lock.shared():
             with self.mutex:
                 if not self.limiter.can_sample(total):
@@ -196,6 +204,7 @@ class ReplayServer:
             self.limiter.inserts = int(extra.get("limiter_inserts", buffer.total_added))
             self.limiter.samples = int(extra.get("limiter_samples", 0))
             self.rejected = int(extra.get("rejected", 0))
+            self.sampleable.notify_all()
         return {"transitions": buffer.size, "seconds": round(time.monotonic() - started, 3)}
 
     def stats(self) -> dict:

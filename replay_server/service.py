@@ -3,7 +3,8 @@
 Inserts and priority updates run one at a time in the default group, in the order each
 caller sent them (an actor's chunks name frames of its earlier chunks, so order matters).
 Samples run on two threads of their own ("sample" group), so one batch's frames are gathered
-and handed to Ray while the next is drawn; snapshots and restores on a third ("snapshot"),
+and handed to Ray while the next is drawn, and a sample the rate limiter refuses waits there
+for inserts (up to the caller's `wait_s`) without holding up anything else; snapshots and restores on a third ("snapshot"),
 so a long write does not stop inserts. `ReplayServer` keeps the threads apart. A malformed
 message raises in the caller and leaves this actor serving.
 """
@@ -46,11 +47,11 @@ class ReplayService:
         return self.server.insert_budget()
 
     @ray.method(concurrency_group="sample")
-    def sample(self, batch_size: int, num_batches: int = 1,
-               beta: float = 0.0) -> np.ndarray | None:
-        """A batch message (as `wire.for_ray` bytes), or None while the rate limiter says
-        wait."""
-        message = self.server.sample(batch_size, num_batches, beta)
+    def sample(self, batch_size: int, num_batches: int = 1, beta: float = 0.0,
+               wait_s: float = 0.0) -> np.ndarray | None:
+        """A batch message (as `wire.for_ray` bytes), or None if the rate limiter still says
+        wait after `wait_s` seconds."""
+        message = self.server.sample(batch_size, num_batches, beta, wait_s)
         if message is None:
             return None
         self.metrics[metrics.REPLAY_SAMPLES].inc(batch_size * num_batches)

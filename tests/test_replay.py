@@ -417,3 +417,25 @@ def test_a_sender_silent_while_its_frames_left_the_ring_goes_on():
     insert_all(buffer, more)  # and the sender carries on normally
     assert buffer.streams.next_number(slow.stream) == slow.next_number - len(
         slow.unsent_frames)
+
+
+def test_a_refused_sample_waits_for_the_insert_that_allows_it():
+    """Reverb's blocking sample: a sample call waits (holding no lock) until an insert lets
+    the rate limiter pass it, and gives up with None after its wait."""
+    server = make_server(samples_per_insert=1.0, samples_per_insert_tolerance=16.0)
+    chunks, _ = interleaved_chunks(np.random.default_rng(11), senders=1, envs=2, steps=8)
+    started = time.monotonic()
+    assert server.sample(4, wait_s=0.3) is None  # nothing comes: None once the wait is over
+    assert time.monotonic() - started >= 0.3
+    answers = []
+    waiter = threading.Thread(target=lambda: answers.append(server.sample(4, wait_s=30.0)))
+    waiter.start()
+    time.sleep(0.3)
+    assert waiter.is_alive() and not answers  # still waiting: below the minimum size
+    inserted_at = time.monotonic()
+    server.insert(chunks[0])  # the insert goes through while the sample waits
+    server.insert(chunks[1])
+    waiter.join(timeout=10)
+    assert not waiter.is_alive() and time.monotonic() - inserted_at < 5
+    batch, _ = wire.decode_batch(answers[0])
+    assert batch["obs"].shape[:2] == (1, 4)

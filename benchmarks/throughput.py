@@ -19,7 +19,10 @@ Each figure is measured for the same `--seconds`, one after the other on the sam
   `--seconds`, past its random phase (random-steps argument 0), like the system run.
   system_agent_steps_per_s: that system run. speedup_vs_seed = system / seed (target >= 6).
 System rates are taken over a window that opens `--warm-up` seconds after the learner's
-first update (the seed script's timer likewise starts after its set-up). `--scaling` adds
+first update (the seed script's timer likewise starts after its set-up). The three baselines
+(raw, bare, seed) run both before Ray starts and after it stops, and each ratio divides by
+the mean of the two, so a host that speeds up or slows down during the run moves both sides
+of a ratio alike; both runs are in the JSON (`baselines`). `--scaling` adds
 acting rates for 1, 2, 4 actors and for K = 16, 32, 128 (each with its raw figure). `--quick`
 runs every part for a few seconds: a check that the script works, not a measurement.
 """
@@ -96,6 +99,23 @@ def seed_script_rate(seconds: float) -> dict:
     fields = dict(re.findall(r"(\w+)=([\d.]+)", out.strip().splitlines()[-1]))
     return {"agent_steps_per_s": float(fields["agent_steps_per_s"]),
             "updates_per_s": float(fields["updates_per_s"])}
+
+
+BASELINES = ("raw_env_agent_steps_per_s", "bare_updates_per_s", "seed_agent_steps_per_s",
+             "seed_updates_per_s")
+
+
+def baselines(config: Config, num_envs: int, seconds: float) -> dict:
+    """The emulator, the train step and the seed script, each alone for `seconds`."""
+    raw = raw_env_rate(config, num_envs, seconds)
+    print(f"raw vector env ({num_envs} envs): {raw:,.0f} agent steps/s", flush=True)
+    bare = bare_learner_rate(config, seconds)
+    print(f"train step alone: {bare:.1f} updates/s", flush=True)
+    seed = seed_script_rate(seconds)
+    print(f"seed script: {seed['agent_steps_per_s']:.1f} agent steps/s, "
+          f"{seed['updates_per_s']:.2f} updates/s", flush=True)
+    return dict(zip(BASELINES, (round(raw, 1), round(bare, 2), seed["agent_steps_per_s"],
+                                seed["updates_per_s"])))
 
 
 def run_roles(config: Config, num_actors: int, seconds: float, warm_up_s: float,
@@ -210,6 +230,8 @@ def main() -> None:
         parser.error(f"seed script not found at {SEED_SCRIPT}")
     seconds, warm_up = (4.0, 1.0) if args.quick else (args.seconds, args.warm_up)
 
+    import ray
+
     import launch
     seed_preset = PRESETS["seed"].replace(address=args.address)
     envs_per_actor = args.envs_per_actor or seed_preset.envs_per_actor
@@ -217,17 +239,8 @@ def main() -> None:
         random_agent_steps=0)
     num_actors = system_config.num_actors
 
-    # Without Ray first: the emulator, the train step, the seed script.
-    raw = raw_env_rate(seed_preset, num_actors * envs_per_actor, seconds)
-    print(f"raw vector env ({num_actors * envs_per_actor} envs): {raw:,.0f} agent steps/s",
-          flush=True)
-    bare = bare_learner_rate(seed_preset, seconds)
-    print(f"train step alone: {bare:.1f} updates/s", flush=True)
-    seed = seed_script_rate(seconds)
-    print(f"seed script: {seed['agent_steps_per_s']:.1f} agent steps/s, "
-          f"{seed['updates_per_s']:.2f} updates/s", flush=True)
-
-    launch.connect_ray(system_config, max(num_actors, 4) if args.scaling else num_actors)
+    runs = [baselines(seed_preset, num_actors * envs_per_actor, seconds)]  # before Ray
+    launch.connect_ray(system_config, num_actors)
     acting = run_roles(acting_config(seed_preset, num_actors, envs_per_actor), num_actors,
                        seconds, warm_up, training=False)
     print(f"acting ({num_actors} actors x {envs_per_actor} envs, epsilon {ACTING_EPSILON}): "
@@ -236,8 +249,13 @@ def main() -> None:
     print(f"system (seed preset): {system['agent_steps']:,.1f} agent steps/s, "
           f"{system['updates']:.1f} updates/s, {system['samples_per_insert']:.2f} samples "
           f"per insert", flush=True)
+    ray.shutdown()
+    runs.append(baselines(seed_preset, num_actors * envs_per_actor, seconds))  # after Ray
+    raw, bare, seed_steps, seed_updates = (
+        float(np.mean([run[name] for run in runs])) for name in BASELINES)
     scaling = []
     if args.scaling and not args.quick:
+        launch.connect_ray(system_config, max(num_actors, 4))
         shapes = [(a, envs_per_actor) for a in (1, 2, 4)] + [
             (num_actors, k) for k in (16, 32, 128) if k != envs_per_actor]
         scaling = [acting_row(seed_preset, a, k, seconds, warm_up) for a, k in shapes]
@@ -253,10 +271,11 @@ def main() -> None:
         "learner_ratio": round(system["updates"] / bare, 3),
         "system_samples_per_insert": round(system["samples_per_insert"], 2),
         "acting_cpus_busy": acting["cpus_busy"], "system_cpus_busy": system["cpus_busy"],
-        "seed_agent_steps_per_s": seed["agent_steps_per_s"],
-        "seed_updates_per_s": seed["updates_per_s"],
+        "seed_agent_steps_per_s": round(seed_steps, 2),
+        "seed_updates_per_s": round(seed_updates, 2),
         "system_agent_steps_per_s": round(system["agent_steps"], 1),
-        "speedup_vs_seed": round(system["agent_steps"] / seed["agent_steps_per_s"], 2),
+        "speedup_vs_seed": round(system["agent_steps"] / seed_steps, 2),
+        "baselines": {"before_ray": runs[0], "after_ray": runs[1]},
     }
     result["targets_met"] = {name: result[name] >= target for name, target in TARGETS.items()}
     if scaling:

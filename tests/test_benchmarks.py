@@ -32,3 +32,8 @@ def test_throughput_benchmark_quick_mode_prints_its_figures(ray_address):
         assert figures[name] > 0, name
     assert set(figures["targets_met"]) == {"acting_ratio", "learner_ratio", "speedup_vs_seed"}
     assert figures["acting_cpus_busy"]["actors"] > 0
+    # The baselines ran before Ray and after it; the ratios divide by their mean.
+    runs = [figures["baselines"][when] for when in ("before_ray", "after_ray")]
+    assert all(run["raw_env_agent_steps_per_s"] > 0 for run in runs)
+    mean_raw = (runs[0]["raw_env_agent_steps_per_s"] + runs[1]["raw_env_agent_steps_per_s"]) / 2
+    assert abs(figures["raw_env_agent_steps_per_s"] - mean_raw) < 0.1

@@ -292,9 +292,11 @@ def main(argv: list[str] | None = None) -> int:
         logdir = resolve_logdir(config)
         logdir.mkdir(parents=True, exist_ok=True)
         roles = place_roles(config, env_info, num_actors)
+        device = "GPU" if roles.learner_gpus else "CPU"
         print(f"{config.preset}: {config.env} | {num_actors} actors x {config.envs_per_actor} "
-              f"envs | {config.replay_shards} replay shard(s) | learner on {'GPU' if roles.learner_gpus else 'CPU'} | logdir {logdir}"
-              + (f" | dashboard {dashboard_url}" if started_ray else ""), flush=True)
+              f"envs | {config.replay_shards} replay shard(s) | learner on {device} | "
+              f"logdir {logdir}" + (f" | dashboard {dashboard_url}" if started_ray else ""),
+              flush=True)
         summary = run(config, env_info, roles, logdir)
         print(json.dumps(summary), flush=True)
         return 0

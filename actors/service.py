@@ -4,9 +4,9 @@ Sends are bounded: at most `max_inflight_chunks` unacknowledged inserts, and non
 replay shard's insert budget (its rate limiter), so a slow replay service or learner slows
 the actor instead of filling memory. Every `weight_refresh_env_frames` emulator frames per env
 (or after each chunk) it checks, without waiting, its open weight query (a long poll the
-learner answers when it publishes a newer version) and fetches that one object when it came. The loop starts in `__init__`, so a restarted actor
-process resumes playing on its own (with a new frame stream, so replay never mixes its old
-and new frames).
+learner answers when it publishes a newer version) and fetches that one object when one came.
+The loop starts in `__init__`, so a restarted actor process resumes playing on its own (with a
+new frame stream, so replay never mixes its old and new frames).
 """
 from __future__ import annotations
 

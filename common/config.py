@@ -139,8 +139,8 @@ class Config:
                     "importance_anneal_updates", "target_sync_updates",
                     "epsilon_decay_agent_steps", "max_episode_agent_steps", "frame_stack",
                     "replay_capacity", "chunk_transitions", "max_inflight_chunks",
-                    "weight_publish_updates", "learner_batches_per_call", "learning_rate", "grad_clip_norm",
-                    "samples_per_insert", "report_every_s"]
+                    "weight_publish_updates", "learner_batches_per_call", "learning_rate",
+                    "grad_clip_norm", "samples_per_insert", "report_every_s"]
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ConfigError(f"--{flag(name)} must be positive, got {getattr(self, name)}")

@@ -4,8 +4,8 @@ Inserts and priority updates run one at a time in the default group, in the orde
 caller sent them (an actor's chunks name frames of its earlier chunks, so order matters).
 Samples run on two threads of their own ("sample" group), so one batch's frames are gathered
 and handed to Ray while the next is drawn, and a sample the rate limiter refuses waits there
-for inserts (up to the caller's `wait_s`) without holding up anything else; snapshots and restores on a third ("snapshot"),
-so a long write does not stop inserts. `ReplayServer` keeps the threads apart. A malformed
+for inserts (up to the caller's `wait_s`) without holding up anything else; snapshots and
+restores run on a third ("snapshot"), so a long write does not stop inserts. `ReplayServer` keeps the threads apart. A malformed
 message raises in the caller and leaves this actor serving.
 """
 from __future__ import annotations

@@ -6,7 +6,9 @@ the actor instead of filling memory. Every `weight_refresh_env_frames` emulator 
 (or after each chunk) it checks, without waiting, its open weight query (a long poll the
 learner answers when it publishes a newer version) and fetches that one object when one came.
 The loop starts in `__init__`, so a restarted actor process resumes playing on its own (with a
-new frame stream, so replay never mixes its old and new frames).
+new frame stream, so replay never mixes its old and new frames). Its thread builds the actor,
+so the emulator and TensorFlow threads share that thread's CPU priority (`actors.scheduling`):
+idle by default, while the thread that answers the launcher stays at normal priority.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import traceback
 import ray
 
 from actors.actor import Actor
+from actors.scheduling import lower_to_idle
 from common import metrics, wire
 from common.backoff import Backoff
 from common.config import Config
@@ -35,7 +38,7 @@ class ActorService:
         configure_cpu_threads(config.actor_threads or 1)  # actors share the node's cores
         self.config, self.env_info = config, env_info
         self.replay, self.learner = replay, learner
-        self.actor = Actor(config, env_info, actor_index, num_actors)
+        self.actor: Actor | None = None
         self.steps_per_refresh = -(-config.weight_refresh_env_frames // env_info.frame_skip)
         self.steps_since_refresh = 0
         self.metrics = metrics.make(metrics.AGENT_STEPS, metrics.ENV_FRAMES, metrics.EPISODES,
@@ -47,12 +50,32 @@ class ActorService:
         self.local_steps_at_base = 0  # ... and our own step count then
         self.weights_query = None
         self.error: str | None = None
+        self.start_error: Exception | None = None
         self.stop_event = threading.Event()
-        self._refresh_weights(wait=True)
-        self.thread = threading.Thread(target=self._run, name="act", daemon=True)
+        started = threading.Event()
+        self.thread = threading.Thread(target=self._play, name="act", daemon=True,
+                                       args=(actor_index, num_actors, started))
         self.thread.start()
+        started.wait()
+        if self.start_error is not None:
+            raise self.start_error
 
     # The loop.
+    def _play(self, actor_index: int, num_actors: int, started: threading.Event):
+        """Build the actor on this thread, so its emulator and TensorFlow threads inherit
+        this thread's priority, take the first weights, then play until stopped."""
+        try:
+            if self.config.actor_cpu_priority == "idle":
+                lower_to_idle()
+            self.actor = Actor(self.config, self.env_info, actor_index, num_actors)
+            self._refresh_weights(wait=True)
+        except Exception as error:  # raised by __init__: the actor fails to start
+            self.start_error = error
+            return
+        finally:
+            started.set()
+        self._run()
+
     def _run(self):
         try:
             while not self.stop_event.is_set():

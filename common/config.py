@@ -50,6 +50,11 @@ class Config:
     actor_threads: int | None = knob(
         None, "CPU threads each actor's emulators and forward pass use (default: a local "
               "machine's CPUs shared among its actors, at least 1; 1 on a cluster).")
+    actor_cpu_priority: str = knob(
+        "idle", "CPU priority of the actors' playing threads (emulators, forward pass): 'idle' "
+                "(Linux SCHED_IDLE) leaves the CPU to the learner and replay whenever they "
+                "want it, so a learner sharing the actors' machine keeps its pace; 'normal' "
+                "competes equally (as other OSes always do).", choices=("idle", "normal"))
     learner_gpus: float | None = knob(
         None, "GPUs for the learner (default: 1 if the cluster has a GPU, else 0 = CPU).")
     dashboard_host: str = knob(

@@ -1,0 +1,75 @@
+"""The actors' CPU priority: their playing threads run at SCHED_IDLE (by default), the thread
+that answers the launcher does not."""
+import os
+import threading
+import time
+
+import pytest
+import ray
+
+from actors.scheduling import lower_to_idle
+from common.config import PRESETS
+from common.envs import describe_env
+from launch import place_roles, stop_roles
+
+pytestmark = pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux's")
+
+
+def test_a_lowered_thread_and_the_threads_it_starts_run_at_idle_priority():
+    seen = {}
+
+    def child():
+        seen["child"] = os.sched_getscheduler(0)
+
+    def parent():
+        seen["lowered"] = lower_to_idle()
+        seen["parent"] = os.sched_getscheduler(0)
+        started = threading.Thread(target=child)
+        started.start()
+        started.join()
+
+    thread = threading.Thread(target=parent)
+    thread.start()
+    thread.join()
+    assert seen == {"lowered": True, "parent": os.SCHED_IDLE, "child": os.SCHED_IDLE}
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER  # the caller's own thread is untouched
+
+
+def thread_cpu(pid: int) -> dict[int, tuple[int, float]]:
+    """Each thread of `pid`: (scheduling policy, CPU seconds so far), from /proc."""
+    threads = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except OSError:  # the thread ended
+            continue
+        # Fields 14, 15 (utime, stime) and 41 (policy) of proc(5); the list starts at 3.
+        threads[int(tid)] = (int(fields[38]),
+                             (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"))
+    return threads
+
+
+def test_an_actor_plays_at_idle_priority_and_answers_at_normal(ray_address):
+    config = PRESETS["seed"].replace(envs_per_actor=4, actor_threads=1, chunk_transitions=16,
+                                     replay_capacity=1_000_000, min_replay_size=1_000_000)
+    assert config.actor_cpu_priority == "idle"  # the default
+    info = describe_env(config.env, config.max_episode_agent_steps, config.frame_stack)
+    roles = place_roles(config, info, num_actors=1)
+    actor = roles.actors[0]
+    try:
+        pid = ray.get(actor.__ray_call__.remote(lambda self: os.getpid()), timeout=120)
+        first_steps = ray.get(actor.report.remote(), timeout=30)["agent_steps"]
+        before = thread_cpu(pid)
+        time.sleep(3.0)
+        after = thread_cpu(pid)
+        assert ray.get(actor.report.remote(), timeout=30)["agent_steps"] > first_steps
+        used = {tid: (policy, cpu - before.get(tid, (policy, 0.0))[1])
+                for tid, (policy, cpu) in after.items()}
+        idle = sum(cpu for policy, cpu in used.values() if policy == os.SCHED_IDLE)
+        total = sum(cpu for _, cpu in used.values())
+        assert total > 0.5  # it played for most of the 3 s
+        assert idle / total > 0.9, used
+        assert after[pid][0] == os.SCHED_OTHER  # the main thread answers calls
+    finally:
+        stop_roles(roles)

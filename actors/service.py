@@ -21,12 +21,11 @@ import ray
 from actors.actor import Actor
 from actors.scheduling import lower_to_idle
 from common import metrics, wire
-from common.backoff import Backoff
 from common.config import Config
 from common.envs import EnvInfo
 from common.networks import configure_cpu_threads
 
-BUDGET_POLL_S = (0.005, 0.1)  # first and longest wait between asks while the budget is short
+BUDGET_WAIT_S = 1.0  # longest an ask for insert budget waits in the shard (stop is checked)
 WEIGHTS_WAIT_S = 10.0  # how long the learner holds a weight query open for a new version
 EPISODE_BACKLOG = 10_000
 
@@ -118,14 +117,12 @@ class ActorService:
         while len(self.inflight) >= self.config.max_inflight_chunks:
             self._collect_acks(wait_one=True)
         self._collect_acks()
-        backoff = Backoff(*BUDGET_POLL_S)  # the limiter's tolerance covers the longer waits
         while self.insert_budget < transitions:  # the replay's rate limiter says wait
             if self.stop_event.is_set():
                 return
             pending = sum(n for _, n in self.inflight)
-            self.insert_budget = ray.get(self.replay.insert_budget.remote()) - pending
-            if self.insert_budget < transitions:
-                backoff.wait()
+            self.insert_budget = ray.get(self.replay.insert_budget.remote(
+                transitions + pending, BUDGET_WAIT_S)) - pending
         self.inflight.append((self.replay.insert.remote(wire.for_ray(message)), transitions))
         self.insert_budget -= transitions
 

@@ -12,8 +12,9 @@ third). Two locks keep that safe:
 - `mutex`: the sum-tree, the random state, the rate limiter and the counters, which shared
   holders also change (a sample draws rows, a priority update sets leaves).
 Always `lock` before `mutex`. A sample the rate limiter refuses may wait (Reverb's blocking
-sample) on `sampleable`, a condition on `mutex` that inserts and restores notify, holding
-neither lock while it waits.
+sample) on `sampleable`, a condition on `mutex` that inserts and restores notify, and an
+actor's ask for insert budget on `insertable`, which samples and restores notify; neither
+holds a lock while it waits.
 """
 from __future__ import annotations
 
@@ -78,6 +79,7 @@ class ReplayServer:
         self.lock = SharedExclusiveLock()
         self.mutex = threading.Lock()
         self.sampleable = threading.Condition(self.mutex)  # notified when inserts land
+        self.insertable = threading.Condition(self.mutex)  # notified when samples land
         self.parked: dict[int, dict[int, tuple[bytes, float]]] = {}  # stream -> first -> chunk
 
     @classmethod
@@ -148,8 +150,11 @@ class ReplayServer:
             if not waiting:
                 del self.parked[stream]
 
-    def insert_budget(self) -> int:
-        with self.mutex:
+    def insert_budget(self, at_least: int = 0, wait_s: float = 0.0) -> int:
+        """Transitions that may be inserted now; if fewer than `at_least`, first waits up to
+        `wait_s` seconds for the samples that free them (an actor's blocking ask)."""
+        with self.insertable:
+            self.insertable.wait_for(lambda: self.limiter.insert_budget() >= at_least, wait_s)
             return self.limiter.insert_budget()
 
     def sample(self, batch_size: int, num_batches: int = 1, beta: float = 0.0,
@@ -167,6 +172,7 @@ class ReplayServer:
                     return None
                 batch = self.buffer.sample(batch_size, num_batches, beta)
                 self.limiter.record_sample(total)
+                self.insertable.notify_all()
                 meta = {"shard": self.shard, "obs_shape": list(self.buffer.spec.obs_shape),
                         "total_inserted": self.buffer.total_added, "size": self.buffer.size,
                         "priority_mass": self.buffer.priority_mass()}
@@ -205,6 +211,7 @@ class ReplayServer:
             self.limiter.samples = int(extra.get("limiter_samples", 0))
             self.rejected = int(extra.get("rejected", 0))
             self.sampleable.notify_all()
+            self.insertable.notify_all()
         return {"transitions": buffer.size, "seconds": round(time.monotonic() - started, 3)}
 
     def stats(self) -> dict:

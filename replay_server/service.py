@@ -5,7 +5,8 @@ caller sent them (an actor's chunks name frames of its earlier chunks, so order 
 Samples run on two threads of their own ("sample" group), so one batch's frames are gathered
 and handed to Ray while the next is drawn, and a sample the rate limiter refuses waits there
 for inserts (up to the caller's `wait_s`) without holding up anything else; snapshots and
-restores run on a third ("snapshot"), so a long write does not stop inserts. `ReplayServer` keeps the threads apart. A malformed
+restores run on a third ("snapshot"), so a long write does not stop inserts; an actor's ask
+for insert budget waits ("budget" group) until samples free enough of it. `ReplayServer` keeps the threads apart. A malformed
 message raises in the caller and leaves this actor serving.
 """
 from __future__ import annotations
@@ -25,7 +26,12 @@ def shard_name(shard: int) -> str:
     return f"{SERVICE_NAME}_{shard}"
 
 
-@ray.remote(concurrency_groups={"sample": 2, "snapshot": 1})
+# Actors' asks for insert budget wait in a group of their own, one thread per waiting ask;
+# past this many throttled actors on one shard the extra asks queue for a thread.
+BUDGET_GROUP, BUDGET_ASK_THREADS = "budget", 64
+
+
+@ray.remote(concurrency_groups={"sample": 2, "snapshot": 1, BUDGET_GROUP: BUDGET_ASK_THREADS})
 class ReplayService:
     def __init__(self, config: Config, env_info: EnvInfo, shard: int = 0):
         self.server = ReplayServer.from_config(config, env_info, shard)
@@ -43,8 +49,9 @@ class ReplayService:
         self.metrics[metrics.REPLAY_SIZE].set(self.server.buffer.size)
         return result
 
-    def insert_budget(self) -> int:
-        return self.server.insert_budget()
+    @ray.method(concurrency_group=BUDGET_GROUP)
+    def insert_budget(self, at_least: int = 0, wait_s: float = 0.0) -> int:
+        return self.server.insert_budget(at_least, wait_s)
 
     @ray.method(concurrency_group="sample")
     def sample(self, batch_size: int, num_batches: int = 1, beta: float = 0.0,

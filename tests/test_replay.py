@@ -419,6 +419,33 @@ def test_a_sender_silent_while_its_frames_left_the_ring_goes_on():
         slow.unsent_frames)
 
 
+def test_an_ask_for_insert_budget_waits_for_the_samples_that_free_it():
+    """An actor's blocking ask: it answers at once when the budget is there, waits (holding no
+    lock) for the samples that free enough of it, and answers what there is after its wait."""
+    server = make_server(samples_per_insert=1.0, samples_per_insert_tolerance=16.0)
+    chunks, _ = interleaved_chunks(np.random.default_rng(12), senders=1, envs=2, steps=16)
+    for chunk in chunks:
+        if server.insert_budget() < 8:
+            break
+        server.insert(chunk)
+    budget = server.insert_budget(at_least=0, wait_s=30.0)  # enough already: no wait
+    assert budget < 8
+    started = time.monotonic()
+    assert server.insert_budget(at_least=budget + 1, wait_s=0.3) == budget  # nothing sampled
+    assert time.monotonic() - started >= 0.3
+    answers = []
+    waiter = threading.Thread(
+        target=lambda: answers.append(server.insert_budget(at_least=budget + 4, wait_s=30.0)))
+    waiter.start()
+    time.sleep(0.3)
+    assert waiter.is_alive() and not answers
+    sampled_at = time.monotonic()
+    assert server.sample(4) is not None  # the sample goes through while the ask waits
+    waiter.join(timeout=10)
+    assert not waiter.is_alive() and time.monotonic() - sampled_at < 5
+    assert answers == [budget + 4]
+
+
 def test_a_refused_sample_waits_for_the_insert_that_allows_it():
     """Reverb's blocking sample: a sample call waits (holding no lock) until an insert lets
     the rate limiter pass it, and gives up with None after its wait."""

@@ -212,8 +212,12 @@ def poll(roles: Roles, progress: Progress) -> None:
         try:
             progress.absorb_actor(index, ray.get(ref, timeout=30))
         except (RayActorError, ray.exceptions.GetTimeoutError) as error:
-            print(f"actor {index} not answering ({type(error).__name__}): still being placed, "
-                  "or restarting", file=sys.stderr)
+            # Before its first answer an actor is still starting (placing, building its envs,
+            # compiling); after it, a silence means a restart or a stall.
+            state = ("restarting or stalled" if index in progress.actor_steps
+                     else "still starting")
+            print(f"actor {index} not answering within 30 s ({type(error).__name__}): {state}",
+                  file=sys.stderr)
     progress.learner = ray.get(roles.learner.stats.remote(), timeout=30)
     progress.replay = replay_totals(ray.get([r.stats.remote() for r in roles.shards], timeout=30))
     if progress.learner["error"]:

@@ -6,8 +6,9 @@ Samples run on two threads of their own ("sample" group), so one batch's frames 
 and handed to Ray while the next is drawn, and a sample the rate limiter refuses waits there
 for inserts (up to the caller's `wait_s`) without holding up anything else; snapshots and
 restores run on a third ("snapshot"), so a long write does not stop inserts; an actor's ask
-for insert budget waits ("budget" group) until samples free enough of it. `ReplayServer` keeps the threads apart. A malformed
-message raises in the caller and leaves this actor serving.
+for insert budget waits ("budget" group) until samples free enough of it. `ReplayServer`
+keeps the threads apart. A malformed message raises in the caller and leaves this actor
+serving.
 """
 from __future__ import annotations
 

@@ -16,7 +16,8 @@ Each figure is measured for the same `--seconds`, one after the other on the sam
   8 samples per inserted transition enforced by the rate limiter).
   learner_ratio = system / bare (target >= 0.8).
 - seed_agent_steps_per_s: the keras.io seed script (../shared/seed/seed_dqn_restored.py) for
-  `--seconds`, past its random phase (random-steps argument 0), like the system run.
+  `--seconds`, past its random phase (random-steps argument 0), like the system run, in the
+  environment this script was started with (the project's TF defaults are not passed on).
   system_agent_steps_per_s: that system run. speedup_vs_seed = system / seed (target >= 6).
 System rates are taken over a window that opens `--warm-up` seconds after the learner's
 first update (the seed script's timer likewise starts after its set-up). The three baselines
@@ -42,6 +43,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 SEED_SCRIPT = ROOT.parent / "shared" / "seed" / "seed_dqn_restored.py"
+# The seed runs as a user would run it: in the environment this script started with, not with
+# the TensorFlow defaults the project's modules set when imported (oneDNN on, which makes the
+# seed itself ~7% faster on this machine).
+SEED_ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from common.config import PRESETS, Config  # noqa: E402
@@ -95,7 +100,7 @@ def bare_learner_rate(config: Config, seconds: float) -> float:
 def seed_script_rate(seconds: float) -> dict:
     out = subprocess.run([sys.executable, str(SEED_SCRIPT), str(seconds), "0"],
                          capture_output=True, text=True, check=True, timeout=seconds + 300,
-                         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}).stdout
+                         env=SEED_ENV).stdout
     fields = dict(re.findall(r"(\w+)=([\d.]+)", out.strip().splitlines()[-1]))
     return {"agent_steps_per_s": float(fields["agent_steps_per_s"]),
             "updates_per_s": float(fields["updates_per_s"])}
@@ -276,6 +281,8 @@ def main() -> None:
         "system_agent_steps_per_s": round(system["agent_steps"], 1),
         "speedup_vs_seed": round(system["agent_steps"] / seed_steps, 2),
         "baselines": {"before_ray": runs[0], "after_ray": runs[1]},
+        "tf_enable_onednn_opts": {"project": os.environ.get("TF_ENABLE_ONEDNN_OPTS"),
+                                  "seed": SEED_ENV.get("TF_ENABLE_ONEDNN_OPTS")},
     }
     result["targets_met"] = {name: result[name] >= target for name, target in TARGETS.items()}
     if scaling:

@@ -1,5 +1,6 @@
 """The benchmark scripts run (their quick modes: a check that they work, not measurements)."""
 import json
+import os
 import subprocess
 import sys
 
@@ -19,10 +20,11 @@ def test_replay_benchmark_quick_mode_prints_its_figures(ray_address):
 
 
 def test_throughput_benchmark_quick_mode_prints_its_figures(ray_address):
+    user_env = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
     result = subprocess.run(
         [sys.executable, "benchmarks/throughput.py", "--quick", "--address", ray_address,
          "--num-actors", "2", "--envs-per-actor", "8"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600)
+        cwd=ROOT, capture_output=True, text=True, timeout=600, env=user_env)
     assert result.returncode == 0, result.stderr[-3000:]
     figures = json.loads(result.stdout.strip().splitlines()[-1])
     assert figures["quick"] is True
@@ -37,3 +39,5 @@ def test_throughput_benchmark_quick_mode_prints_its_figures(ray_address):
     assert all(run["raw_env_agent_steps_per_s"] > 0 for run in runs)
     mean_raw = (runs[0]["raw_env_agent_steps_per_s"] + runs[1]["raw_env_agent_steps_per_s"]) / 2
     assert abs(figures["raw_env_agent_steps_per_s"] - mean_raw) < 0.1
+    # The project turns oneDNN on for itself; the seed runs with the user's environment.
+    assert figures["tf_enable_onednn_opts"] == {"project": "1", "seed": None}

@@ -116,13 +116,15 @@ class ActorService:
     def _send(self, message: bytes, transitions: int):
         while len(self.inflight) >= self.config.max_inflight_chunks:
             self._collect_acks(wait_one=True)
-        self._collect_acks()
-        while self.insert_budget < transitions:  # the replay's rate limiter says wait
-            if self.stop_event.is_set():
-                return
-            pending = sum(n for _, n in self.inflight)
+        while True:
+            self._collect_acks()  # chunks that landed during a wait are no longer pending
+            if self.insert_budget >= transitions or self.stop_event.is_set():
+                break
+            pending = sum(n for _, n in self.inflight)  # the replay's rate limiter says wait
             self.insert_budget = ray.get(self.replay.insert_budget.remote(
                 transitions + pending, BUDGET_WAIT_S)) - pending
+        if self.stop_event.is_set():
+            return
         self.inflight.append((self.replay.insert.remote(wire.for_ray(message)), transitions))
         self.insert_budget -= transitions
 

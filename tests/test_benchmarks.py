@@ -37,6 +37,9 @@ def test_throughput_benchmark_quick_mode_prints_its_figures(ray_address):
     # The baselines ran before Ray and after it; the ratios divide by their mean.
     runs = [figures["baselines"][when] for when in ("before_ray", "after_ray")]
     assert all(run["raw_env_agent_steps_per_s"] > 0 for run in runs)
+    # The seed's rate leaves out its steps before training starts, which the printed one has.
+    assert all(0 < run["seed_agent_steps_per_s"] < run["seed_printed_agent_steps_per_s"]
+               for run in runs)
     mean_raw = (runs[0]["raw_env_agent_steps_per_s"] + runs[1]["raw_env_agent_steps_per_s"]) / 2
     assert abs(figures["raw_env_agent_steps_per_s"] - mean_raw) < 0.1
     # The project turns oneDNN on for itself; the seed runs with the user's environment.

@@ -46,6 +46,9 @@ class Actor:
         self.obs = self.envs.reset()
         for env, obs in enumerate(self.obs):
             self.adder.observe_first(env, obs)
+        # Compile now: the first greedy step can come minutes in (epsilon starts near 1), and
+        # there the compile takes ~1 CPU-s from a running system (perf, in the system run).
+        self.q_values(self.obs)
 
     def set_weights(self, weights: list[np.ndarray], version: int) -> None:
         self.model.set_weights(weights)

@@ -86,6 +86,16 @@ def test_breakout_transitions_rebuild_to_the_stacks_the_actor_saw():
         np.testing.assert_array_equal(next_obs[row], expected_next)
 
 
+def test_the_forward_pass_compiles_at_start_up_once():
+    """Not at the first greedy step, which comes late while epsilon is near 1."""
+    actor = Actor(PRESETS["cartpole"].replace(envs_per_actor=4), describe_env("CartPole-v1"),
+                  actor_index=0)
+    assert actor.q_values.experimental_get_tracing_count() == 1
+    actor.select_actions(actor.obs, epsilon=1.0)
+    actor.select_actions(actor.obs, epsilon=0.0)
+    assert actor.q_values.experimental_get_tracing_count() == 1
+
+
 def test_weights_set_on_the_actor_change_its_greedy_policy():
     config = PRESETS["cartpole"]
     actor = Actor(config, describe_env("CartPole-v1"), actor_index=0)

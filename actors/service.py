@@ -118,13 +118,13 @@ class ActorService:
             self._collect_acks(wait_one=True)
         while True:
             self._collect_acks()  # chunks that landed during a wait are no longer pending
-            if self.insert_budget >= transitions or self.stop_event.is_set():
+            if self.stop_event.is_set():
+                return
+            if self.insert_budget >= transitions:
                 break
             pending = sum(n for _, n in self.inflight)  # the replay's rate limiter says wait
             self.insert_budget = ray.get(self.replay.insert_budget.remote(
                 transitions + pending, BUDGET_WAIT_S)) - pending
-        if self.stop_event.is_set():
-            return
         self.inflight.append((self.replay.insert.remote(wire.for_ray(message)), transitions))
         self.insert_budget -= transitions
 

@@ -79,11 +79,12 @@ def default_num_actors(cpus: int, replay_shards: int) -> int:
 def machine_layout(config: Config, cpus: int, local: bool) -> Config:
     """`config` with the actor count and threads it leaves open chosen for `cpus` CPUs: one
     actor per CPU the learner and the shards leave (at least 2), and on a local machine its
-    CPUs shared among the actors' TF and emulator threads (on a cluster, where actors fill the
-    workers' CPUs, one thread each)."""
+    CPUs shared among the actors' TF and emulator threads, each actor pinned to its share (on
+    a cluster, where actors fill the workers' CPUs, one thread each, not pinned)."""
     num_actors = config.num_actors or default_num_actors(cpus, config.replay_shards)
     threads = config.actor_threads or (max(1, cpus // num_actors) if local else 1)
-    return config.replace(num_actors=num_actors, actor_threads=threads)
+    pin = local if config.pin_actor_cpus is None else config.pin_actor_cpus
+    return config.replace(num_actors=num_actors, actor_threads=threads, pin_actor_cpus=pin)
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""The actors' CPU priority.
+"""The actors' CPU priority and CPUs.
 
 Actors are the elastic part of the system: at the seed's replay ratio the learner bounds the
 pace, and on a machine where both run (a laptop, the head node) every CPU-second an actor
@@ -7,6 +7,13 @@ waits for insert budget anyway. Linux's SCHED_IDLE policy gives a thread CPU onl
 normal thread wants it; threads inherit their creator's policy, so lowering the thread that
 builds and runs the actor lowers its emulator and TensorFlow threads too, and leaves Ray's
 own threads (which answer the launcher) at normal priority.
+
+Threads inherit their creator's CPU affinity too. An actor's emulator thread and its acting
+thread (which runs the forward pass) take turns on the same data, so pinning both to one CPU
+keeps that data in one core's caches; left free, the scheduler moves them between cores
+(2 actors on 2 CPUs, alternating 15 s windows in one run: pinned 1,275 against free 1,215
+agent steps/s, 1.35 against 1.39 CPU-ms per step in the actors; in a full run the learner's
+pace is unchanged, 17.6 against 17.5 updates/s).
 """
 from __future__ import annotations
 
@@ -20,3 +27,16 @@ def lower_to_idle() -> bool:
         return False
     os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # 0: this thread, on Linux
     return True
+
+
+def pin_to_cpus(actor_index: int, threads: int) -> set[int] | None:
+    """Pin the calling thread, and every thread it starts from now on, to `threads` of the
+    CPUs this thread may use, the ones after those of actors 0 .. actor_index - 1 (wrapping
+    around), so actors on one machine take different CPUs. Returns the CPUs, or None where the
+    OS cannot pin threads (macOS, Windows)."""
+    if not hasattr(os, "sched_setaffinity"):
+        return None
+    allowed = sorted(os.sched_getaffinity(0))  # 0: this thread, on Linux
+    chosen = {allowed[(actor_index * threads + j) % len(allowed)] for j in range(threads)}
+    os.sched_setaffinity(0, chosen)
+    return chosen

@@ -7,8 +7,9 @@ the actor instead of filling memory. Every `weight_refresh_env_frames` emulator 
 learner answers when it publishes a newer version) and fetches that one object when one came.
 The loop starts in `__init__`, so a restarted actor process resumes playing on its own (with a
 new frame stream, so replay never mixes its old and new frames). Its thread builds the actor,
-so the emulator and TensorFlow threads share that thread's CPU priority (`actors.scheduling`):
-idle by default, while the thread that answers the launcher stays at normal priority.
+so the emulator and TensorFlow threads share that thread's CPU priority and CPUs
+(`actors.scheduling`): idle by default, and pinned to the actor's own CPUs on a local
+machine, while the thread that answers the launcher stays at normal priority on any CPU.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import traceback
 import ray
 
 from actors.actor import Actor
-from actors.scheduling import lower_to_idle
+from actors.scheduling import lower_to_idle, pin_to_cpus
 from common import metrics, wire
 from common.config import Config
 from common.envs import EnvInfo
@@ -66,6 +67,8 @@ class ActorService:
         try:
             if self.config.actor_cpu_priority == "idle":
                 lower_to_idle()
+            if self.config.pin_actor_cpus:
+                pin_to_cpus(actor_index, self.config.actor_threads or 1)
             self.actor = Actor(self.config, self.env_info, actor_index, num_actors)
             self._refresh_weights(wait=True)
         except Exception as error:  # raised by __init__: the actor fails to start

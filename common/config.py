@@ -50,6 +50,12 @@ class Config:
     actor_threads: int | None = knob(
         None, "CPU threads each actor's emulators and forward pass use (default: a local "
               "machine's CPUs shared among its actors, at least 1; 1 on a cluster).")
+    pin_actor_cpus: bool | None = knob(
+        None, "Pin each actor's playing threads (emulators, forward pass) to CPUs of its own: "
+              "actor i takes --actor-threads CPUs from i x that count (mod the CPUs), so its "
+              "emulator and network keep warm caches instead of migrating (default: on for a "
+              "local machine; off on a cluster, where an actor's index says nothing about its "
+              "node's CPUs). Linux only; ignored elsewhere.")
     actor_cpu_priority: str = knob(
         "idle", "CPU priority of the actors' playing threads (emulators, forward pass): 'idle' "
                 "(Linux SCHED_IDLE) leaves the CPU to the learner and replay whenever they "
@@ -285,7 +291,7 @@ def build_parser(prog: str, defaults: Config) -> argparse.ArgumentParser:
         help_text = f.metadata["help"]
         if default is not None:  # a None default is described in the help text itself
             help_text += f" (default: {default})"
-        if f.type == "bool":
+        if f.type in ("bool", "bool | None"):
             parser.add_argument(f"--{flag(f.name)}", dest=f.name, default=default,
                                 action=argparse.BooleanOptionalAction, help=help_text)
             continue

@@ -1,5 +1,5 @@
-"""The actors' CPU priority: their playing threads run at SCHED_IDLE (by default), the thread
-that answers the launcher does not."""
+"""The actors' CPU priority and CPUs: their playing threads run at SCHED_IDLE (by default) and,
+when pinned, on the actor's own CPUs; the thread that answers the launcher does neither."""
 import os
 import threading
 import time
@@ -7,10 +7,10 @@ import time
 import pytest
 import ray
 
-from actors.scheduling import lower_to_idle
+from actors.scheduling import lower_to_idle, pin_to_cpus
 from common.config import PRESETS
 from common.envs import describe_env
-from launch import place_roles, stop_roles
+from launch import machine_layout, place_roles, stop_roles
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux's")
 
@@ -35,6 +35,40 @@ def test_a_lowered_thread_and_the_threads_it_starts_run_at_idle_priority():
     assert os.sched_getscheduler(0) == os.SCHED_OTHER  # the caller's own thread is untouched
 
 
+def test_a_pinned_thread_and_the_threads_it_starts_keep_to_the_actors_cpus():
+    allowed = sorted(os.sched_getaffinity(0))
+    seen = {}
+
+    def child():
+        seen["child"] = os.sched_getaffinity(0)
+
+    def parent(actor_index, threads):
+        seen["chosen"] = pin_to_cpus(actor_index, threads)
+        seen["parent"] = os.sched_getaffinity(0)
+        started = threading.Thread(target=child)
+        started.start()
+        started.join()
+
+    for actor_index, threads in [(0, 1), (1, 1), (len(allowed), 1), (1, 2)]:
+        thread = threading.Thread(target=parent, args=(actor_index, threads))
+        thread.start()
+        thread.join()
+        expected = {allowed[(actor_index * threads + j) % len(allowed)] for j in range(threads)}
+        assert seen == {"chosen": expected, "parent": expected, "child": expected}
+    assert sorted(os.sched_getaffinity(0)) == allowed  # the caller's own thread is untouched
+
+
+def test_actors_are_pinned_on_a_local_machine_unless_told_otherwise():
+    seed = PRESETS["seed"]
+    assert seed.pin_actor_cpus is None
+    assert machine_layout(seed, 8, local=True).pin_actor_cpus is True
+    assert machine_layout(seed, 8, local=False).pin_actor_cpus is False
+    off = seed.replace(pin_actor_cpus=False)
+    assert machine_layout(off, 8, local=True).pin_actor_cpus is False
+    local = machine_layout(seed, 8, local=True)
+    assert (local.num_actors, local.actor_threads) == (6, 1)  # one CPU each
+
+
 def thread_cpu(pid: int) -> dict[int, tuple[int, float]]:
     """Each thread of `pid`: (scheduling policy, CPU seconds so far), from /proc."""
     threads = {}
@@ -50,9 +84,10 @@ def thread_cpu(pid: int) -> dict[int, tuple[int, float]]:
     return threads
 
 
-def test_an_actor_plays_at_idle_priority_and_answers_at_normal(ray_address):
+def test_an_actor_plays_at_idle_priority_on_its_cpu_and_answers_at_normal(ray_address):
     config = PRESETS["seed"].replace(envs_per_actor=4, actor_threads=1, chunk_transitions=16,
-                                     replay_capacity=1_000_000, min_replay_size=1_000_000)
+                                     replay_capacity=1_000_000, min_replay_size=1_000_000,
+                                     pin_actor_cpus=True)
     assert config.actor_cpu_priority == "idle"  # the default
     info = describe_env(config.env, config.max_episode_agent_steps, config.frame_stack)
     roles = place_roles(config, info, num_actors=1)
@@ -69,7 +104,19 @@ def test_an_actor_plays_at_idle_priority_and_answers_at_normal(ray_address):
         idle = sum(cpu for policy, cpu in used.values() if policy == os.SCHED_IDLE)
         total = sum(cpu for _, cpu in used.values())
         assert total > 0.5  # it played for most of the 3 s
-        assert idle / total > 0.9, used
+        assert idle / total > 0.9, sorted(used.items(), key=lambda kv: -kv[1][1])[:6]
         assert after[pid][0] == os.SCHED_OTHER  # the main thread answers calls
+        # Actor 0 with one thread: the first CPU the worker may use, for every playing thread.
+        worker_cpus = os.sched_getaffinity(pid)  # the main thread's: all the worker may use
+        playing = {}
+        for tid, (policy, cpu) in used.items():
+            if policy == os.SCHED_IDLE and cpu > 0:
+                try:
+                    playing[tid] = os.sched_getaffinity(tid)
+                except ProcessLookupError:  # the thread ended since
+                    pass
+        assert playing and all(cpus == {min(worker_cpus)} for cpus in playing.values()), (
+            playing, worker_cpus)
+        assert worker_cpus == os.sched_getaffinity(0)  # the main thread is not pinned
     finally:
         stop_roles(roles)

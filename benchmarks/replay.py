@@ -113,8 +113,10 @@ class SyntheticStream:
         return arrays, meta
 
     def message(self, n: int, priority: bool = False) -> bytes:
+        """The chunk as an actor sends it (frames compressed)."""
         arrays, meta = self.chunk(n, priority)
-        return wire.encode(wire.TRANSITIONS, arrays, meta)
+        return wire.encode_transitions(**arrays, stream=meta["stream"],
+                                       first_frame=meta["first_frame"])
 
 
 def resident_bytes() -> int:

@@ -1,29 +1,36 @@
 """The msgpack wire format every role speaks: named numpy arrays as raw bytes.
 
 A message is a msgpack map:
-    {"format": "dqn-wire", "version": 1, "kind": <str>,
+    {"format": "dqn-wire", "version": 3, "kind": <str>,
      "meta": {<str>: int | float | str | bool | None | [those]},
-     "arrays": {<name>: {"dtype": <numpy dtype name>, "shape": [<int>, ...], "data": <bin>}}}
-`data` is the array's C-order bytes, little-endian. Decoding never executes code and checks
-every field, so a truncated or forged message raises `WireError` naming what is wrong.
+     "arrays": {<name>: {"dtype": <numpy dtype name>, "shape": [<int>, ...], "data": <bin>,
+                         optional "codec": "zstd"}}}
+`data` is the array's C-order bytes, little-endian, or with "codec" those bytes as one zstd
+frame that declares their size. Decoding never executes code and checks every field, so a
+truncated or forged message raises `WireError` naming what is wrong.
 """
 from __future__ import annotations
 
 import math
 import struct
+import threading
 from typing import NamedTuple
 
 import msgpack
 import numpy as np
+import zstandard
 
 FORMAT = "dqn-wire"
 TRANSITIONS = "transitions"  # actor -> replay: new frames, n-step transitions naming them
 BATCH = "batch"  # replay -> learner: distinct frames once, index arrays, weights, keys
 PRIORITIES = "priorities"  # learner -> replay: new priorities by transition key
-VERSION = 2
+VERSION = 3  # 3: arrays may be zstd-compressed
 ALLOWED_DTYPES = frozenset(
     {"uint8", "int8", "int32", "int64", "uint32", "float16", "float32", "float64", "bool"})
 MAX_MESSAGE_BYTES = 1 << 31
+CODEC = "zstd"
+COMPRESSION_LEVEL = 1  # an actor's chunk of Breakout frames: ~100x smaller in ~0.1 ms
+_codecs = threading.local()  # zstd (de)compressors are not safe to share between threads
 
 
 class WireError(ValueError):
@@ -45,11 +52,12 @@ class Gather(NamedTuple):
         return self.source.dtype
 
 
-def encode(kind: str, arrays: dict[str, np.ndarray | Gather], meta: dict | None = None
-           ) -> memoryview:
+def encode(kind: str, arrays: dict[str, np.ndarray | Gather], meta: dict | None = None,
+           compress: tuple[str, ...] = ()) -> memoryview:
     """One message, as a bytes-like view of an exactly sized buffer (`bytes(message)` copies
     it into a bytes object). Each array's bytes are written once, straight into place:
-    msgpack's own packb grows its buffer by reallocation, several copies of a large batch."""
+    msgpack's own packb grows its buffer by reallocation, several copies of a large batch.
+    The arrays named in `compress` go as zstd frames where that makes them smaller."""
     parts: list = [_map_header(5)]
     for key, value in (("format", FORMAT), ("version", VERSION), ("kind", kind),
                        ("meta", meta or {})):
@@ -62,10 +70,17 @@ def encode(kind: str, arrays: dict[str, np.ndarray | Gather], meta: dict | None 
         if dtype.name not in ALLOWED_DTYPES:
             raise WireError(f"array {name!r} has dtype {dtype.name}, "
                             f"not one of {sorted(ALLOWED_DTYPES)}")
-        nbytes = math.prod(array.shape) * dtype.itemsize
-        parts += [_pack(name), _map_header(3), _pack("dtype"), _pack(dtype.name),
-                  _pack("shape"), _pack(list(array.shape)), _pack("data"),
-                  b"\xc6" + nbytes.to_bytes(4, "big"), array]  # msgpack bin 32
+        shape = list(array.shape)
+        nbytes = math.prod(shape) * dtype.itemsize
+        codec: list = []
+        if name in compress and nbytes:
+            rows = array.source[array.index] if isinstance(array, Gather) else array
+            packed = _compressor().compress(np.ascontiguousarray(rows, dtype.newbyteorder("<")))
+            if len(packed) < nbytes:
+                array, nbytes, codec = packed, len(packed), [_pack("codec"), _pack(CODEC)]
+        parts += [_pack(name), _map_header(3 + len(codec) // 2), *codec,
+                  _pack("dtype"), _pack(dtype.name), _pack("shape"), _pack(shape),
+                  _pack("data"), b"\xc6" + nbytes.to_bytes(4, "big"), array]  # bin 32
     sizes = [len(p) if isinstance(p, bytes) else
              math.prod(p.shape) * np.dtype(p.dtype).itemsize for p in parts]
     out = np.empty(sum(sizes), np.uint8)
@@ -92,6 +107,18 @@ def for_ray(message) -> np.ndarray:
     return np.frombuffer(message, np.uint8)
 
 
+def _compressor() -> zstandard.ZstdCompressor:
+    if not hasattr(_codecs, "compressor"):
+        _codecs.compressor = zstandard.ZstdCompressor(level=COMPRESSION_LEVEL)
+    return _codecs.compressor
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    if not hasattr(_codecs, "decompressor"):
+        _codecs.decompressor = zstandard.ZstdDecompressor()
+    return _codecs.decompressor
+
+
 def _pack(value) -> bytes:
     return msgpack.packb(value, use_bin_type=True)
 
@@ -101,7 +128,8 @@ def _map_header(size: int) -> bytes:
 
 
 def decode(message: bytes, expect_kind: str | None = None) -> tuple[dict[str, np.ndarray], dict]:
-    """Return (arrays, meta). Arrays are read-only views into `message`: copy to keep them."""
+    """Return (arrays, meta). Arrays are read-only views into `message` (compressed ones into
+    their decompressed bytes): copy to keep them."""
     if isinstance(message, np.ndarray):
         if message.dtype != np.uint8 or message.ndim != 1:
             raise WireError(f"an array message must be 1-d uint8, got {message.dtype}"
@@ -209,8 +237,9 @@ def _unpack_at(data: memoryview, position: int, depth: int):
 
 
 def _decode_array(name: str, spec) -> np.ndarray:
-    if not isinstance(spec, dict) or set(spec) != {"dtype", "shape", "data"}:
-        raise WireError(f"array {name!r} must be a map with exactly dtype, shape, data")
+    if not isinstance(spec, dict) or set(spec) - {"codec"} != {"dtype", "shape", "data"}:
+        raise WireError(f"array {name!r} must be a map with exactly dtype, shape, data "
+                        f"(and optionally codec)")
     dtype, shape, data = spec["dtype"], spec["shape"], spec["data"]
     if dtype not in ALLOWED_DTYPES:
         raise WireError(f"array {name!r} has dtype {dtype!r}, not one of {sorted(ALLOWED_DTYPES)}")
@@ -220,10 +249,27 @@ def _decode_array(name: str, spec) -> np.ndarray:
     if not isinstance(data, memoryview):
         raise WireError(f"array {name!r} data must be binary")
     expected = math.prod(shape) * np.dtype(dtype).itemsize
+    if "codec" in spec:
+        data = _decompress(name, spec["codec"], data, expected)
     if len(data) != expected:
         raise WireError(f"array {name!r} of {dtype}{shape} needs {expected} bytes, "
                         f"got {len(data)}")
     return np.frombuffer(data, dtype=np.dtype(dtype).newbyteorder("<")).reshape(shape)
+
+
+def _decompress(name: str, codec, data: memoryview, expected: int) -> bytes:
+    """A compressed array's bytes, refused unless its frame declares exactly the size its
+    dtype and shape need (so a forged size allocates nothing)."""
+    if codec != CODEC:
+        raise WireError(f"array {name!r} has codec {codec!r}, not {CODEC!r}")
+    try:
+        declared = zstandard.frame_content_size(data)
+        if declared != expected:
+            raise WireError(f"array {name!r} declares {declared} bytes uncompressed; its "
+                            f"dtype and shape need {expected}")
+        return _decompressor().decompress(data)
+    except zstandard.ZstdError as error:
+        raise WireError(f"array {name!r} is not valid zstd data: {error}") from None
 
 
 def encode_transitions(frames: np.ndarray, obs_frames: np.ndarray, next_obs_frames: np.ndarray,
@@ -240,7 +286,10 @@ def encode_transitions(frames: np.ndarray, obs_frames: np.ndarray, next_obs_fram
               "discount": discount.astype(np.float32, copy=False)}
     if priority is not None:
         arrays["priority"] = priority.astype(np.float32, copy=False)
-    return encode(TRANSITIONS, arrays, {"stream": stream, "first_frame": first_frame})
+    # Compressed, a chunk of Atari frames is small enough that Ray sends it inline with the
+    # call instead of through its object store, which costs ~4 CPU-ms more per message.
+    return encode(TRANSITIONS, arrays, {"stream": stream, "first_frame": first_frame},
+                  compress=("frames",))
 
 
 def decode_batch(message, out: dict[str, np.ndarray] | None = None

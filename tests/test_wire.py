@@ -2,6 +2,7 @@
 import msgpack
 import numpy as np
 import pytest
+import zstandard
 
 from common import wire
 
@@ -30,6 +31,34 @@ def test_gathered_rows_encode_like_the_rows_themselves():
     index = np.array([7, 2, 2, 9])
     gathered = wire.encode("k", {"x": wire.Gather(source, index)}, {"n": 1})
     assert bytes(gathered) == bytes(wire.encode("k", {"x": source[index]}, {"n": 1}))
+
+
+def test_compressed_arrays_round_trip_and_shrink_and_incompressible_ones_go_raw():
+    frames = np.zeros((64, 84, 84), np.uint8)
+    frames[:, 70:74, 30:46] = 200  # a paddle on black, as Atari frames mostly are
+    noise = np.random.default_rng(0).integers(0, 256, (64, 8), dtype=np.uint8)
+    kept = np.arange(5, dtype=np.int64)
+    message = wire.encode("k", {"frames": frames, "noise": noise, "kept": kept},
+                          compress=("frames", "noise"))
+    body = msgpack.unpackb(message)
+    assert body["arrays"]["frames"]["codec"] == "zstd" and "codec" not in body["arrays"]["noise"]
+    assert len(message) < frames.nbytes / 50
+    arrays, _ = wire.decode(message)
+    for name, array in (("frames", frames), ("noise", noise), ("kept", kept)):
+        assert arrays[name].dtype == array.dtype
+        np.testing.assert_array_equal(arrays[name], array)
+    gathered = wire.encode("k", {"frames": wire.Gather(frames, np.array([3, 1]))},
+                           compress=("frames",))
+    np.testing.assert_array_equal(wire.decode(gathered)[0]["frames"], frames[[3, 1]])
+
+
+def test_an_actors_chunk_goes_compressed():
+    frames = np.zeros((64, 84, 84), np.uint8)
+    refs = np.zeros((64, 4), np.int64)
+    message = wire.encode_transitions(frames, refs, refs, np.zeros(64), np.zeros(64),
+                                      np.zeros(64), stream=1, first_frame=0)
+    assert len(message) < 8_000  # Ray sends it inline (< 100 KB), not via the object store
+    np.testing.assert_array_equal(wire.decode(message)[0]["frames"], frames)
 
 
 def test_batch_decoder_rebuilds_into_a_ring_of_reused_arrays():
@@ -88,7 +117,23 @@ def forged(**changes):
     return msgpack.packb(body, use_bin_type=True)
 
 
+def compressed(data: bytes, shape: list[int], codec: str = "zstd") -> bytes:
+    """A message whose array x [shape] of uint8 carries `data` under `codec`."""
+    body = {"format": wire.FORMAT, "version": wire.VERSION, "kind": "batch", "meta": {},
+            "arrays": {"x": {"dtype": "uint8", "shape": shape, "data": data, "codec": codec}}}
+    return msgpack.packb(body, use_bin_type=True)
+
+
+ZEROS_4K = zstandard.ZstdCompressor().compress(bytes(4096))
+
+
 @pytest.mark.parametrize("message, needle", [
+    (compressed(ZEROS_4K, [4096], codec="lz4"), "codec 'lz4', not 'zstd'"),
+    (compressed(b"not zstd at all", [15]), "is not valid zstd data"),
+    (compressed(ZEROS_4K[:-3], [4096]), "is not valid zstd data"),
+    (compressed(ZEROS_4K, [16]), "declares 4096 bytes uncompressed; its dtype and shape need 16"),
+    (compressed(zstandard.ZstdCompressor(write_content_size=False).compress(bytes(64)), [64]),
+     "declares -1 bytes uncompressed"),
     (b"", "not a msgpack message"),
     (b"\xc1\xff garbage", "not a msgpack message"),
     (valid_message()[:-7], "not a msgpack message"),
@@ -122,8 +167,10 @@ def test_mutated_messages_only_ever_raise_wire_errors():
     WireError, never another exception (the decoder reads untrusted bytes)."""
     rng = np.random.default_rng(0)
     message = bytes(wire.encode("batch", {"x": np.arange(12, dtype=np.int32).reshape(3, 4),
-                                          "y": np.ones(2, np.float64)},
-                                {"n": 3, "name": "z", "shape": [1, 2], "f": 0.5}))
+                                          "y": np.ones(2, np.float64),
+                                          "z": np.zeros((4, 84), np.uint8)},
+                                {"n": 3, "name": "z", "shape": [1, 2], "f": 0.5},
+                                compress=("z",)))
     for trial in range(3000):
         mutated = bytearray(message)
         if trial % 3 == 0:

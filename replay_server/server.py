@@ -32,6 +32,12 @@ from replay_server.snapshot import read_snapshot, write_snapshot
 
 MAX_PARKED_PER_STREAM = 16
 PARKED_TIMEOUT_S = 30.0
+# Batches with up to this many bytes of frames go compressed. The seed's 2 x 32 (1.2 MB of
+# Breakout frames, ~9 KB compressed) then travels inline with the reply instead of through
+# Ray's object store, which frees ~0.05 CPUs for the learner on 2 CPUs; Ape-X's batches of
+# 512 (~25 MB) cost more to compress and decompress than the object store (-10 to -18% in
+# benchmarks/replay.py), and their shards sit on the learner's node anyway.
+COMPRESS_BATCH_BYTES = 4 << 20
 
 
 class SharedExclusiveLock:
@@ -176,8 +182,11 @@ class ReplayServer:
                 meta = {"shard": self.shard, "obs_shape": list(self.buffer.spec.obs_shape),
                         "total_inserted": self.buffer.total_added, "size": self.buffer.size,
                         "priority_mass": self.buffer.priority_mass()}
-            # The frames are gathered here, by encode, while other samples may do the same.
-            return wire.encode(wire.BATCH, batch, meta)
+            # The frames are gathered (and compressed) here, by encode, while other samples
+            # may do the same.
+            frames = batch["frames"]
+            small = frames.shape[0] * frames.source[0].nbytes <= COMPRESS_BATCH_BYTES
+            return wire.encode(wire.BATCH, batch, meta, compress=("frames",) if small else ())
 
     def update_priorities(self, message: bytes) -> int:
         """New priorities from the learner; returns how many still-stored items took them."""

@@ -310,6 +310,29 @@ def test_server_round_trip_through_the_wire():
     assert server.stats()["total_sampled"] == 24
 
 
+def test_small_batches_come_compressed_and_large_ones_raw(monkeypatch):
+    import msgpack
+
+    from replay_server import server as server_module
+    server = make_server()
+    frames = np.zeros((21, *FRAME_SHAPE), np.uint8)  # compressible, as Atari frames are
+    frames[np.arange(21), 0, 0] = np.arange(21)
+    refs = np.repeat(np.arange(20)[:, None], STACK, axis=1)
+    server.insert(wire.encode_transitions(frames, refs, refs + 1, np.zeros(20), np.zeros(20),
+                                          np.full(20, 0.9), stream=1, first_frame=0))
+    small = server.sample(8, num_batches=2)
+    monkeypatch.setattr(server_module, "COMPRESS_BATCH_BYTES", frames[0].nbytes)
+    large = server.sample(8, num_batches=2)
+    assert msgpack.unpackb(small)["arrays"]["frames"]["codec"] == "zstd"
+    assert "codec" not in msgpack.unpackb(large)["arrays"]["frames"]
+    for message in (small, large):
+        batch, _ = wire.decode_batch(message)
+        # Transition i: stack [i] * 4 -> [i + 1] * 4, and frame i holds i at (0, 0).
+        first = np.repeat(batch["obs"][:, :, :1, 0, 0], STACK, axis=2)
+        np.testing.assert_array_equal(batch["obs"][..., 0, 0], first)
+        np.testing.assert_array_equal(batch["next_obs"][..., 0, 0], first + 1)
+
+
 def test_server_refuses_malformed_messages_and_keeps_serving():
     server = make_server()
     chunks, _ = interleaved_chunks(np.random.default_rng(9), senders=1, envs=2, steps=20)

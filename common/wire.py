@@ -259,9 +259,13 @@ def _decode_array(name: str, spec) -> np.ndarray:
 
 def _decompress(name: str, codec, data: memoryview, expected: int) -> bytes:
     """A compressed array's bytes, refused unless its frame declares exactly the size its
-    dtype and shape need (so a forged size allocates nothing)."""
+    dtype and shape need (so a forged size allocates nothing), and no larger than a whole
+    message may be (so a small message cannot make the receiver allocate without bound)."""
     if codec != CODEC:
         raise WireError(f"array {name!r} has codec {codec!r}, not {CODEC!r}")
+    if expected > MAX_MESSAGE_BYTES:
+        raise WireError(f"array {name!r} would decompress to {expected} bytes, more than the "
+                        f"{MAX_MESSAGE_BYTES} a message may hold")
     try:
         declared = zstandard.frame_content_size(data)
         if declared != expected:

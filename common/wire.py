@@ -51,6 +51,10 @@ class Gather(NamedTuple):
     def dtype(self) -> np.dtype:
         return self.source.dtype
 
+    @property
+    def nbytes(self) -> int:
+        return len(self.index) * self.source[:1].nbytes
+
 
 def encode(kind: str, arrays: dict[str, np.ndarray | Gather], meta: dict | None = None,
            compress: tuple[str, ...] = ()) -> memoryview:
@@ -71,7 +75,7 @@ def encode(kind: str, arrays: dict[str, np.ndarray | Gather], meta: dict | None 
             raise WireError(f"array {name!r} has dtype {dtype.name}, "
                             f"not one of {sorted(ALLOWED_DTYPES)}")
         shape = list(array.shape)
-        nbytes = math.prod(shape) * dtype.itemsize
+        nbytes = array.nbytes
         codec: list = []
         if name in compress and nbytes:
             rows = array.source[array.index] if isinstance(array, Gather) else array
@@ -81,8 +85,7 @@ def encode(kind: str, arrays: dict[str, np.ndarray | Gather], meta: dict | None 
         parts += [_pack(name), _map_header(3 + len(codec) // 2), *codec,
                   _pack("dtype"), _pack(dtype.name), _pack("shape"), _pack(shape),
                   _pack("data"), b"\xc6" + nbytes.to_bytes(4, "big"), array]  # bin 32
-    sizes = [len(p) if isinstance(p, bytes) else
-             math.prod(p.shape) * np.dtype(p.dtype).itemsize for p in parts]
+    sizes = [len(p) if isinstance(p, bytes) else p.nbytes for p in parts]
     out = np.empty(sum(sizes), np.uint8)
     position = 0
     for part, size in zip(parts, sizes):

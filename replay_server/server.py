@@ -184,8 +184,7 @@ class ReplayServer:
                         "priority_mass": self.buffer.priority_mass()}
             # The frames are gathered (and compressed) here, by encode, while other samples
             # may do the same.
-            frames = batch["frames"]
-            small = frames.shape[0] * frames.source[0].nbytes <= COMPRESS_BATCH_BYTES
+            small = batch["frames"].nbytes <= COMPRESS_BATCH_BYTES
             return wire.encode(wire.BATCH, batch, meta, compress=("frames",) if small else ())
 
     def update_priorities(self, message: bytes) -> int:

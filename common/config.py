@@ -138,8 +138,8 @@ class Config:
     weight_refresh_env_frames: int = knob(
         0, "Emulator frames each env of an actor plays between the actor's checks for newer "
            "weights (Ape-X: 400; 0: after every chunk sent).")
-    xla: bool = knob(True, "Compile the learner's train step and the actors' forward pass with "
-                           "XLA (faster on this project's CPU benchmark, and on GPUs).")
+    xla: bool = knob(True, "Compile the learner's train step with XLA (faster on this "
+                           "project's CPU benchmark, and on GPUs).")
     learner_batches_per_call: int = knob(
         2, "Batches per replay call, trained one after the other in one compiled call: "
            "amortizes the per-call cost (2 is about a tenth faster than 1 for the Nature CNN on 2 "

@@ -86,6 +86,26 @@ def test_breakout_transitions_rebuild_to_the_stacks_the_actor_saw():
         np.testing.assert_array_equal(next_obs[row], expected_next)
 
 
+def test_only_greedy_envs_go_through_the_network():
+    """Epsilon 0.5 over 64 envs: the forward pass sees the greedy ones only, and their
+    actions are the network's argmax for exactly those observations."""
+    config = PRESETS["cartpole"].replace(envs_per_actor=64)
+    actor = Actor(config, describe_env("CartPole-v1"), actor_index=0)
+    obs = np.random.default_rng(1).normal(size=(64, 4)).astype(np.float32)
+    seen = []
+    forward = actor.q_values
+    actor.q_values = lambda batch: seen.append(batch.copy()) or forward(batch)
+    state = actor.rng.bit_generator.state
+    actions = actor.select_actions(obs, epsilon=0.5)
+    actor.rng.bit_generator.state = state
+    greedy = actor.rng.random(64) >= 0.5  # the draw select_actions made
+    assert len(seen) == 1 and 0 < greedy.sum() < 64
+    np.testing.assert_array_equal(seen[0], obs[greedy])
+    np.testing.assert_array_equal(actions[greedy],
+                                  actor.model(obs[greedy]).numpy().argmax(axis=1))
+    assert forward.experimental_get_tracing_count() == 1  # any batch size, one trace
+
+
 def test_the_forward_pass_compiles_at_start_up_once():
     """Not at the first greedy step, which comes late while epsilon is near 1."""
     actor = Actor(PRESETS["cartpole"].replace(envs_per_actor=4), describe_env("CartPole-v1"),

@@ -38,7 +38,9 @@ class FrameAdder:
         self.next_number = 0
         self.unsent_frames: list[np.ndarray] = []
         self.first_unsent = 0
-        self.last_stack: list[np.ndarray | None] = [None] * num_envs
+        # Per env: the last stack's frames as bytes (equal bytes, equal frames: comparing two
+        # 84x84 frames so costs ~0.5 us against ~3.4 for np.array_equal).
+        self.last_frames: list[list[bytes] | None] = [None] * num_envs
         self.last_refs: list[tuple[int, ...] | None] = [None] * num_envs
         # Per env: steps not yet turned into transitions, as (refs, action, reward, q_taken).
         self.pending = [collections.deque() for _ in range(num_envs)]
@@ -56,17 +58,18 @@ class FrameAdder:
     def _register_stack(self, obs: np.ndarray, env: int, continues: bool) -> tuple[int, ...]:
         """Numbers of the frames of `obs`, registering only frames not seen in this stack's
         predecessor (`continues`: the previous stack slid by one) or earlier in itself."""
-        frames = np.asarray(obs).reshape(self.stack, *self.frame_shape)
-        previous, previous_refs = self.last_stack[env], self.last_refs[env]
+        frames = np.asarray(obs, dtype=self.frame_dtype).reshape(self.stack, *self.frame_shape)
+        keys = [frame.tobytes() for frame in frames]
+        previous, previous_refs = self.last_frames[env], self.last_refs[env]
         refs: list[int] = []
-        for j, frame in enumerate(frames):
-            if continues and j + 1 < self.stack and np.array_equal(frame, previous[j + 1]):
+        for j, key in enumerate(keys):
+            if continues and j + 1 < self.stack and key == previous[j + 1]:
                 refs.append(previous_refs[j + 1])
-            elif j > 0 and np.array_equal(frame, frames[j - 1]):
+            elif j > 0 and key == keys[j - 1]:
                 refs.append(refs[-1])  # padding at an episode start repeats a frame
             else:
-                refs.append(self._new_frame(frame))
-        self.last_stack[env], self.last_refs[env] = frames, tuple(refs)
+                refs.append(self._new_frame(frames[j]))
+        self.last_frames[env], self.last_refs[env] = keys, tuple(refs)
         return tuple(refs)
 
     # --- Steps ----------------------------------------------------------------------------

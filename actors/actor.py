@@ -1,7 +1,8 @@
 """The actor without Ray: K envs, an epsilon-greedy copy of the Q-network, an adder.
 
 `step()` takes one action in every env (one batched forward pass over the envs that act
-greedily this step) and hands the K steps to a `FrameAdder`; `take_chunk()` returns a ready insert message for the replay service.
+greedily this step) and hands the K steps to a `FrameAdder`; `take_chunk()` returns a ready
+insert message for the replay service.
 Weights arrive through `set_weights(weights, version)`.
 """
 from __future__ import annotations

@@ -233,17 +233,20 @@ class ProgressLog:
         self.tf = tf
         self.writer = tf.summary.create_file_writer(str(logdir))
         self.config = config
-        self.last = (time.monotonic(), 0, 0)
+        self.last = (time.monotonic(), 0, 0, 0.0)
 
     def write(self, progress: Progress) -> dict:
         now, steps, updates = time.monotonic(), progress.agent_steps, progress.learner["updates"]
-        last_time, last_steps, last_updates = self.last
+        starved = progress.learner["starved_s"]
+        last_time, last_steps, last_updates, last_starved = self.last
         dt = max(now - last_time, 1e-9)
-        self.last = (now, steps, updates)
+        self.last = (now, steps, updates, starved)
         figures = {
             "agent_steps_per_s": (steps - last_steps) / dt,
             "env_frames_per_s": (steps - last_steps) * progress.frame_skip / dt,
             "updates_per_s": (updates - last_updates) / dt,
+            # Share of the interval the learner sat without a batch, once it had begun.
+            "learner_starved_fraction": min((starved - last_starved) / dt, 1.0),
             "replay_size": progress.replay["size"],
             "episodes": progress.episodes,
             "weight_version": progress.learner["weight_version"],
@@ -365,6 +368,7 @@ def make_summary(config: Config, env_info: EnvInfo, progress: Progress, elapsed_
         "agent_steps_per_s": round(steps / elapsed_s, 2),
         "env_frames_per_s": round(steps * env_info.frame_skip / elapsed_s, 2),
         "updates_per_s": round(updates / elapsed_s, 2),
+        "learner_starved_s": round(progress.learner["starved_s"], 2),
         "replay_size": progress.replay["size"],
         "samples_per_insert": round(progress.replay["samples_per_insert"], 3),
         "actor_restarts": progress.restarts,

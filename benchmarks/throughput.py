@@ -9,12 +9,13 @@ Each figure is measured for the same `--seconds`, one after the other on the sam
   it up) holding all N x K envs, stepped with random actions; nothing else runs.
 - acting_agent_steps_per_s: N actors x K envs and a replay shard under Ray, the learner
   placed but not training (replay never reaches its minimum size, so weights stay fixed).
-  Epsilon is the seed's floor, 0.1, so the network runs every step for all K envs.
+  Epsilon is the seed's floor, 0.1, so nine envs in ten go through the network each step.
   acting_ratio = acting / raw (target >= 0.6).
 - bare_updates_per_s: the seed preset's train step alone on one fixed in-memory batch.
   system_updates_per_s: the learner inside the whole running system (seed preset, N x K,
   8 samples per inserted transition enforced by the rate limiter).
-  learner_ratio = system / bare (target >= 0.8).
+  learner_ratio = system / bare (target >= 0.8). system_learner_starved_fraction: the share
+  of that window the learner waited for a batch (the rest it was training or publishing).
 - seed_agent_steps_per_s: the keras.io seed script (../shared/seed/seed_dqn_restored.py) for
   `--seconds`, past its random phase (random-steps argument 0), like the system run, in the
   environment this script was started with (the project's TF defaults are not passed on);
@@ -55,7 +56,7 @@ from common.config import PRESETS, Config  # noqa: E402
 from common.envs import EnvBatch, describe_env  # noqa: E402
 
 TARGETS = {"acting_ratio": 0.6, "learner_ratio": 0.8, "speedup_vs_seed": 6.0}
-ACTING_EPSILON = 0.1  # the seed's floor: 90% of actions greedy, so every step runs the network
+ACTING_EPSILON = 0.1  # the seed's floor: 90% of actions greedy, nine envs in ten through the network
 ACTING_REPLAY_CAPACITY = 2_000_000  # never filled in a run: the learner never starts
 
 
@@ -168,7 +169,7 @@ def run_roles(config: Config, num_actors: int, seconds: float, warm_up_s: float,
         stop_roles(roles)
     elapsed = after["time"] - before["time"]
     rates = {name: (after[name] - before[name]) / elapsed
-             for name in ("agent_steps", "updates", "inserted", "sampled")}
+             for name in ("agent_steps", "updates", "inserted", "sampled", "starved_s")}
     rates["samples_per_insert"] = (rates["sampled"] / rates["inserted"]
                                    if rates["inserted"] else 0.0)
     # CPUs each role kept busy over the window (the sum is at most the machine's CPUs).
@@ -202,6 +203,7 @@ def snapshot(roles, progress) -> dict:
     shard_stats = ray.get([shard.stats.remote() for shard in roles.shards])
     return {"time": time.monotonic(), "agent_steps": progress.agent_steps,
             "updates": progress.learner["updates"],
+            "starved_s": progress.learner["starved_s"],
             "inserted": sum(stats["total_inserted"] for stats in shard_stats),
             "sampled": sum(stats["total_sampled"] for stats in shard_stats),
             "cpu": cpu_seconds()}
@@ -271,7 +273,8 @@ def main() -> None:
     system = run_roles(system_config, num_actors, seconds, warm_up, training=True)
     print(f"system (seed preset): {system['agent_steps']:,.1f} agent steps/s, "
           f"{system['updates']:.1f} updates/s, {system['samples_per_insert']:.2f} samples "
-          f"per insert", flush=True)
+          f"per insert, learner waiting for batches {system['starved_s']:.1%} of the time",
+          flush=True)
     ray.shutdown()
     runs.append(baselines(seed_preset, num_actors * envs_per_actor, seconds))  # after Ray
     raw, bare, seed_steps, seed_updates = (
@@ -293,6 +296,8 @@ def main() -> None:
         "system_updates_per_s": round(system["updates"], 2),
         "learner_ratio": round(system["updates"] / bare, 3),
         "system_samples_per_insert": round(system["samples_per_insert"], 2),
+        # Share of the system window the learner waited for a batch (rate limiter or replay).
+        "system_learner_starved_fraction": round(system["starved_s"], 3),
         "acting_cpus_busy": acting["cpus_busy"], "system_cpus_busy": system["cpus_busy"],
         "seed_agent_steps_per_s": round(seed_steps, 2),
         "seed_updates_per_s": round(seed_updates, 2),

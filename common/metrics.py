@@ -12,6 +12,7 @@ EPISODE_RETURN = "dqn_episode_return"
 UPDATES = "dqn_updates"
 TARGET_SYNCS = "dqn_target_syncs"
 WEIGHT_VERSION = "dqn_weight_version"
+LEARNER_STARVED = "dqn_learner_starved_seconds"
 REPLAY_SIZE = "dqn_replay_size"
 REPLAY_INSERTS = "dqn_replay_inserted_transitions"
 REPLAY_SAMPLES = "dqn_replay_sampled_transitions"
@@ -25,13 +26,14 @@ DESCRIPTIONS = {
     UPDATES: "Learner gradient updates.",
     TARGET_SYNCS: "Target-network syncs.",
     WEIGHT_VERSION: "Version of the newest weights the learner published.",
+    LEARNER_STARVED: "Seconds the learner waited for a batch after its first update.",
     REPLAY_SIZE: "Transitions held by the replay service.",
     REPLAY_INSERTS: "Transitions inserted into replay.",
     REPLAY_SAMPLES: "Transitions sampled from replay.",
     REPLAY_REJECTED: "Messages (inserts, priority updates) refused as malformed.",
 }
-COUNTERS = {AGENT_STEPS, ENV_FRAMES, EPISODES, UPDATES, TARGET_SYNCS, REPLAY_INSERTS,
-            REPLAY_SAMPLES, REPLAY_REJECTED}
+COUNTERS = {AGENT_STEPS, ENV_FRAMES, EPISODES, UPDATES, TARGET_SYNCS, LEARNER_STARVED,
+            REPLAY_INSERTS, REPLAY_SAMPLES, REPLAY_REJECTED}
 
 
 def make(*names: str, tags: dict[str, str] | None = None) -> dict:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 import traceback
 
 import numpy as np
@@ -99,7 +100,10 @@ class LearnerService:
         self.device = "GPU" if tf.config.list_physical_devices("GPU") else "CPU"
         self.learner = DQNLearner(config, env_info)
         self.metrics = metrics.make(metrics.UPDATES, metrics.TARGET_SYNCS,
-                                    metrics.WEIGHT_VERSION)
+                                    metrics.WEIGHT_VERSION, metrics.LEARNER_STARVED)
+        # Seconds the trainer sat without a batch once training had begun: the rate limiter
+        # holding it back, or replay and Ray not keeping the prefetch queue full.
+        self.starved_s = 0.0
         self.version = 0
         self.weights_ref = ray.put(self.learner.get_weights())
         self.published = threading.Condition()  # notified at each new version, and at stop
@@ -119,10 +123,13 @@ class LearnerService:
             while not self.stop_event.is_set():
                 if self.prefetcher.error:
                     raise RuntimeError(f"batch prefetch failed:\n{self.prefetcher.error}")
+                waiting_since = time.perf_counter()
                 try:
                     shard, batch = self.prefetcher.get(timeout=0.1)
                 except queue.Empty:
                     continue
+                finally:
+                    self._count_wait(time.perf_counter() - waiting_since)
                 syncs_before = self.learner.target_syncs
                 result = self.learner.step(batch)
                 self.last_loss = result["loss"]
@@ -136,6 +143,11 @@ class LearnerService:
                     self._publish()
         except Exception:
             self.error = traceback.format_exc()
+
+    def _count_wait(self, seconds: float):
+        if self.learner.updates > 0:  # before the first update the wait is replay filling up
+            self.starved_s += seconds
+            self.metrics[metrics.LEARNER_STARVED].inc(seconds)
 
     def _publish(self):
         # One object per version, however many actors read it.
@@ -161,7 +173,7 @@ class LearnerService:
     def stats(self) -> dict:
         return {"updates": self.learner.updates, "target_syncs": self.learner.target_syncs,
                 "weight_version": self.version, "loss": self.last_loss, "device": self.device,
-                "error": self.error}
+                "starved_s": self.starved_s, "error": self.error}
 
     def stop(self) -> dict:
         self.stop_event.set()

@@ -34,6 +34,7 @@ def test_throughput_benchmark_quick_mode_prints_its_figures(ray_address):
         assert figures[name] > 0, name
     assert set(figures["targets_met"]) == {"acting_ratio", "learner_ratio", "speedup_vs_seed"}
     assert figures["acting_cpus_busy"]["actors"] > 0
+    assert 0 <= figures["system_learner_starved_fraction"] <= 1
     # The baselines ran before Ray and after it; the ratios divide by their mean.
     runs = [figures["baselines"][when] for when in ("before_ray", "after_ray")]
     assert all(run["raw_env_agent_steps_per_s"] > 0 for run in runs)

@@ -56,7 +56,7 @@ from common.config import PRESETS, Config  # noqa: E402
 from common.envs import EnvBatch, describe_env  # noqa: E402
 
 TARGETS = {"acting_ratio": 0.6, "learner_ratio": 0.8, "speedup_vs_seed": 6.0}
-ACTING_EPSILON = 0.1  # the seed's floor: 90% of actions greedy, nine envs in ten through the network
+ACTING_EPSILON = 0.1  # the seed's floor: nine envs in ten go through the network each step
 ACTING_REPLAY_CAPACITY = 2_000_000  # never filled in a run: the learner never starts
 
 
@@ -172,6 +172,8 @@ def run_roles(config: Config, num_actors: int, seconds: float, warm_up_s: float,
              for name in ("agent_steps", "updates", "inserted", "sampled", "starved_s")}
     rates["samples_per_insert"] = (rates["sampled"] / rates["inserted"]
                                    if rates["inserted"] else 0.0)
+    # Seconds starved per second: the share of the window the learner waited for a batch.
+    rates["learner_starved_fraction"] = rates.pop("starved_s")
     # CPUs each role kept busy over the window (the sum is at most the machine's CPUs).
     rates["cpus_busy"] = {role: round((after["cpu"][role] - before["cpu"][role]) / elapsed, 2)
                           for role in before["cpu"]}
@@ -273,8 +275,8 @@ def main() -> None:
     system = run_roles(system_config, num_actors, seconds, warm_up, training=True)
     print(f"system (seed preset): {system['agent_steps']:,.1f} agent steps/s, "
           f"{system['updates']:.1f} updates/s, {system['samples_per_insert']:.2f} samples "
-          f"per insert, learner waiting for batches {system['starved_s']:.1%} of the time",
-          flush=True)
+          f"per insert, learner waiting for batches "
+          f"{system['learner_starved_fraction']:.1%} of the time", flush=True)
     ray.shutdown()
     runs.append(baselines(seed_preset, num_actors * envs_per_actor, seconds))  # after Ray
     raw, bare, seed_steps, seed_updates = (
@@ -296,8 +298,7 @@ def main() -> None:
         "system_updates_per_s": round(system["updates"], 2),
         "learner_ratio": round(system["updates"] / bare, 3),
         "system_samples_per_insert": round(system["samples_per_insert"], 2),
-        # Share of the system window the learner waited for a batch (rate limiter or replay).
-        "system_learner_starved_fraction": round(system["starved_s"], 3),
+        "system_learner_starved_fraction": round(system["learner_starved_fraction"], 3),
         "acting_cpus_busy": acting["cpus_busy"], "system_cpus_busy": system["cpus_busy"],
         "seed_agent_steps_per_s": round(seed_steps, 2),
         "seed_updates_per_s": round(seed_updates, 2),

@@ -131,7 +131,9 @@ class Config:
               "(default: 2 x chunk_transitions x samples_per_insert + one learner call's samples).")
 
     # Data flow between roles.
-    chunk_transitions: int = knob(64, "Transitions an actor sends to replay per call.")
+    chunk_transitions: int = knob(
+        128, "Transitions an actor sends to replay per call (fewer calls, less Ray work: 128 "
+             "against 64 gave ~1.06x the acting agent steps/s on 2 CPUs).")
     max_inflight_chunks: int = knob(2, "Unacknowledged sends per actor before it waits.")
     weight_publish_updates: int = knob(
         50, "Updates between weight publishes; actors pick up each new version.")
@@ -254,7 +256,7 @@ PRESETS: dict[str, Config] = {
         replay_capacity=2_000_000, min_replay_size=50_000,
         # Ape-X's learner took 19 batches of 512 a second from actors adding ~12,500
         # transitions a second: about 0.8 samples per insert.
-        samples_per_insert=0.8, chunk_transitions=128, weight_publish_updates=10,
+        samples_per_insert=0.8, weight_publish_updates=10,
         weight_refresh_env_frames=400),
 }
 

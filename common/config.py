@@ -290,7 +290,7 @@ def build_parser(prog: str, defaults: Config) -> argparse.ArgumentParser:
                                 help=f"{f.metadata['help']} (default: seed)")
             continue
         default = getattr(defaults, f.name)
-        help_text = f.metadata["help"]
+        help_text = f.metadata["help"].replace("%", "%%")  # argparse %-formats help
         if default is not None:  # a None default is described in the help text itself
             help_text += f" (default: {default})"
         if f.type in ("bool", "bool | None"):

@@ -23,10 +23,11 @@ Each figure is measured for the same `--seconds`, one after the other on the sam
   the script prints it is in `baselines`).
   system_agent_steps_per_s: that system run. speedup_vs_seed = system / seed (target >= 6).
 System rates are taken over a window that opens `--warm-up` seconds after the learner's
-first update (the seed script's timer likewise starts after its set-up). The three baselines
-(raw, bare, seed) run both before Ray starts and after it stops, and each ratio divides by
-the mean of the two, so a host that speeds up or slows down during the run moves both sides
-of a ratio alike; both runs are in the JSON (`baselines`). `--scaling` adds
+first update (the seed script's timer likewise starts after its set-up). Each baseline runs
+right before and right after the run it is the other side of, with Ray stopped (raw around
+the acting run; bare and seed around the system run), and each ratio divides by the mean of
+the two, so a host that speeds up or slows down moves both sides of a ratio alike; every
+baseline run is in the JSON (`baselines`). `--scaling` adds
 acting rates for 1, 2, 4 actors and for K = 16, 32, 128 (each with its raw figure). `--quick`
 runs every part for a few seconds: a check that the script works, not a measurement.
 """
@@ -123,23 +124,40 @@ def seed_script_rate(seconds: float) -> dict:
             "printed_agent_steps_per_s": printed_rate}
 
 
-BASELINES = ("raw_env_agent_steps_per_s", "bare_updates_per_s", "seed_agent_steps_per_s",
-             "seed_updates_per_s")
-
-
-def baselines(config: Config, num_envs: int, seconds: float) -> dict:
-    """The emulator, the train step and the seed script, each alone for `seconds`."""
-    raw = raw_env_rate(config, num_envs, seconds)
-    print(f"raw vector env ({num_envs} envs): {raw:,.0f} agent steps/s", flush=True)
+def learner_baselines(config: Config, seconds: float) -> dict:
+    """The train step alone and the seed script, each for `seconds`."""
     bare = bare_learner_rate(config, seconds)
     print(f"train step alone: {bare:.1f} updates/s", flush=True)
     seed = seed_script_rate(seconds)
     print(f"seed script: {seed['agent_steps_per_s']:.1f} agent steps/s training "
           f"({seed['printed_agent_steps_per_s']:.1f} as it prints them, start included), "
           f"{seed['updates_per_s']:.2f} updates/s", flush=True)
-    return {**dict(zip(BASELINES, (round(raw, 1), round(bare, 2), seed["agent_steps_per_s"],
-                                   seed["updates_per_s"]))),
+    return {"bare_updates_per_s": round(bare, 2),
+            "seed_agent_steps_per_s": seed["agent_steps_per_s"],
+            "seed_updates_per_s": seed["updates_per_s"],
             "seed_printed_agent_steps_per_s": seed["printed_agent_steps_per_s"]}
+
+
+def raw_baseline(config: Config, num_envs: int, seconds: float) -> dict:
+    raw = raw_env_rate(config, num_envs, seconds)
+    print(f"raw vector env ({num_envs} envs): {raw:,.0f} agent steps/s", flush=True)
+    return {"raw_env_agent_steps_per_s": round(raw, 1)}
+
+
+def under_ray(config: Config, num_actors: int, run):
+    """`run()` in a Ray session started (or joined) for it and stopped after."""
+    import ray
+
+    import launch
+    launch.connect_ray(config, num_actors)
+    try:
+        return run()
+    finally:
+        ray.shutdown()
+
+
+def mean_of(runs: list[dict], name: str) -> float:
+    return float(np.mean([run[name] for run in runs]))
 
 
 def run_roles(config: Config, num_actors: int, seconds: float, warm_up_s: float,
@@ -257,30 +275,33 @@ def main() -> None:
         parser.error(f"seed script not found at {SEED_SCRIPT}")
     seconds, warm_up = (4.0, 1.0) if args.quick else (args.seconds, args.warm_up)
 
-    import ray
-
     import launch
     seed_preset = PRESETS["seed"].replace(address=args.address)
     envs_per_actor = args.envs_per_actor or seed_preset.envs_per_actor
     system_config = machine_config(seed_preset, args.num_actors, envs_per_actor).replace(
         random_agent_steps=0)
     num_actors = system_config.num_actors
+    num_envs = num_actors * envs_per_actor
 
-    runs = [baselines(seed_preset, num_actors * envs_per_actor, seconds)]  # before Ray
-    launch.connect_ray(system_config, num_actors)
-    acting = run_roles(acting_config(seed_preset, num_actors, envs_per_actor), num_actors,
-                       seconds, warm_up, training=False)
+    raw_runs = [raw_baseline(seed_preset, num_envs, seconds)]
+    acting = under_ray(system_config, num_actors, lambda: run_roles(
+        acting_config(seed_preset, num_actors, envs_per_actor), num_actors, seconds, warm_up,
+        training=False))
     print(f"acting ({num_actors} actors x {envs_per_actor} envs, epsilon {ACTING_EPSILON}): "
           f"{acting['agent_steps']:,.0f} agent steps/s", flush=True)
-    system = run_roles(system_config, num_actors, seconds, warm_up, training=True)
+    raw_runs.append(raw_baseline(seed_preset, num_envs, seconds))
+    learner_runs = [learner_baselines(seed_preset, seconds)]
+    system = under_ray(system_config, num_actors, lambda: run_roles(
+        system_config, num_actors, seconds, warm_up, training=True))
     print(f"system (seed preset): {system['agent_steps']:,.1f} agent steps/s, "
           f"{system['updates']:.1f} updates/s, {system['samples_per_insert']:.2f} samples "
           f"per insert, learner waiting for batches "
           f"{system['learner_starved_fraction']:.1%} of the time", flush=True)
-    ray.shutdown()
-    runs.append(baselines(seed_preset, num_actors * envs_per_actor, seconds))  # after Ray
-    raw, bare, seed_steps, seed_updates = (
-        float(np.mean([run[name] for run in runs])) for name in BASELINES)
+    learner_runs.append(learner_baselines(seed_preset, seconds))
+    raw = mean_of(raw_runs, "raw_env_agent_steps_per_s")
+    bare = mean_of(learner_runs, "bare_updates_per_s")
+    seed_steps = mean_of(learner_runs, "seed_agent_steps_per_s")
+    seed_updates = mean_of(learner_runs, "seed_updates_per_s")
     scaling = []
     if args.scaling and not args.quick:
         launch.connect_ray(system_config, max(num_actors, 4))
@@ -304,7 +325,8 @@ def main() -> None:
         "seed_updates_per_s": round(seed_updates, 2),
         "system_agent_steps_per_s": round(system["agent_steps"], 1),
         "speedup_vs_seed": round(system["agent_steps"] / seed_steps, 2),
-        "baselines": {"before_ray": runs[0], "after_ray": runs[1]},
+        "baselines": {"around_acting": {"before": raw_runs[0], "after": raw_runs[1]},
+                      "around_system": {"before": learner_runs[0], "after": learner_runs[1]}},
         "tf_enable_onednn_opts": {"project": os.environ.get("TF_ENABLE_ONEDNN_OPTS"),
                                   "seed": SEED_ENV.get("TF_ENABLE_ONEDNN_OPTS")},
     }

@@ -27,9 +27,9 @@ first update (the seed script's timer likewise starts after its set-up). Each ba
 right before and right after the run it is the other side of, with Ray stopped (raw around
 the acting run; bare and seed around the system run), and each ratio divides by the mean of
 the two, so a host that speeds up or slows down moves both sides of a ratio alike; every
-baseline run is in the JSON (`baselines`). `--scaling` adds
-acting rates for 1, 2, 4 actors and for K = 16, 32, 128 (each with its raw figure). `--quick`
-runs every part for a few seconds: a check that the script works, not a measurement.
+baseline run is in the JSON (`baselines`). `--scaling` adds acting rates for 1, 2, 4 actors
+and for K = 16, 32, 128 (each with its raw figure, measured just before). `--quick` runs
+every part for a few seconds: a check that the script works, not a measurement.
 """
 from __future__ import annotations
 

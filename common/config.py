@@ -140,6 +140,11 @@ class Config:
     weight_refresh_env_frames: int = knob(
         0, "Emulator frames each env of an actor plays between the actor's checks for newer "
            "weights (Ape-X: 400; 0: after every chunk sent).")
+    mixed_precision: bool | None = knob(
+        None, "The learner computes in float16 with float32 weights and a dynamic loss scale "
+              "(Keras 'mixed_float16'; weights sent to actors stay float32). Default: on when "
+              "the learner has a GPU with tensor cores (compute capability 7.0 or newer), off "
+              "otherwise: CPUs here have no fast float16.")
     xla: bool = knob(True, "Compile the learner's train step with XLA (faster on this "
                            "project's CPU benchmark, and on GPUs).")
     learner_batches_per_call: int = knob(

@@ -17,20 +17,22 @@ from keras import layers  # noqa: E402
 
 def build_q_network(obs_shape: tuple[int, ...], num_actions: int,
                     mlp_hidden_units: tuple[int, ...] = (256, 256),
-                    dueling: bool = False) -> keras.Model:
+                    dueling: bool = False, mixed_precision: bool = False) -> keras.Model:
     """Nature CNN (Mnih et al. 2015, as in the keras.io seed) for stacked frames (C, H, W) of
     uint8; an MLP for vector observations. Frames are scaled to [0, 1] inside the model, so
     uint8 travels everywhere and the float copy exists only on the device. With `dueling`
     (Wang et al. 2016) the last hidden layer splits into a value and an advantage stream,
-    Q = V + A - mean(A)."""
+    Q = V + A - mean(A). With `mixed_precision` the hidden layers compute in float16 on
+    float32 weights; Q-values always come out float32."""
+    dtype = "mixed_float16" if mixed_precision else None
     if len(obs_shape) == 3:
         inputs = keras.Input(shape=obs_shape, dtype="uint8")
-        x = layers.Rescaling(1.0 / 255.0)(inputs)
-        x = layers.Permute((2, 3, 1))(x)  # stacks arrive channels-first; Conv2D wants last
-        x = layers.Conv2D(32, 8, strides=4, activation="relu")(x)
-        x = layers.Conv2D(64, 4, strides=2, activation="relu")(x)
-        x = layers.Conv2D(64, 3, strides=1, activation="relu")(x)
-        features, head_units, name = layers.Flatten()(x), (512,), "nature_cnn"
+        x = layers.Rescaling(1.0 / 255.0, dtype=dtype)(inputs)
+        x = layers.Permute((2, 3, 1), dtype=dtype)(x)  # stacks arrive channels-first
+        x = layers.Conv2D(32, 8, strides=4, activation="relu", dtype=dtype)(x)
+        x = layers.Conv2D(64, 4, strides=2, activation="relu", dtype=dtype)(x)
+        x = layers.Conv2D(64, 3, strides=1, activation="relu", dtype=dtype)(x)
+        features, head_units, name = layers.Flatten(dtype=dtype)(x), (512,), "nature_cnn"
     elif len(obs_shape) == 1:
         inputs = keras.Input(shape=obs_shape, dtype="float32")
         features, head_units, name = inputs, tuple(mlp_hidden_units), "mlp"
@@ -38,16 +40,16 @@ def build_q_network(obs_shape: tuple[int, ...], num_actions: int,
         raise ValueError(f"no Q-network for observations of shape {obs_shape}; "
                          "expected (stack, height, width) frames or a flat vector")
     if not dueling:
-        return keras.Model(inputs, _head(features, head_units, num_actions), name=name)
-    value = _head(features, head_units, 1)
-    advantage = _head(features, head_units, num_actions)
+        return keras.Model(inputs, _head(features, head_units, num_actions, dtype), name=name)
+    value = _head(features, head_units, 1, dtype)
+    advantage = _head(features, head_units, num_actions, dtype)
     q = DuelingCombine(dtype="float32")([value, advantage])
     return keras.Model(inputs, q, name=f"dueling_{name}")
 
 
-def _head(x, hidden_units: tuple[int, ...], outputs: int):
+def _head(x, hidden_units: tuple[int, ...], outputs: int, dtype: str | None):
     for units in hidden_units:
-        x = layers.Dense(units, activation="relu")(x)
+        x = layers.Dense(units, activation="relu", dtype=dtype)(x)
     return layers.Dense(outputs, activation="linear", dtype="float32")(x)
 
 

@@ -24,17 +24,31 @@ import tensorflow as tf  # noqa: E402  (after networks.py set the Keras backend)
 BATCH_FIELDS = ("obs", "action", "reward", "discount", "next_obs", "weight")
 
 
+def tensor_cores_present() -> bool:
+    """A GPU of compute capability 7.0 or newer, where float16 runs on tensor cores."""
+    for gpu in tf.config.list_physical_devices("GPU"):
+        if tf.config.experimental.get_device_details(gpu).get("compute_capability",
+                                                              (0, 0)) >= (7, 0):
+            return True
+    return False
+
+
 class DQNLearner:
     def __init__(self, config: Config, env_info: EnvInfo):
         self.config = config
         keras.utils.set_random_seed(config.seed)
+        self.mixed_precision = (tensor_cores_present() if config.mixed_precision is None
+                                else config.mixed_precision)
         build = lambda: build_q_network(env_info.obs_shape, env_info.num_actions,  # noqa: E731
-                                        config.mlp_hidden_units, config.dueling)
+                                        config.mlp_hidden_units, config.dueling,
+                                        self.mixed_precision)
         self.online = build()
         self.target = build()
         clip = ({"global_clipnorm": config.grad_clip_norm} if config.grad_clip_global
                 else {"clipnorm": config.grad_clip_norm})
         self.optimizer = keras.optimizers.Adam(learning_rate=config.learning_rate, **clip)
+        if self.mixed_precision:  # float16 gradients underflow unless the loss is scaled up
+            self.optimizer = keras.optimizers.LossScaleOptimizer(self.optimizer)
         self.optimizer.build(self.online.trainable_variables)
         # Per-item losses, weighted and averaged here: Keras's own sample_weight reduction
         # divides by the sum of the weights, which would undo the importance weights' scale.
@@ -63,7 +77,9 @@ class DQNLearner:
             q_taken = tf.gather(q, action, axis=1, batch_dims=1)
             loss = tf.reduce_mean(weight * self.huber(tf.stop_gradient(y)[:, None],
                                                       q_taken[:, None]))
-        grads = tape.gradient(loss, self.online.trainable_variables)
+            scaled = self.optimizer.scale_loss(loss) if self.mixed_precision else loss
+        # A loss-scaling optimizer unscales the gradients, and skips a step whose overflowed.
+        grads = tape.gradient(scaled, self.online.trainable_variables)
         self.optimizer.apply_gradients(zip(grads, self.online.trainable_variables))
         return loss, y - q_taken
 

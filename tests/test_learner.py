@@ -134,3 +134,25 @@ def test_dueling_head_splits_value_and_advantage():
     value_model = __import__("keras").Model(model.input, value_head.output)
     np.testing.assert_allclose(q.mean(axis=1), value_model(obs).numpy()[:, 0], rtol=1e-5,
                                atol=1e-6)
+
+
+def test_mixed_precision_is_off_without_tensor_cores_and_trains_when_asked():
+    assert not DQNLearner(PRESETS["seed"], BREAKOUT).mixed_precision  # this machine: CPU
+    config = PRESETS["seed"].replace(mixed_precision=True, xla=False)
+    learner = DQNLearner(config, BREAKOUT)
+    conv = next(layer for layer in learner.online.layers if "conv" in layer.name)
+    assert conv.compute_dtype == "float16" and conv.kernel.dtype == "float32"
+    batch = fixed_batch(BREAKOUT, 32, np.random.default_rng(0))
+    before = np.mean(learner.td_error(unstack(batch)) ** 2)
+    for _ in range(3):
+        result = learner.step(batch)
+    assert np.isfinite(result["loss"])
+    assert np.mean(learner.td_error(unstack(batch)) ** 2) < before
+    # The weights actors get are float32 and load into the actors' float32 network.
+    weights = learner.get_weights()
+    assert all(w.dtype == np.float32 for w in weights)
+    actor_net = build_q_network(BREAKOUT.obs_shape, BREAKOUT.num_actions)
+    actor_net.set_weights(weights)
+    obs = batch["obs"][0]
+    np.testing.assert_allclose(actor_net(obs).numpy(), learner.online(obs).numpy(),
+                               rtol=0.05, atol=0.05)

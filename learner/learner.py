@@ -77,8 +77,9 @@ class DQNLearner:
             q_taken = tf.gather(q, action, axis=1, batch_dims=1)
             loss = tf.reduce_mean(weight * self.huber(tf.stop_gradient(y)[:, None],
                                                       q_taken[:, None]))
-            scaled = self.optimizer.scale_loss(loss) if self.mixed_precision else loss
-        # A loss-scaling optimizer unscales the gradients, and skips a step whose overflowed.
+            # Keras's hook: the identity for plain Adam; under mixed precision the loss-scaling
+            # optimizer scales here, unscales the gradients, and skips a step that overflowed.
+            scaled = self.optimizer.scale_loss(loss)
         grads = tape.gradient(scaled, self.online.trainable_variables)
         self.optimizer.apply_gradients(zip(grads, self.online.trainable_variables))
         return loss, y - q_taken

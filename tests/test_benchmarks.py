@@ -39,6 +39,7 @@ def test_throughput_benchmark_quick_mode_prints_its_figures(ray_address):
     # by their mean.
     raw_runs = figures["baselines"]["around_acting"]
     learner_runs = figures["baselines"]["around_system"]
+    assert all(run["raw_env_agent_steps_per_s"] > 0 for run in raw_runs.values())
     mean_raw = sum(raw_runs[when]["raw_env_agent_steps_per_s"] for when in raw_runs) / 2
     assert abs(figures["raw_env_agent_steps_per_s"] - mean_raw) < 0.1
     mean_bare = sum(learner_runs[when]["bare_updates_per_s"] for when in learner_runs) / 2

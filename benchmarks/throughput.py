@@ -1,7 +1,7 @@
 """Throughput of every role, against the raw emulator and the seed script, in one run.
 
     python benchmarks/throughput.py [--seconds 30] [--num-actors N] [--envs-per-actor K]
-                                    [--scaling] [--quick] [--address ADDR]
+                                    [--scaling] [--quick] [--address ADDR] [--seed-script PATH]
 
 Each figure is measured for the same `--seconds`, one after the other on the same machine
 (these machines are noisy: the ratios are the result), then one JSON line:
@@ -16,11 +16,12 @@ Each figure is measured for the same `--seconds`, one after the other on the sam
   8 samples per inserted transition enforced by the rate limiter).
   learner_ratio = system / bare (target >= 0.8). system_learner_starved_fraction: the share
   of that window the learner waited for a batch (the rest it was training or publishing).
-- seed_agent_steps_per_s: the keras.io seed script (../shared/seed/seed_dqn_restored.py) for
-  `--seconds`, past its random phase (random-steps argument 0), like the system run, in the
-  environment this script was started with (the project's TF defaults are not passed on);
-  its steps before its first update are left out, as the system's start-up is (the rate as
-  the script prints it is in `baselines`).
+- seed_agent_steps_per_s: the single-process baseline, benchmarks/single_process.py (the
+  keras.io "Deep Q-Learning for Atari Breakout" example's loop, untuned), or the script
+  `--seed-script` names, for `--seconds`, past its random phase (random-steps argument 0),
+  like the system run, in the environment this script was started with (the project's TF
+  defaults are not passed on); its steps before its first update are left out, as the
+  system's start-up is (the rate as the script prints it is in `baselines`).
   system_agent_steps_per_s: that system run. speedup_vs_seed = system / seed (target >= 6).
 System rates are taken over a window that opens `--warm-up` seconds after the learner's
 first update (the seed script's timer likewise starts after its set-up). Each baseline runs
@@ -46,7 +47,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-SEED_SCRIPT = ROOT.parent / "shared" / "seed" / "seed_dqn_restored.py"
+SINGLE_PROCESS_SCRIPT = ROOT / "benchmarks" / "single_process.py"
 # The seed runs as a user would run it: in the environment this script started with, not with
 # the TensorFlow defaults the project's modules set when imported (oneDNN on, which makes the
 # seed itself ~7% faster on this machine).
@@ -108,15 +109,20 @@ def bare_learner_rate(config: Config, seconds: float) -> float:
 SEED_STEPS_BEFORE_TRAINING = 35
 
 
-def seed_script_rate(seconds: float) -> dict:
-    """The seed script's agent steps/s in its training phase, and its updates/s."""
-    out = subprocess.run([sys.executable, str(SEED_SCRIPT), str(seconds), "0"],
+def seed_script_rate(script: Path, seconds: float) -> dict:
+    """The single-process script's agent steps/s in its training phase, and its updates/s.
+    Its last line holds agent_steps, agent_steps_per_s, updates and updates_per_s: as a JSON
+    object (benchmarks/single_process.py) or as name=value pairs."""
+    out = subprocess.run([sys.executable, str(script), str(seconds), "0"],
                          capture_output=True, text=True, check=True, timeout=seconds + 300,
                          env=SEED_ENV).stdout
-    fields = dict(re.findall(r"(\w+)=([\d.]+)", out.strip().splitlines()[-1]))
+    fields = parse_rates(out.strip().splitlines()[-1] if out.strip() else "")
+    missing = {"agent_steps", "agent_steps_per_s", "updates", "updates_per_s"} - set(fields)
+    if missing:
+        raise SystemExit(f"{script} printed no {', '.join(sorted(missing))} on its last line")
     steps, printed_rate = int(fields["agent_steps"]), float(fields["agent_steps_per_s"])
     if int(fields["updates"]) == 0:
-        raise SystemExit(f"the seed script did not start training within {seconds} s "
+        raise SystemExit(f"{script} did not start training within {seconds} s "
                          f"({steps} agent steps); give it more --seconds")
     return {"agent_steps_per_s": round(
                 printed_rate * (steps - SEED_STEPS_BEFORE_TRAINING) / steps, 2),
@@ -124,12 +130,21 @@ def seed_script_rate(seconds: float) -> dict:
             "printed_agent_steps_per_s": printed_rate}
 
 
-def learner_baselines(config: Config, seconds: float) -> dict:
-    """The train step alone and the seed script, each for `seconds`."""
+def parse_rates(line: str) -> dict:
+    try:
+        fields = json.loads(line)
+    except json.JSONDecodeError:
+        return dict(re.findall(r"(\w+)=([\d.]+)", line))
+    return fields if isinstance(fields, dict) else {}
+
+
+def learner_baselines(config: Config, seconds: float, seed_script: Path) -> dict:
+    """The train step alone and the single-process script, each for `seconds`."""
     bare = bare_learner_rate(config, seconds)
     print(f"train step alone: {bare:.1f} updates/s", flush=True)
-    seed = seed_script_rate(seconds)
-    print(f"seed script: {seed['agent_steps_per_s']:.1f} agent steps/s training "
+    seed = seed_script_rate(seed_script, seconds)
+    print(f"single process ({seed_script.name}): {seed['agent_steps_per_s']:.1f} agent "
+          f"steps/s training "
           f"({seed['printed_agent_steps_per_s']:.1f} as it prints them, start included), "
           f"{seed['updates_per_s']:.2f} updates/s", flush=True)
     return {"bare_updates_per_s": round(bare, 2),
@@ -270,9 +285,14 @@ def main() -> None:
                         help="Every part for a few seconds: checks the script, measures nothing.")
     parser.add_argument("--address", default=None, help="Join this Ray cluster instead of "
                                                         "starting a local one.")
+    parser.add_argument("--seed-script", type=Path, default=SINGLE_PROCESS_SCRIPT,
+                        help="The single-process baseline: a script taking [seconds] "
+                             "[random_agent_steps] whose last line gives agent_steps, "
+                             "agent_steps_per_s, updates and updates_per_s (default: "
+                             "benchmarks/single_process.py).")
     args = parser.parse_args()
-    if not SEED_SCRIPT.exists():
-        parser.error(f"seed script not found at {SEED_SCRIPT}")
+    if not args.seed_script.is_file():
+        parser.error(f"--seed-script {args.seed_script} is not a file")
     seconds, warm_up = (4.0, 1.0) if args.quick else (args.seconds, args.warm_up)
 
     import launch
@@ -290,14 +310,14 @@ def main() -> None:
     print(f"acting ({num_actors} actors x {envs_per_actor} envs, epsilon {ACTING_EPSILON}): "
           f"{acting['agent_steps']:,.0f} agent steps/s", flush=True)
     raw_runs.append(raw_baseline(seed_preset, num_envs, seconds))
-    learner_runs = [learner_baselines(seed_preset, seconds)]
+    learner_runs = [learner_baselines(seed_preset, seconds, args.seed_script)]
     system = under_ray(system_config, num_actors, lambda: run_roles(
         system_config, num_actors, seconds, warm_up, training=True))
     print(f"system (seed preset): {system['agent_steps']:,.1f} agent steps/s, "
           f"{system['updates']:.1f} updates/s, {system['samples_per_insert']:.2f} samples "
           f"per insert, learner waiting for batches "
           f"{system['learner_starved_fraction']:.1%} of the time", flush=True)
-    learner_runs.append(learner_baselines(seed_preset, seconds))
+    learner_runs.append(learner_baselines(seed_preset, seconds, args.seed_script))
     raw = mean_of(raw_runs, "raw_env_agent_steps_per_s")
     bare = mean_of(learner_runs, "bare_updates_per_s")
     seed_steps = mean_of(learner_runs, "seed_agent_steps_per_s")
@@ -321,6 +341,7 @@ def main() -> None:
         "system_samples_per_insert": round(system["samples_per_insert"], 2),
         "system_learner_starved_fraction": round(system["learner_starved_fraction"], 3),
         "acting_cpus_busy": acting["cpus_busy"], "system_cpus_busy": system["cpus_busy"],
+        "seed_script": str(args.seed_script),
         "seed_agent_steps_per_s": round(seed_steps, 2),
         "seed_updates_per_s": round(seed_updates, 2),
         "system_agent_steps_per_s": round(system["agent_steps"], 1),

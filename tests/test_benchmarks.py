@@ -1,6 +1,7 @@
 """The benchmark scripts run (their quick modes: a check that they work, not measurements)."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -19,15 +20,26 @@ def test_replay_benchmark_quick_mode_prints_its_figures(ray_address):
     assert figures["quick"] is True
 
 
-def test_throughput_benchmark_quick_mode_prints_its_figures(ray_address):
+def copy_of_project(folder):
+    """The project's files alone in `folder` (nothing beside them), as a user's clone is."""
+    clone = folder / "clone"
+    shutil.copytree(ROOT, clone, ignore=shutil.ignore_patterns(
+        ".git", "runs", "__pycache__", "*.egg-info", ".pytest_cache"))
+    return clone
+
+
+def test_throughput_benchmark_quick_mode_prints_its_figures(ray_address, tmp_path):
     user_env = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
+    clone = copy_of_project(tmp_path)
     result = subprocess.run(
         [sys.executable, "benchmarks/throughput.py", "--quick", "--address", ray_address,
          "--num-actors", "2", "--envs-per-actor", "8"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600, env=user_env)
+        cwd=clone, capture_output=True, text=True, timeout=600, env=user_env)
     assert result.returncode == 0, result.stderr[-3000:]
     figures = json.loads(result.stdout.strip().splitlines()[-1])
     assert figures["quick"] is True
+    # The single-process baseline is the project's own, run from the copy.
+    assert figures["seed_script"] == str(clone / "benchmarks" / "single_process.py")
     for name in ("raw_env_agent_steps_per_s", "acting_agent_steps_per_s", "acting_ratio",
                  "bare_updates_per_s", "system_updates_per_s", "learner_ratio",
                  "seed_agent_steps_per_s", "system_agent_steps_per_s", "speedup_vs_seed"):

@@ -15,6 +15,7 @@ import tempfile
 
 import numpy as np
 
+from common.checkpoints import CheckpointError
 from common.config import Config
 from common.envs import EnvInfo
 from common.networks import build_q_network, keras
@@ -115,6 +116,44 @@ class DQNLearner:
         for target_var, online_var in zip(self.target.weights, self.online.weights):
             target_var.assign(online_var)
         self.target_syncs += 1
+
+    # Save and restore: TensorFlow's own checkpoint format (an index and tensor data, no code),
+    # holding both networks, the optimizer's slots and step, and the counters.
+    def save(self, prefix: str, counters: dict[str, int]) -> None:
+        """Writes `prefix.index` and `prefix.data-*`: the whole training state, with
+        `counters` (the caller's, e.g. the weight version) saved beside the learner's own."""
+        self._checkpoint({"updates": self.updates, "target_syncs": self.target_syncs,
+                          **counters}).write(prefix)
+
+    def restore(self, prefix: str, counter_names: tuple[str, ...] = ()) -> dict[str, int]:
+        """Loads what `save` wrote, checked: every saved value must find its variable and
+        every variable a saved value of its shape, and all must be finite. Returns the
+        caller's counters. A bad checkpoint raises CheckpointError naming it; this learner
+        is then unusable (build a new one)."""
+        counters = {name: tf.Variable(-1, dtype=tf.int64)
+                    for name in ("updates", "target_syncs", *counter_names)}
+        try:
+            self._checkpoint(counters).read(prefix).assert_consumed()
+        except Exception as error:  # TF's reader raises many kinds for a damaged file
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error)
+            raise CheckpointError(f"{prefix}: not a learner checkpoint for this network "
+                                  f"({first})") from None
+        arrays = [np.asarray(v) for v in (*self.online.weights, *self.target.weights,
+                                          *self.optimizer.variables)]
+        if not all(np.isfinite(a).all() for a in arrays if np.issubdtype(a.dtype, np.floating)):
+            raise CheckpointError(f"{prefix}: holds non-finite weights")
+        values = {name: int(variable.numpy()) for name, variable in counters.items()}
+        if min(values.values()) < 0:
+            raise CheckpointError(f"{prefix}: negative counters {values}")
+        self.updates, self.target_syncs = values.pop("updates"), values.pop("target_syncs")
+        return values
+
+    def _checkpoint(self, counters: dict) -> tf.train.Checkpoint:
+        return tf.train.Checkpoint(
+            online=self.online, target=self.target, optimizer=self.optimizer,
+            counters={name: value if isinstance(value, tf.Variable)
+                      else tf.Variable(value, dtype=tf.int64)
+                      for name, value in counters.items()})
 
     def get_weights(self) -> list[np.ndarray]:
         return self.online.get_weights()

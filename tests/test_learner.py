@@ -156,3 +156,42 @@ def test_mixed_precision_is_off_without_tensor_cores_and_trains_when_asked():
     obs = batch["obs"][0]
     np.testing.assert_allclose(actor_net(obs).numpy(), learner.online(obs).numpy(),
                                rtol=0.05, atol=0.05)
+
+
+def test_a_restored_learner_continues_exactly_where_the_saved_one_was(tmp_path):
+    """Both networks, Adam's slots and step, and the counters survive save -> restore: the
+    restored learner's next update equals the one the saved learner makes."""
+    config = PRESETS["cartpole"].replace(target_sync_updates=3 * 8)
+    rng = np.random.default_rng(3)
+    saved = DQNLearner(config, CARTPOLE)
+    for _ in range(2):
+        saved.step(fixed_batch(CARTPOLE, 16, rng, k=8))  # 16 updates, no sync yet
+    saved.save(str(tmp_path / "state"), {"weight_version": 7})
+    restored = DQNLearner(config.replace(seed=config.seed + 1), CARTPOLE)  # other weights
+    assert restored.restore(str(tmp_path / "state"), ("weight_version",)) == {
+        "weight_version": 7}
+    assert (restored.updates, restored.target_syncs) == (16, saved.target_syncs)
+    for a, b in zip(saved.target.get_weights(), restored.target.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    batch = fixed_batch(CARTPOLE, 16, rng, k=8)
+    expected, got = saved.step(batch), restored.step(batch)  # 24 updates: the sync is due
+    np.testing.assert_allclose(got["td_error"], expected["td_error"], rtol=1e-5, atol=1e-6)
+    for a, b in zip(saved.get_weights(), restored.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert restored.target_syncs == saved.target_syncs == 1
+
+
+def test_a_corrupt_or_foreign_learner_checkpoint_is_refused_naming_it(tmp_path):
+    from common.checkpoints import CheckpointError
+    cartpole = DQNLearner(PRESETS["cartpole"], CARTPOLE)
+    cartpole.save(str(tmp_path / "cartpole"), {"weight_version": 1})
+    other = DQNLearner(PRESETS["cartpole"].replace(mlp_hidden_units=(64,)), CARTPOLE)
+    with pytest.raises(CheckpointError, match="cartpole: not a learner checkpoint"):
+        other.restore(str(tmp_path / "cartpole"), ("weight_version",))
+    data = next(tmp_path.glob("cartpole.data-*"))
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])  # truncated
+    with pytest.raises(CheckpointError, match="cartpole"):
+        DQNLearner(PRESETS["cartpole"], CARTPOLE).restore(str(tmp_path / "cartpole"),
+                                                          ("weight_version",))
+    with pytest.raises(CheckpointError, match="missing"):
+        DQNLearner(PRESETS["cartpole"], CARTPOLE).restore(str(tmp_path / "missing"))

@@ -1,0 +1,233 @@
+"""Run checkpoints: numbered folders under one root, each complete before it counts.
+
+    ROOT/ckpt-00000012/   learner/           the learner's TensorFlow checkpoint
+                          replay-shard-<i>.msgpack   each replay shard's snapshot
+                          progress.json      the launcher's counters
+                          manifest.json      every part's size; written last
+    ROOT/latest.json      the name of the newest complete checkpoint
+
+ROOT is a local path or a URI that pyarrow's filesystems understand (`s3://`, `gs://`,
+`file://`), so a checkpoint can outlive the node that wrote it. Each part is written by the
+role that owns it, on its own node, into `ckpt-N.tmp/`; then the launcher writes the manifest,
+renames the folder into place, points `latest` at it (write-then-rename as well) and removes
+all but the newest `keep`. A crash at any moment leaves `latest` naming a complete checkpoint.
+Nothing here unpickles: manifests and pointers are JSON, parts have formats of their own.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import tempfile
+import time
+from collections.abc import Iterator
+
+FORMAT = "dqn-run-checkpoint"
+VERSION = 1
+LATEST = "latest.json"
+MANIFEST = "manifest.json"
+PROGRESS = "progress.json"
+LEARNER = "learner"
+NAME = re.compile(r"ckpt-(\d{8})")
+MAX_JSON_BYTES = 64 << 20  # progress and manifests are small; anything larger is not ours
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, incomplete, altered or not one of this project's."""
+
+
+def shard_part(shard: int) -> str:
+    return f"replay-shard-{shard}.msgpack"
+
+
+def checkpoint_name(number: int) -> str:
+    return f"ckpt-{number:08d}"
+
+
+class CheckpointStore:
+    """The checkpoints under one root. Cheap to make: roles build their own from the root."""
+
+    def __init__(self, root: str):
+        from pyarrow import fs
+        if not root:
+            raise CheckpointError("the checkpoint directory is empty")
+        self.root = root
+        # A URI goes through pyarrow's copies even where it names a local disk (file://), so
+        # that path is the one tested; a plain path is read and written in place.
+        self.local = "://" not in root
+        if self.local:
+            self.fs, self.base = fs.LocalFileSystem(), os.path.abspath(root)
+        else:
+            try:
+                self.fs, self.base = fs.FileSystem.from_uri(root)
+            except Exception as error:  # pyarrow raises several kinds for a bad URI
+                raise CheckpointError(f"checkpoint directory {root}: {error}") from None
+        self.base = self.base.rstrip("/")
+
+    def path(self, relpath: str) -> str:
+        return f"{self.base}/{relpath}" if relpath else self.base
+
+    def describe(self, relpath: str) -> str:
+        """Where `relpath` is, as a user would name it."""
+        return self.path(relpath) if self.local else f"{self.root.rstrip('/')}/{relpath}"
+
+    # Parts: each role writes and reads its own through a local path.
+    @contextlib.contextmanager
+    def writing(self, relpath: str) -> Iterator[str]:
+        """A local path to write `relpath` at (a file, or a folder the caller fills); on a
+        remote store it is uploaded when the block ends."""
+        if self.local:
+            target = self.path(relpath)
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            yield target
+            return
+        from pyarrow import fs
+        with tempfile.TemporaryDirectory(prefix="dqn-ckpt-") as tmp:
+            local = os.path.join(tmp, os.path.basename(relpath))
+            yield local
+            folder = relpath if os.path.isdir(local) else os.path.dirname(relpath)
+            self.fs.create_dir(self.path(folder), recursive=True)
+            fs.copy_files(local, self.path(relpath), destination_filesystem=self.fs)
+
+    @contextlib.contextmanager
+    def reading(self, relpath: str) -> Iterator[str]:
+        """A local path holding `relpath` (downloaded first from a remote store)."""
+        from pyarrow import fs
+        kind = self.fs.get_file_info(self.path(relpath)).type
+        if kind == fs.FileType.NotFound:
+            raise CheckpointError(f"{self.describe(relpath)} does not exist")
+        if self.local:
+            yield self.path(relpath)
+            return
+        with tempfile.TemporaryDirectory(prefix="dqn-ckpt-") as tmp:
+            local = os.path.join(tmp, os.path.basename(relpath))
+            if kind == fs.FileType.Directory:
+                os.mkdir(local)
+            fs.copy_files(self.path(relpath), local, source_filesystem=self.fs)
+            yield local
+
+    def read_json(self, relpath: str) -> dict:
+        try:
+            with self.fs.open_input_stream(self.path(relpath)) as stream:
+                data = stream.read(MAX_JSON_BYTES + 1)
+        except (OSError, FileNotFoundError) as error:
+            raise CheckpointError(f"{self.describe(relpath)}: cannot be read: {error}") from None
+        if len(data) > MAX_JSON_BYTES:
+            raise CheckpointError(f"{self.describe(relpath)}: larger than any file of ours")
+        try:
+            value = json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise CheckpointError(f"{self.describe(relpath)}: not JSON ({error})") from None
+        if not isinstance(value, dict):
+            raise CheckpointError(f"{self.describe(relpath)}: not a JSON object")
+        return value
+
+    def write_json(self, relpath: str, value: dict) -> None:
+        """Written whole or not at all: to a temporary name, then renamed."""
+        self.fs.create_dir(os.path.dirname(self.path(relpath)), recursive=True)
+        tmp = self.path(relpath) + ".tmp"
+        with self.fs.open_output_stream(tmp) as stream:
+            stream.write((json.dumps(value, indent=2) + "\n").encode())
+        self.fs.move(tmp, self.path(relpath))
+
+    # Whole checkpoints: the launcher's side.
+    def next_number(self) -> int:
+        numbers = [int(m.group(1)) for m in map(NAME.fullmatch, self._names()) if m]
+        return max(numbers, default=0) + 1
+
+    def staging(self, number: int) -> str:
+        """The folder the parts of checkpoint `number` are written into."""
+        name = checkpoint_name(number) + ".tmp"
+        self.fs.delete_dir_contents(self.path(name), missing_dir_ok=True)
+        self.fs.create_dir(self.path(name), recursive=True)
+        return name
+
+    def commit(self, number: int, keep: int) -> str:
+        """Make staged checkpoint `number` the latest: manifest, rename, pointer, pruning."""
+        from pyarrow import fs
+        staged, name = checkpoint_name(number) + ".tmp", checkpoint_name(number)
+        selector = fs.FileSelector(self.path(staged), recursive=True)
+        parts = {info.path[len(self.path(staged)) + 1:]: {"bytes": info.size,
+                                                          "sha256": self._sha256(info.path)}
+                 for info in self.fs.get_file_info(selector) if info.type == fs.FileType.File}
+        self.write_json(f"{staged}/{MANIFEST}", {
+            "format": FORMAT, "version": VERSION, "number": number, "time": time.time(),
+            "parts": parts})
+        self._move_dir(staged, name)
+        self.write_json(LATEST, {"format": FORMAT, "latest": name})
+        self._prune(keep)
+        return name
+
+    def _move_dir(self, source: str, destination: str) -> None:
+        from pyarrow import fs
+        try:
+            self.fs.move(self.path(source), self.path(destination))
+        except (OSError, NotImplementedError):  # object stores move files, not folders
+            fs.copy_files(self.path(source), self.path(destination),
+                          source_filesystem=self.fs, destination_filesystem=self.fs)
+            self.fs.delete_dir(self.path(source))
+
+    def _names(self) -> list[str]:
+        from pyarrow import fs
+        selector = fs.FileSelector(self.base, allow_not_found=True)
+        return sorted(os.path.basename(info.path) for info in self.fs.get_file_info(selector))
+
+    def _prune(self, keep: int) -> None:
+        latest = self.latest()
+        complete = [name for name in self._names() if NAME.fullmatch(name)]
+        for name in complete[:-keep]:
+            if name != latest:
+                self.fs.delete_dir(self.path(name))
+        for name in self._names():  # staging folders of checkpoints that never finished
+            if name.endswith(".tmp") and NAME.match(name) and name[:-4] < (latest or ""):
+                self.fs.delete_dir(self.path(name))
+
+    # Reading: the restoring roles' and the launcher's side.
+    def latest(self) -> str | None:
+        """The newest complete checkpoint's name, or None when there is none yet."""
+        from pyarrow import fs
+        if self.fs.get_file_info(self.path(LATEST)).type == fs.FileType.NotFound:
+            return None
+        pointer = self.read_json(LATEST)
+        name = pointer.get("latest")
+        if pointer.get("format") != FORMAT or not isinstance(name, str) \
+                or not NAME.fullmatch(name):
+            raise CheckpointError(f"{self.describe(LATEST)}: not a checkpoint pointer "
+                                  f"of this project")
+        return name
+
+    def verify(self, name: str, under: str = "") -> dict:
+        """The manifest of checkpoint `name`, once every part it lists (or those under
+        `under`) is there with its size and its sha256: what a damaged file would otherwise
+        do to a reader (TensorFlow's can crash the process) never happens."""
+        where = self.describe(f"{name}/{MANIFEST}")
+        manifest = self.read_json(f"{name}/{MANIFEST}")
+        if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+            raise CheckpointError(f"{where}: not a version {VERSION} checkpoint of this project")
+        parts = manifest.get("parts")
+        if not isinstance(parts, dict) or not all(
+                isinstance(part, dict) and type(part.get("bytes")) is int
+                and isinstance(part.get("sha256"), str) for part in parts.values()):
+            raise CheckpointError(f"{where}: lists no parts")
+        for relpath, part in parts.items():
+            if not relpath.startswith(under):
+                continue
+            path = self.path(f"{name}/{relpath}")
+            size = self.fs.get_file_info(path).size
+            if size != part["bytes"]:
+                found = "missing" if size is None else f"{size} bytes"
+                raise CheckpointError(f"{self.describe(f'{name}/{relpath}')}: {found}, the "
+                                      f"manifest says {part['bytes']} bytes")
+            if self._sha256(path) != part["sha256"]:
+                raise CheckpointError(f"{self.describe(f'{name}/{relpath}')}: its contents "
+                                      f"differ from what was written (sha256)")
+        return manifest
+
+    def _sha256(self, path: str) -> str:
+        digest = hashlib.sha256()
+        with self.fs.open_input_stream(path) as stream:
+            while chunk := stream.read(1 << 20):
+                digest.update(chunk)
+        return digest.hexdigest()

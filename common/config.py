@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 
 class ConfigError(ValueError):
@@ -31,9 +33,12 @@ class Config:
                     "Gymnasium env id: any ALE/... or *NoFrameskip-v4 Atari id, or a vector-"
                     "observation env such as CartPole-v1. Action count comes from the env.")
     seed: int = knob(42, "Base random seed for envs, exploration and network initialisation.")
-    max_seconds: float | None = knob(None, "Stop after this many seconds (default: no limit).")
+    max_seconds: float | None = knob(
+        None, "Stop after this many seconds of this sitting (a resumed run counts afresh; "
+              "default: no limit).")
     total_agent_steps: int | None = knob(
-        None, "Stop after this many agent steps, summed over actors (default: no limit).")
+        None, "Stop once the run has taken this many agent steps, summed over actors and "
+              "sittings (default: no limit).")
     target_mean_return: float | None = knob(
         None, "Stop once the mean return of the last 100 episodes reaches this (e.g. 195 "
               "solves CartPole; default: never).")
@@ -66,9 +71,20 @@ class Config:
     dashboard_host: str = knob(
         "127.0.0.1", "Interface the local Ray dashboard listens on (0.0.0.0 exposes it).")
     logdir: str | None = knob(
-        None, "Directory for TensorBoard events, final weights and summary.json "
-              "(default: runs/<preset>-<time>).")
+        None, "The run directory: config.json, checkpoints, TensorBoard events, final weights "
+              "and summary.json (default: runs/<preset>-<time>).")
     report_every_s: float = knob(5.0, "Seconds between progress lines and TensorBoard points.")
+
+    # Checkpoints and resuming.
+    resume: str | None = knob(
+        None, "Carry on the run in this run directory from its latest checkpoint, with its "
+              "config.json; flags may change only limits, actors, address and logging.")
+    checkpoint_every_s: float = knob(
+        600.0, "Seconds between checkpoints (one is also written at every stop).")
+    keep_checkpoints: int = knob(3, "Checkpoints kept; older ones are deleted.")
+    checkpoint_dir: str | None = knob(
+        None, "Where checkpoints go: a local path, or a URI such as s3://bucket/run or "
+              "gs://bucket/run so they outlive the node (default: <run directory>/checkpoints).")
 
     # Q-learning.
     gamma: float = knob(0.99, "Discount factor.")
@@ -119,9 +135,6 @@ class Config:
         "max", "Priority of a new transition: 'max' (the largest seen so far) or 'actor' (its "
                "n-step TD error under the actor's network, as in Ape-X).",
         choices=("max", "actor"))
-    replay_snapshot_dir: str | None = knob(
-        None, "Each shard restores from DIR/replay-shard-<i>.msgpack at start when the file "
-              "exists and snapshots there when the run stops (default: no snapshots).")
     min_replay_size: int = knob(32, "Transitions stored before the learner may sample.")
     samples_per_insert: float = knob(
         8.0, "Sampled transitions per inserted one (seed: batch 32 every 4 agent steps = 8). "
@@ -158,7 +171,8 @@ class Config:
                     "epsilon_decay_agent_steps", "max_episode_agent_steps", "frame_stack",
                     "replay_capacity", "chunk_transitions", "max_inflight_chunks",
                     "weight_publish_updates", "learner_batches_per_call", "learning_rate",
-                    "grad_clip_norm", "samples_per_insert", "report_every_s"]
+                    "grad_clip_norm", "samples_per_insert", "report_every_s",
+                    "checkpoint_every_s", "keep_checkpoints"]
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ConfigError(f"--{flag(name)} must be positive, got {getattr(self, name)}")
@@ -283,7 +297,10 @@ def _field_parser(annotation: str):
     return {"int": int, "float": float, "str": str}[hint], None
 
 
-def build_parser(prog: str, defaults: Config) -> argparse.ArgumentParser:
+def build_parser(prog: str, defaults: Config,
+                 explicit_only: bool = False) -> argparse.ArgumentParser:
+    """The command line for `defaults`; with `explicit_only`, parsing yields only the flags
+    given (what a resumed run may override is judged on those)."""
     parser = _OneLineErrorParser(
         prog=prog,
         description="Distributed DQN on Ray: actors play, a replay service stores, a learner "
@@ -291,12 +308,13 @@ def build_parser(prog: str, defaults: Config) -> argparse.ArgumentParser:
                     f"'{defaults.preset}' preset's.")
     for f in dataclasses.fields(Config):
         if f.name == "preset":
-            parser.add_argument("--preset", default=defaults.preset, choices=list(PRESETS),
+            parser.add_argument("--preset", choices=list(PRESETS),
+                                default=argparse.SUPPRESS if explicit_only else defaults.preset,
                                 help=f"{f.metadata['help']} (default: seed)")
             continue
-        default = getattr(defaults, f.name)
+        default = argparse.SUPPRESS if explicit_only else getattr(defaults, f.name)
         help_text = f.metadata["help"].replace("%", "%%")  # argparse %-formats help
-        if default is not None:  # a None default is described in the help text itself
+        if default not in (None, argparse.SUPPRESS):  # None is described in the help text
             help_text += f" (default: {default})"
         if f.type in ("bool", "bool | None"):
             parser.add_argument(f"--{flag(f.name)}", dest=f.name, default=default,
@@ -311,24 +329,101 @@ def build_parser(prog: str, defaults: Config) -> argparse.ArgumentParser:
     return parser
 
 
+# What may change when a run is resumed: its limits, where and how many actors play, logging.
+RESUME_OVERRIDES = frozenset({
+    "resume", "max_seconds", "total_agent_steps", "target_mean_return", "address",
+    "num_actors", "envs_per_actor", "actor_threads", "pin_actor_cpus", "actor_cpu_priority",
+    "learner_gpus", "dashboard_host", "report_every_s", "checkpoint_every_s",
+    "keep_checkpoints"})
+RUN_CONFIG = "config.json"
+RUN_CONFIG_FORMAT = "dqn-run-config"
+MAX_RUN_CONFIG_BYTES = 1 << 20
+
+
 def parse_args(argv: list[str] | None = None, prog: str = "launch.py") -> Config:
-    """Preset first, then every flag overrides it. Bad input exits 2 with one line."""
+    """Preset first, then every flag overrides it; or, with --resume, the run's saved config
+    with the few flags that may change. Bad input exits 2 with one line."""
     argv = sys.argv[1:] if argv is None else argv
     pre = _OneLineErrorParser(prog=prog, add_help=False)
     pre.add_argument("--preset", default="seed")
+    pre.add_argument("--resume", default=None)
     known, _ = pre.parse_known_args(argv)
     if known.preset not in PRESETS:
         pre.error(f"unknown preset {known.preset!r}; choose from {', '.join(PRESETS)}")
     parser = build_parser(prog, PRESETS[known.preset])
-    values = vars(parser.parse_args(argv))
-    if values.get("mlp_hidden_units") is not None:
-        values["mlp_hidden_units"] = tuple(values["mlp_hidden_units"])
+    values = _tuples(vars(parser.parse_args(argv)))
+    if known.resume is not None:
+        return _resumed(parser, argv, known.resume)
     try:
         return Config(**values)
     except ConfigError as error:
         parser.error(str(error))
 
 
-def config_to_dict(config: Config) -> dict:
-    return dataclasses.asdict(config)
+def _resumed(parser: argparse.ArgumentParser, argv: list[str], run_dir: str) -> Config:
+    given = _tuples(vars(build_parser(parser.prog, PRESETS["seed"], explicit_only=True)
+                         .parse_args(argv)))
+    refused = sorted(set(given) - RESUME_OVERRIDES)
+    if refused:
+        parser.error(f"--{flag(refused[0])} cannot change when a run is resumed (its "
+                     f"config.json holds it); only limits, actors, address and logging can")
+    try:
+        saved = read_run_config(run_dir)
+        return saved.replace(**given, logdir=run_dir)
+    except ConfigError as error:
+        parser.error(str(error))
 
+
+def _tuples(values: dict) -> dict:
+    if values.get("mlp_hidden_units") is not None:
+        values["mlp_hidden_units"] = tuple(values["mlp_hidden_units"])
+    return values
+
+
+def _typed(path: Path, f: dataclasses.Field, value):
+    """`value` as field `f` holds it, or ConfigError: JSON has no tuples, and a hand-edited
+    file may hold anything."""
+    hint = f.type.replace(" | None", "")
+    if value is None and f.type.endswith("| None"):
+        return None
+    if hint == "tuple[int, ...]" and isinstance(value, list) \
+            and all(type(v) is int for v in value):
+        return tuple(value)
+    if hint == "float" and type(value) in (int, float):
+        return float(value)
+    if {"int": int, "str": str, "bool": bool}.get(hint) is type(value):
+        return value
+    raise ConfigError(f"{path}: {f.name} holds {value!r}, not a {f.type}")
+
+
+def config_to_json(config: Config) -> dict:
+    return {"format": RUN_CONFIG_FORMAT, "config": dataclasses.asdict(config)}
+
+
+def read_run_config(run_dir: str) -> Config:
+    """The config a run directory was started with (its config.json), checked as strictly as
+    the command line. Raises ConfigError naming the file."""
+    path = Path(run_dir) / RUN_CONFIG
+    try:
+        with open(path, "rb") as file:
+            data = json.loads(file.read(MAX_RUN_CONFIG_BYTES + 1) or b"null")
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot be read ({error.strerror or error})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ConfigError(f"{path}: not JSON") from None
+    if not isinstance(data, dict) or data.get("format") != RUN_CONFIG_FORMAT \
+            or not isinstance(data.get("config"), dict):
+        raise ConfigError(f"{path}: not a run config of this project")
+    saved = data["config"]
+    names = {f.name for f in dataclasses.fields(Config)}
+    unknown = sorted(set(saved) - names)
+    if unknown or saved.get("preset") not in PRESETS:
+        raise ConfigError(f"{path}: unknown field {unknown[0]!r}" if unknown
+                          else f"{path}: unknown preset {saved.get('preset')!r}")
+    for f in dataclasses.fields(Config):
+        if f.name in saved:
+            saved[f.name] = _typed(path, f, saved[f.name])
+    try:
+        return PRESETS[saved["preset"]].replace(**saved)
+    except (ConfigError, TypeError) as error:
+        raise ConfigError(f"{path}: {error}") from None

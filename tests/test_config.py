@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_seed_preset_holds_the_keras_io_values():
-    # Values from the keras.io "Deep Q-Learning for Atari Breakout" example (shared/seed/).
+    # Values from the keras.io "Deep Q-Learning for Atari Breakout" example.
     seed = PRESETS["seed"]
     assert seed.env == "BreakoutNoFrameskip-v4"
     assert seed.frame_stack == 4
@@ -153,3 +153,49 @@ def test_launch_reports_an_address_nobody_answers_quickly():
     assert result.returncode == 2
     assert f"no Ray cluster answers at --address 127.0.0.1:{port}" in result.stderr
     assert result.stderr.strip().count("\n") == 0
+
+
+def saved_run(tmp_path, config):
+    import json
+
+    from common.config import config_to_json
+    (tmp_path / "config.json").write_text(json.dumps(config_to_json(config)))
+    return str(tmp_path)
+
+
+def test_resume_takes_the_saved_config_and_only_flags_that_may_change(tmp_path, capsys):
+    saved = parse_args(["--preset", "cartpole", "--gamma", "0.95", "--mlp-hidden-units", "64",
+                        "--max-seconds", "30"])
+    run_dir = saved_run(tmp_path, saved)
+    resumed = parse_args(["--resume", run_dir, "--max-seconds", "90", "--num-actors", "3",
+                          "--total-agent-steps", "5000"])
+    assert resumed == saved.replace(max_seconds=90.0, num_actors=3, total_agent_steps=5000,
+                                    resume=run_dir, logdir=run_dir)
+    assert parse_args(["--resume", run_dir]).gamma == 0.95
+    for flag in (["--gamma", "0.9"], ["--preset", "seed"], ["--replay-capacity", "10"]):
+        with pytest.raises(SystemExit) as exit_info:
+            parse_args(["--resume", run_dir, *flag])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"{flag[0]} cannot change when a run is resumed" in err
+
+
+@pytest.mark.parametrize("content, needle", [
+    (None, "config.json: cannot be read"),
+    (b"\x00\x01", "config.json: not JSON"),
+    (b'{"format": "other", "config": {}}', "config.json: not a run config of this project"),
+    (b'{"format": "dqn-run-config", "config": {"preset": "seed", "warp": 9}}',
+     "config.json: unknown field 'warp'"),
+    (b'{"format": "dqn-run-config", "config": {"preset": "seed", "gamma": "high"}}',
+     "config.json: gamma holds 'high', not a float"),
+    (b'{"format": "dqn-run-config", "config": {"preset": "seed", "batch_size": -4}}',
+     "config.json: --batch-size must be positive"),
+])
+def test_a_bad_run_config_is_refused_with_one_line(tmp_path, capsys, content, needle):
+    if content is not None:
+        (tmp_path / "config.json").write_bytes(content)
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--resume", str(tmp_path)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and needle in err

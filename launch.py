@@ -1,16 +1,24 @@
-"""Train a distributed DQN: `python launch.py [--preset seed|cartpole] [--flags]`.
+"""Train a distributed DQN: `python launch.py [--preset seed|cartpole|apex] [--flags]`, or carry
+a run on: `python launch.py --resume RUNDIR`.
 
 Reads top to bottom: parse the config -> start or join Ray -> place the replay service, the
-learner and the actors -> report progress until Ctrl-C or a limit -> stop the roles in order
--> write the final weights and summary.json. `--help` lists every knob.
+learner and the actors (restored from the latest checkpoint when resuming) -> report progress
+and checkpoint until a limit, Ctrl-C, SIGTERM or SIGHUP -> stop the roles in order -> write a
+final checkpoint, the weights and summary.json. Every role that dies is restarted by Ray; the
+learner and the shards come back from the latest checkpoint. `--help` lists every knob.
 """
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import logging
+import math
 import os
+import re
+import signal
 import socket
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -18,11 +26,18 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from common.config import Config, epsilon_at, parse_args  # noqa: E402
+from common import checkpoints  # noqa: E402
+from common.checkpoints import CheckpointError, CheckpointStore  # noqa: E402
+from common.config import RUN_CONFIG, Config, config_to_json, epsilon_at, parse_args  # noqa: E402
 from common.envs import EnvError, EnvInfo, describe_env  # noqa: E402
 
 LEARNER_HOST = "dqn_learner_host"  # custom resource of the node that hosts learner and replay
 WORKER_ENV = {"TF_CPP_MIN_LOG_LEVEL": "2", "KERAS_BACKEND": "tensorflow"}
+POLL_WAIT_S = 5.0  # longest a progress round waits for the roles' reports
+STOP_WAIT_S = 60.0  # longest the stop waits for each stage (actors, learner, shards)
+CHECKPOINT_WAIT_S = 600.0  # longest the roles may take to write their checkpoint parts
+ROLE_SILENCE_S = 600.0  # a learner or shard silent this long (not back from a restart) ends the run
+SITTING_SEED_STRIDE = 1_000_003  # each resumed sitting's actors play from other seeds
 
 
 def fail(message: str) -> None:
@@ -95,13 +110,10 @@ class Roles:
     learner_gpus: float
 
 
-def snapshot_path(config: Config, shard: int) -> Path | None:
-    if config.replay_snapshot_dir is None:
-        return None
-    return Path(config.replay_snapshot_dir).resolve() / f"replay-shard-{shard}.msgpack"
-
-
-def place_roles(config: Config, env_info: EnvInfo, num_actors: int) -> Roles:
+def place_roles(config: Config, env_info: EnvInfo, num_actors: int,
+                checkpoint_root: str | None = None) -> Roles:
+    """Every role restarts whenever its process dies; the learner and the shards then (and at
+    a resume) start from the latest checkpoint under `checkpoint_root`."""
     import ray
     from actors.service import ActorService
     from learner.service import LearnerService
@@ -114,88 +126,140 @@ def place_roles(config: Config, env_info: EnvInfo, num_actors: int) -> Roles:
     # Learner and replay shards share the node marked as the learner host when there is one.
     on_host = resources.get(LEARNER_HOST, 0) >= 1
     shard_host = {LEARNER_HOST: 0.5 / config.replay_shards} if on_host else {}
-    shards = [ReplayService.options(name=shard_name(i), num_cpus=1, resources=shard_host)
-              .remote(config, env_info, i) for i in range(config.replay_shards)]
-    restore_snapshots(config, shards)
+    shards = [ReplayService.options(name=shard_name(i), num_cpus=1, resources=shard_host,
+                                    max_restarts=-1)
+              .remote(config, env_info, i, checkpoint_root) for i in range(config.replay_shards)]
     learner = LearnerService.options(
         num_cpus=1, num_gpus=gpus, resources={LEARNER_HOST: 0.5} if on_host else {},
-        max_concurrency=4).remote(config, env_info, shards)
-    actors = [ActorService.options(num_cpus=1, max_concurrency=3, max_restarts=3).remote(
+        max_concurrency=4, max_restarts=-1).remote(config, env_info, shards, checkpoint_root)
+    actors = [ActorService.options(num_cpus=1, max_concurrency=3, max_restarts=-1).remote(
         config, env_info, i, num_actors, shards[i % len(shards)], learner)
         for i in range(num_actors)]
     return Roles(shards, learner, actors, gpus)
+
+
+def wait_until_serving(roles: Roles, timeout_s: float = 600.0) -> list[dict]:
+    """The learner's and the shards' first stats, once their constructors (and restores) are
+    done; a constructor's error ends the launch with its one line."""
+    import ray
+    try:
+        return ray.get([roles.learner.stats.remote(),
+                        *[shard.stats.remote() for shard in roles.shards]], timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        fail(f"the learner and the replay shards did not start within {timeout_s:.0f} s")
+    except ray.exceptions.RayError as error:
+        fail(first_error_line(error))
+
+
+def first_error_line(error: Exception) -> str:
+    """The line that names the problem in a Ray error's text (its last `...Error: ` line)."""
+    lines = [line.strip() for line in str(error).splitlines()]
+    named = [line for line in lines if re.match(r"^[\w.]+(Error|Exception): ", line)]
+    return named[-1] if named else next((line for line in lines if line), repr(error))
 
 
 def stop_roles(roles: Roles) -> None:
     """Stop in data-flow order and end the roles' processes (freeing the shards' names), for
     callers that place roles more than once in one Ray session."""
     import ray
-    ray.get([actor.stop.remote() for actor in roles.actors])
-    ray.get(roles.learner.stop.remote())
+    wait_all([actor.stop.remote() for actor in roles.actors], STOP_WAIT_S)
+    wait_all([roles.learner.stop.remote()], STOP_WAIT_S)
     for handle in [*roles.actors, roles.learner, *roles.shards]:
-        ray.kill(handle)
+        ray.kill(handle, no_restart=True)
     time.sleep(1.0)  # let the processes exit before the next placement
 
 
-def restore_snapshots(config: Config, shards: list) -> None:
-    """Each shard whose snapshot file exists starts from it; a bad file stops the launch."""
+def wait_all(refs: list, timeout_s: float) -> list:
+    """Each ref's value, or None where it did not answer within one shared `timeout_s` or
+    its actor died: no role is waited on after another, and a dead one never hangs us."""
     import ray
-    for shard, replay in enumerate(shards):
-        path = snapshot_path(config, shard)
-        if path is not None and path.exists():
-            try:
-                restored = ray.get(replay.restore.remote(str(path)))
-            except ray.exceptions.RayTaskError as error:
-                fail(str(error.cause if error.cause else error).splitlines()[0])
-            print(f"replay shard {shard}: restored {restored['transitions']:,} transitions "
-                  f"from {path} in {restored['seconds']} s", flush=True)
-
-
-def write_snapshots(config: Config, shards: list) -> None:
-    import ray
-    paths = [snapshot_path(config, shard) for shard in range(len(shards))]
-    if paths[0] is None:
-        return
-    for shard, written in enumerate(ray.get([replay.snapshot.remote(str(path))
-                                             for replay, path in zip(shards, paths)])):
-        print(f"replay shard {shard}: {written['transitions']:,} transitions to "
-              f"{written['path']} ({written['bytes'] / 1e6:.1f} MB, {written['seconds']} s)",
-              flush=True)
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+    values = []
+    for ref in refs:
+        try:
+            values.append(ray.get(ref) if ref in ready else None)
+        except ray.exceptions.RayActorError:
+            values.append(None)
+    return values
 
 
 # --- Progress --------------------------------------------------------------------------------
 
+class RunFailed(Exception):
+    """The run cannot go on; the message is the one-line reason."""
+
+
 @dataclass
 class Progress:
-    """Totals the launcher keeps from the roles' reports."""
+    """Totals the launcher keeps from the roles' reports, and carries across restarts and
+    resumes (`state()` goes into every checkpoint)."""
     frame_skip: int
-    actor_steps: dict = field(default_factory=dict)  # actor index -> its latest step count
-    steps_of_lost_lives: int = 0  # steps of actor processes that were restarted
+    actor_steps: dict = field(default_factory=dict)  # actor index -> steps of its current life
+    agent_steps_before: int = 0  # steps of actor lives that ended, and of earlier sittings
     returns: collections.deque = field(default_factory=lambda: collections.deque(maxlen=100))
     episodes: int = 0
     learner: dict = field(default_factory=dict)
     replay: dict = field(default_factory=dict)
-    restarts: int = 0
+    restarts: dict = field(default_factory=lambda: dict.fromkeys(ROLE_KINDS, 0))
+    lives: dict = field(default_factory=dict)  # (kind, index) -> the life token it last reported
+    live_actors: int = 0
+    elapsed_before_s: float = 0.0  # wall-clock of earlier sittings
+    sitting: int = 1
+    agent_steps_at_start: int = 0  # this sitting's start, for its rates
+    updates_at_start: int = 0
 
     @property
     def agent_steps(self) -> int:
-        return self.steps_of_lost_lives + sum(self.actor_steps.values())
+        return self.agent_steps_before + sum(self.actor_steps.values())
 
     @property
     def mean_return_100(self) -> float | None:
         return sum(self.returns) / len(self.returns) if self.returns else None
 
+    def new_life(self, kind: str, index: int, life: str) -> bool:
+        """Whether `life` is a restarted process of the role (its first report is not)."""
+        last = self.lives.get((kind, index))
+        self.lives[(kind, index)] = life
+        if last is None or last == life:
+            return False
+        self.restarts[kind] += 1
+        return True
+
     def absorb_actor(self, index: int, report: dict) -> None:
-        if report["error"]:
-            raise RuntimeError(f"actor {index} failed:\n{report['error']}")
-        last = self.actor_steps.get(index, 0)
-        if report["agent_steps"] < last:  # the process restarted and counts from zero
-            self.steps_of_lost_lives += last
-            self.restarts += 1
+        if self.new_life("actors", index, report["life"]):  # it counts from zero again
+            self.agent_steps_before += self.actor_steps.get(index, 0)
         self.actor_steps[index] = report["agent_steps"]
         for ret, _length in report["episodes"]:
             self.returns.append(ret)
             self.episodes += 1
+
+    def state(self, elapsed_s: float) -> dict:
+        return {"agent_steps": self.agent_steps, "episodes": self.episodes,
+                "returns": list(self.returns), "restarts": self.restarts,
+                "elapsed_s": round(self.elapsed_before_s + elapsed_s, 3),
+                "sitting": self.sitting}
+
+    @classmethod
+    def from_state(cls, state: dict, frame_skip: int, where: str) -> "Progress":
+        """The progress a checkpoint saved, for the next sitting; CheckpointError if any
+        value is not what `state()` writes."""
+        counts = [state.get(name) for name in ("agent_steps", "episodes", "sitting")]
+        returns, restarts = state.get("returns"), state.get("restarts")
+        valid = (all(type(n) is int and n >= 0 for n in counts)
+                 and isinstance(returns, list) and len(returns) <= 100
+                 and all(type(r) in (int, float) and math.isfinite(r) for r in returns)
+                 and isinstance(restarts, dict) and set(restarts) == set(ROLE_KINDS)
+                 and all(type(n) is int and n >= 0 for n in restarts.values())
+                 and type(state.get("elapsed_s")) in (int, float) and state["elapsed_s"] >= 0)
+        if not valid:
+            raise CheckpointError(f"{where}: not the launcher progress of this project")
+        return cls(frame_skip=frame_skip, agent_steps_before=state["agent_steps"],
+                   returns=collections.deque(returns, maxlen=100), episodes=state["episodes"],
+                   restarts=dict(restarts), elapsed_before_s=float(state["elapsed_s"]),
+                   sitting=state["sitting"] + 1)
+
+
+ROLE_KINDS = ("actors", "replay", "learner")
 
 
 def replay_totals(shard_stats: list[dict]) -> dict:
@@ -205,35 +269,49 @@ def replay_totals(shard_stats: list[dict]) -> dict:
             "samples_per_insert": sampled / inserted if inserted else 0.0}
 
 
-def poll(roles: Roles, progress: Progress) -> None:
+def poll(roles: Roles, progress: Progress, wait_s: float = POLL_WAIT_S) -> None:
+    """One round of reports from every role, all asked at once and waited on together for at
+    most `wait_s`: a role that is restarting or stalled is left out of this round."""
     import ray
-    from ray.exceptions import RayActorError
-    refs = [actor.report.remote() for actor in roles.actors]
-    for index, ref in enumerate(refs):
-        try:
-            progress.absorb_actor(index, ray.get(ref, timeout=30))
-        except (RayActorError, ray.exceptions.GetTimeoutError) as error:
-            # Before its first answer an actor is still starting (placing, building its envs,
-            # compiling); after it, a silence means a restart or a stall.
-            state = ("restarting or stalled" if index in progress.actor_steps
-                     else "still starting")
-            print(f"actor {index} not answering within 30 s ({type(error).__name__}): {state}",
-                  file=sys.stderr)
-    progress.learner = ray.get(roles.learner.stats.remote(), timeout=30)
-    progress.replay = replay_totals(ray.get([r.stats.remote() for r in roles.shards], timeout=30))
-    if progress.learner["error"]:
-        raise RuntimeError(f"learner failed:\n{progress.learner['error']}")
+    reports = wait_all([actor.report.remote() for actor in roles.actors], wait_s)
+    progress.live_actors = 0
+    for index, report in enumerate(reports):
+        if report is None:
+            continue
+        progress.absorb_actor(index, report)
+        progress.live_actors += 1
+        if report["error"]:  # its loop died with the process alive: restart the process
+            print(f"actor {index} failed; restarting it:\n{report['error']}", file=sys.stderr)
+            ray.kill(roles.actors[index], no_restart=False)
+    learner, *shards = wait_all([roles.learner.stats.remote(),
+                                 *[shard.stats.remote() for shard in roles.shards]], wait_s)
+    now = time.monotonic()
+    if learner is not None:
+        progress.new_life("learner", 0, learner["life"])
+        progress.learner = {**learner, "answered": now}
+        if learner["error"]:
+            raise RunFailed(f"the learner failed:\n{learner['error']}")
+    elif now - progress.learner.get("answered", now) > ROLE_SILENCE_S:
+        raise RunFailed(f"the learner has not answered for {ROLE_SILENCE_S:.0f} s")
+    for index, stats in enumerate(shards):
+        if stats is not None:
+            progress.new_life("replay", index, stats["life"])
+    if all(stats is not None for stats in shards):
+        progress.replay = {**replay_totals(shards), "answered": now}
+    elif now - progress.replay.get("answered", now) > ROLE_SILENCE_S:
+        raise RunFailed(f"a replay shard has not answered for {ROLE_SILENCE_S:.0f} s")
 
 
 class ProgressLog:
     """A progress line on stdout and the same figures as TensorBoard scalars."""
 
-    def __init__(self, logdir: Path, config: Config):
+    def __init__(self, logdir: Path, config: Config, progress: Progress):
         import tensorflow as tf
         self.tf = tf
         self.writer = tf.summary.create_file_writer(str(logdir))
         self.config = config
-        self.last = (time.monotonic(), 0, 0, 0.0)
+        self.last = (time.monotonic(), progress.agent_steps, progress.learner["updates"],
+                     progress.learner["starved_s"])
 
     def write(self, progress: Progress) -> dict:
         now, steps, updates = time.monotonic(), progress.agent_steps, progress.learner["updates"]
@@ -244,15 +322,17 @@ class ProgressLog:
         figures = {
             "agent_steps_per_s": (steps - last_steps) / dt,
             "env_frames_per_s": (steps - last_steps) * progress.frame_skip / dt,
-            "updates_per_s": (updates - last_updates) / dt,
+            # A learner restored from a checkpoint counts from there: no negative rate.
+            "updates_per_s": max(updates - last_updates, 0) / dt,
             # Share of the interval the learner sat without a batch, once it had begun.
-            "learner_starved_fraction": min((starved - last_starved) / dt, 1.0),
+            "learner_starved_fraction": min(max(starved - last_starved, 0.0) / dt, 1.0),
             "replay_size": progress.replay["size"],
             "episodes": progress.episodes,
             "weight_version": progress.learner["weight_version"],
             "target_syncs": progress.learner["target_syncs"],
             "loss": progress.learner["loss"],
             "samples_per_insert": progress.replay["samples_per_insert"],
+            "live_actors": progress.live_actors,
         }
         if progress.mean_return_100 is not None:
             figures["mean_return_100"] = progress.mean_return_100
@@ -270,8 +350,89 @@ class ProgressLog:
               f"episodes {progress.episodes:>6,} | return100 "
               f"{'   n/a' if mean is None else f'{mean:6.1f}'} | "
               f"eps {'ladder' if ladder else format(figures['epsilon'], '.3f')} | "
-              f"weights v{figures['weight_version']}", flush=True)
+              f"weights v{figures['weight_version']} | "
+              f"actors {progress.live_actors}/{self.config.num_actors}", flush=True)
         return figures
+
+
+# --- Checkpoints -----------------------------------------------------------------------------
+
+def checkpoint_root(config: Config, logdir: Path) -> str:
+    return config.checkpoint_dir or str(logdir / "checkpoints")
+
+
+def write_checkpoint(roles: Roles, progress: Progress, store: CheckpointStore, keep: int,
+                     elapsed_s: float) -> str | None:
+    """Every role's part into a new checkpoint, then committed; None (with a line saying
+    why) when a role did not deliver: the previous checkpoint stays the latest."""
+    import ray
+    started = time.monotonic()
+    number = store.next_number()
+    staging = store.staging(number)
+    refs = [roles.learner.checkpoint.remote(store.root, staging),
+            *[shard.checkpoint.remote(store.root, staging) for shard in roles.shards]]
+    try:
+        ray.get(refs, timeout=CHECKPOINT_WAIT_S)
+        store.write_json(f"{staging}/{checkpoints.PROGRESS}", progress.state(elapsed_s))
+        name = store.commit(number, keep)
+    except (ray.exceptions.RayError, OSError) as error:
+        print(f"checkpoint {number} not written: {first_error_line(error)}", file=sys.stderr,
+              flush=True)
+        return None
+    print(f"checkpoint {store.describe(name)} ({time.monotonic() - started:.1f} s)", flush=True)
+    return name
+
+
+def load_resume_point(config: Config, frame_skip: int) -> tuple[CheckpointStore, Progress]:
+    """The checkpoint a resumed run carries on from, checked before anything starts."""
+    try:
+        store = CheckpointStore(checkpoint_root(config, Path(config.resume)))
+        name = store.latest()
+        if name is None:
+            fail(f"{store.describe('')} holds no checkpoint to resume from")
+        store.verify(name)
+        where = f"{name}/{checkpoints.PROGRESS}"
+        return store, Progress.from_state(store.read_json(where), frame_skip,
+                                          store.describe(where))
+    except CheckpointError as error:
+        fail(str(error))
+
+
+def new_run_store(config: Config, logdir: Path) -> CheckpointStore:
+    """The checkpoint store of a new run, which must hold no run yet."""
+    if (logdir / RUN_CONFIG).exists():
+        fail(f"{logdir} already holds a run: `--resume {logdir}` carries it on, or choose "
+             f"another --logdir")
+    try:
+        store = CheckpointStore(checkpoint_root(config, logdir))
+        if store.latest() is not None:
+            fail(f"{store.describe('')} already holds checkpoints of another run")
+    except CheckpointError as error:
+        fail(str(error))
+    return store
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def run_record(config: Config) -> dict:
+    """config.json: the config, and what it ran on (package versions, the git commit)."""
+    from importlib import metadata
+    packages = ["ray", "tensorflow", "keras", "gymnasium", "ale-py", "numpy", "msgpack"]
+    versions = {}
+    for name in packages:
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions[name] = metadata.version(name)
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
+                                capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return {**config_to_json(config), "versions": versions, "git_commit": commit or None,
+            "python": sys.version.split()[0]}
 
 
 # --- Main ------------------------------------------------------------------------------------
@@ -282,33 +443,64 @@ def resolve_logdir(config: Config) -> Path:
     return Path("runs") / f"{config.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+class Stop(KeyboardInterrupt):
+    """A signal asking the run to stop, handled as Ctrl-C is."""
+
+
+def stop_on_signals() -> None:
+    """SIGTERM (`ray job stop`, schedulers) and SIGHUP (a closed terminal) stop like Ctrl-C:
+    a final checkpoint, weights and summary; the same signal again aborts."""
+    def handler(signum, _frame):
+        raise Stop(signal.Signals(signum).name)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     config = parse_args(argv)
     try:
         env_info = describe_env(config.env, config.max_episode_agent_steps, config.frame_stack)
     except EnvError as error:
         fail(str(error))
+    logdir = Path(config.resume) if config.resume else resolve_logdir(config)
+    if config.resume:
+        store, progress = load_resume_point(config, env_info.frame_skip)
+    else:
+        store, progress = new_run_store(config, logdir), Progress(env_info.frame_skip)
     local_cpus = os.cpu_count() or 1
     dashboard_url = connect_ray(
         config, machine_layout(config, local_cpus, local=True).num_actors)
     started_ray = dashboard_url is not None
+    stop_on_signals()  # after Ray's start, which installs a SIGTERM handler of its own
     import ray
     try:
         cpus = local_cpus if started_ray else int(ray.cluster_resources().get("CPU", 1))
         config = machine_layout(config, cpus, local=started_ray)
-        num_actors = config.num_actors
-        logdir = resolve_logdir(config)
-        logdir.mkdir(parents=True, exist_ok=True)
-        roles = place_roles(config, env_info, num_actors)
+        # Each sitting's actors play new games; the saved config keeps the base seed.
+        roles_config = config.replace(
+            seed=config.seed + SITTING_SEED_STRIDE * (progress.sitting - 1))
+        roles = place_roles(roles_config, env_info, config.num_actors, store.root)
+        learner, *shards = wait_until_serving(roles)
+        check_checkpoints_reachable(store, learner)
+        progress.learner = {**learner, "answered": time.monotonic()}
+        progress.replay = {**replay_totals(shards), "answered": time.monotonic()}
+        progress.agent_steps_at_start, progress.updates_at_start = (progress.agent_steps,
+                                                                    learner["updates"])
+        if not config.resume:
+            logdir.mkdir(parents=True, exist_ok=True)
+            write_atomically(logdir / RUN_CONFIG,
+                             (json.dumps(run_record(config), indent=2) + "\n").encode())
         device = "GPU" if roles.learner_gpus else "CPU"
-        print(f"{config.preset}: {config.env} | {num_actors} actors x {config.envs_per_actor} "
-              f"envs | {config.replay_shards} replay shard(s) | learner on {device} | "
-              f"logdir {logdir}" + (f" | dashboard {dashboard_url}" if started_ray else ""),
-              flush=True)
-        summary = run(config, env_info, roles, logdir)
+        resumed = (f" | resumed from {learner['restored_from']} at "
+                   f"{progress.agent_steps:,} agent steps" if config.resume else "")
+        print(f"{config.preset}: {config.env} | {config.num_actors} actors x "
+              f"{config.envs_per_actor} envs | {config.replay_shards} replay shard(s) | learner "
+              f"on {device} | logdir {logdir}" + resumed
+              + (f" | dashboard {dashboard_url}" if started_ray else ""), flush=True)
+        summary = run(config, env_info, roles, logdir, store, progress)
         print(json.dumps(summary), flush=True)
-        return 0
-    except KeyboardInterrupt:  # before training started, or a second Ctrl-C while stopping
+        return 0 if summary["status"] == "ok" else 1
+    except KeyboardInterrupt:  # before training started, or a second signal while stopping
         print("\nlaunch.py: interrupted; no summary written", file=sys.stderr)
         return 130
     finally:
@@ -316,62 +508,103 @@ def main(argv: list[str] | None = None) -> int:
             ray.shutdown()
 
 
-def run(config: Config, env_info: EnvInfo, roles: Roles, logdir: Path) -> dict:
+def check_checkpoints_reachable(store: CheckpointStore, learner: dict) -> None:
+    """A local checkpoint directory is written by the learner's machine and committed by this
+    one: they must be the same machine (the head of cluster.yaml is both)."""
     import ray
-    progress = Progress(frame_skip=env_info.frame_skip)
-    log = ProgressLog(logdir, config)
+    if store.local and learner["node_ip"] != ray.util.get_node_ip_address():
+        fail(f"--checkpoint-dir {store.root} is a local path, but the learner runs on another "
+             f"machine ({learner['node_ip']}): run launch.py on the learner's node, or give an "
+             f"s3:// or gs:// URI")
+
+
+def run(config: Config, env_info: EnvInfo, roles: Roles, logdir: Path, store: CheckpointStore,
+        progress: Progress) -> dict:
     started = time.monotonic()
+    log = ProgressLog(logdir, config, progress)
+    next_checkpoint = started + config.checkpoint_every_s
+    status, reason = "ok", None
     try:
         while True:
             time.sleep(config.report_every_s)
             poll(roles, progress)
             log.write(progress)
-            elapsed = time.monotonic() - started
-            if config.max_seconds is not None and elapsed >= config.max_seconds:
+            now = time.monotonic()
+            if now >= next_checkpoint:
+                write_checkpoint(roles, progress, store, config.keep_checkpoints, now - started)
+                next_checkpoint = time.monotonic() + config.checkpoint_every_s
+            if limit_reached(config, progress, now - started):
                 break
-            if (config.total_agent_steps is not None
-                    and progress.agent_steps >= config.total_agent_steps):
-                break
-            if (config.target_mean_return is not None and len(progress.returns) == 100
-                    and progress.mean_return_100 >= config.target_mean_return):
-                print(f"mean return of the last 100 episodes reached "
-                      f"{config.target_mean_return}", flush=True)
-                break
-    except KeyboardInterrupt:
-        print("\nCtrl-C: stopping the roles (Ctrl-C again to abort)", flush=True)
+    except KeyboardInterrupt as interrupt:
+        name = str(interrupt) if isinstance(interrupt, Stop) else "Ctrl-C"
+        print(f"\n{name}: stopping the roles ({name} again aborts)", flush=True)
+    except RunFailed as failure:
+        status, reason = "failed", str(failure)
+        print(f"launch.py: the run cannot go on: {reason}", file=sys.stderr, flush=True)
     elapsed = time.monotonic() - started
-    # Stop in data-flow order: actors first, so the learner sees no new data, then the learner.
-    for index, report in enumerate(ray.get([a.stop.remote() for a in roles.actors])):
-        progress.absorb_actor(index, report)
-    progress.learner = ray.get(roles.learner.stop.remote())
-    progress.replay = replay_totals(ray.get([r.stats.remote() for r in roles.shards]))
-    write_snapshots(config, roles.shards)
-    weights_path = logdir / "q_network.weights.h5"
-    weights_path.write_bytes(ray.get(roles.learner.weights_h5.remote()))
+    stop_and_collect(roles, progress)
+    write_checkpoint(roles, progress, store, config.keep_checkpoints, elapsed)
     summary = make_summary(config, env_info, progress, elapsed, len(roles.actors))
-    summary["weights"] = str(weights_path)
-    (logdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    weights = wait_all([roles.learner.weights_h5.remote()], STOP_WAIT_S)[0]
+    if weights is not None:
+        write_atomically(logdir / "q_network.weights.h5", weights)
+        summary["weights"] = str(logdir / "q_network.weights.h5")
+    summary.update(status=status, reason=reason)
+    write_atomically(logdir / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
     return summary
+
+
+def limit_reached(config: Config, progress: Progress, sitting_s: float) -> bool:
+    if config.max_seconds is not None and sitting_s >= config.max_seconds:
+        return True
+    if config.total_agent_steps is not None and progress.agent_steps >= config.total_agent_steps:
+        return True
+    if (config.target_mean_return is not None and len(progress.returns) == 100
+            and progress.mean_return_100 >= config.target_mean_return):
+        print(f"mean return of the last 100 episodes reached {config.target_mean_return}",
+              flush=True)
+        return True
+    return False
+
+
+def stop_and_collect(roles: Roles, progress: Progress) -> None:
+    """Stop in data-flow order: actors first, so the learner sees no new data, then the
+    learner; each wait is bounded, and a role that does not answer is skipped."""
+    for index, report in enumerate(wait_all([a.stop.remote() for a in roles.actors],
+                                            STOP_WAIT_S)):
+        if report is not None:
+            progress.absorb_actor(index, report)
+    learner = wait_all([roles.learner.stop.remote()], STOP_WAIT_S)[0]
+    if learner is not None:
+        progress.learner = learner
+    shards = wait_all([shard.stats.remote() for shard in roles.shards], STOP_WAIT_S)
+    if all(stats is not None for stats in shards):
+        progress.replay = replay_totals(shards)
 
 
 def make_summary(config: Config, env_info: EnvInfo, progress: Progress, elapsed_s: float,
                  num_actors: int) -> dict:
+    """This sitting's rates; totals over the whole run (all sittings)."""
     steps, updates = progress.agent_steps, progress.learner["updates"]
+    sitting_steps = steps - progress.agent_steps_at_start
+    sitting_updates = updates - progress.updates_at_start
     return {
         "preset": config.preset, "env": config.env, "seconds": round(elapsed_s, 2),
+        "run_seconds": round(progress.elapsed_before_s + elapsed_s, 2),
+        "sitting": progress.sitting,
         "num_actors": num_actors, "envs_per_actor": config.envs_per_actor,
         "learner_device": progress.learner["device"],
         "agent_steps": steps, "env_frames": steps * env_info.frame_skip, "updates": updates,
         "weight_version": progress.learner["weight_version"],
         "target_syncs": progress.learner["target_syncs"],
         "episodes": progress.episodes, "mean_return_100": progress.mean_return_100,
-        "agent_steps_per_s": round(steps / elapsed_s, 2),
-        "env_frames_per_s": round(steps * env_info.frame_skip / elapsed_s, 2),
-        "updates_per_s": round(updates / elapsed_s, 2),
+        "agent_steps_per_s": round(sitting_steps / elapsed_s, 2),
+        "env_frames_per_s": round(sitting_steps * env_info.frame_skip / elapsed_s, 2),
+        "updates_per_s": round(sitting_updates / elapsed_s, 2),
         "learner_starved_s": round(progress.learner["starved_s"], 2),
         "replay_size": progress.replay["size"],
         "samples_per_insert": round(progress.replay["samples_per_insert"], 3),
-        "actor_restarts": progress.restarts,
+        "restarts": progress.restarts,
     }
 
 

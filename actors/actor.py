@@ -37,10 +37,7 @@ class Actor:
                                            tf.as_dtype(env_info.obs_dtype))])
         self.compute_priorities = (config.priority_exponent > 0
                                    and config.initial_priority == "actor")
-        self.adder = FrameAdder(k, env_info.stack, env_info.frame_shape, env_info.obs_dtype,
-                                config.n_step, config.gamma, config.chunk_transitions,
-                                clip_rewards=config.clip_rewards,
-                                compute_priorities=self.compute_priorities)
+        self.env_info = env_info
         self.ladder = None
         if config.epsilon_ladder_base is not None:
             total_envs = num_actors * k
@@ -49,11 +46,22 @@ class Actor:
         self.weight_version = -1
         self.agent_steps = 0
         self.obs = self.envs.reset()
-        for env, obs in enumerate(self.obs):
-            self.adder.observe_first(env, obs)
+        self.new_stream()
         # Compile now: the first greedy step can come minutes in (epsilon starts near 1), and
         # there the compile takes ~1 CPU-s from a running system (perf, in the system run).
         self.q_values(self.obs)
+
+    def new_stream(self) -> None:
+        """Send from here on as a new stream of frames, starting at the current observations
+        (as after a restart; and when a replay shard restarted from a snapshot that has not
+        seen this stream's latest frames). Steps still in the old n-step windows are lost."""
+        info, config = self.env_info, self.config
+        self.adder = FrameAdder(config.envs_per_actor, info.stack, info.frame_shape,
+                                info.obs_dtype, config.n_step, config.gamma,
+                                config.chunk_transitions, clip_rewards=config.clip_rewards,
+                                compute_priorities=self.compute_priorities)
+        for env, obs in enumerate(self.obs):
+            self.adder.observe_first(env, obs)
 
     def set_weights(self, weights: list[np.ndarray], version: int) -> None:
         self.model.set_weights(weights)

@@ -14,6 +14,9 @@ machine, while the thread that answers the launcher stays at normal priority on 
 from __future__ import annotations
 
 import collections
+import contextlib
+import os
+import secrets
 import threading
 import traceback
 
@@ -36,6 +39,9 @@ class ActorService:
     def __init__(self, config: Config, env_info: EnvInfo, actor_index: int, num_actors: int,
                  replay, learner):
         configure_cpu_threads(config.actor_threads or 1)  # actors share the node's cores
+        if ray.get_runtime_context().was_current_actor_reconstructed:
+            # A restarted process plays new games, not a replay of its first life's.
+            config = config.replace(seed=secrets.randbelow(1 << 31))
         self.config, self.env_info = config, env_info
         self.replay, self.learner = replay, learner
         self.actor: Actor | None = None
@@ -49,6 +55,9 @@ class ActorService:
         self.global_steps_base = 0  # replay's total inserts at the last acknowledgement ...
         self.local_steps_at_base = 0  # ... and our own step count then
         self.weights_query = None
+        self.learner_life = None  # the learner process the weights came from
+        self.replay_restarts = 0  # times the replay shard died under this actor's sends
+        self.life = secrets.token_hex(4)  # a restarted process reports a new one
         self.error: str | None = None
         self.start_error: Exception | None = None
         self.stop_event = threading.Event()
@@ -90,15 +99,28 @@ class ActorService:
                     self.metrics[metrics.EPISODES].inc()
                     self.metrics[metrics.EPISODE_RETURN].set(ret)
                 sent = False
-                while (chunk := self.actor.take_chunk()) is not None:  # K may exceed a chunk
-                    self._send(*chunk)
-                    sent = True
+                try:
+                    while (chunk := self.actor.take_chunk()) is not None:  # K may exceed one
+                        self._send(*chunk)
+                        sent = True
+                except ray.exceptions.RayActorError:
+                    self._replay_restarted()
                 if self._refresh_due(chunk_sent=sent):
                     self._refresh_weights()
-            self._collect_acks(wait_all=True)
+            with contextlib.suppress(ray.exceptions.RayActorError):
+                self._collect_acks(wait_all=True)
         except Exception:
             if not self.stop_event.is_set():
                 self.error = traceback.format_exc()
+
+    def _replay_restarted(self):
+        """The shard died (Ray restarts it from its latest snapshot): what was in flight is
+        lost, and the restored shard has not seen this stream's recent frames, so go on as a
+        new stream. The next ask for insert budget waits for the shard to be back."""
+        self.inflight = []
+        self.insert_budget = 0
+        self.actor.new_stream()
+        self.replay_restarts += 1
 
     def _refresh_due(self, chunk_sent: bool) -> bool:
         """Every `steps_per_refresh` loop steps, or after each chunk when that is 0."""
@@ -154,21 +176,25 @@ class ActorService:
         is out), open the next one, and load the weights it brought, if any."""
         if self.weights_query is None:
             self.weights_query = self.learner.latest_weights.remote(
-                self.actor.weight_version, 0.0 if wait else WEIGHTS_WAIT_S)
+                self.actor.weight_version, 0.0 if wait else WEIGHTS_WAIT_S, self.learner_life)
         ready, _ = ray.wait([self.weights_query], timeout=None if wait else 0)
         if ready:
-            answer = ray.get(self.weights_query)
             self.weights_query = None
-            if answer is not None:
-                version, ref = answer
-                self.actor.set_weights(ray.get(ref), version)
+            try:
+                answer = ray.get(ready[0])
+                if answer is not None:
+                    version, ref, self.learner_life = answer
+                    self.actor.set_weights(ray.get(ref), version)
+            except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError):
+                pass  # the learner died: Ray restarts it, and the next query waits for it
 
     # What the launcher calls.
     def report(self) -> dict:
         """Episodes finished since the last report, and running totals."""
         episodes = [self.episodes.popleft() for _ in range(len(self.episodes))]
         return {"episodes": episodes, "agent_steps": self.actor.agent_steps,
-                "weight_version": self.actor.weight_version, "error": self.error}
+                "weight_version": self.actor.weight_version, "error": self.error,
+                "replay_restarts": self.replay_restarts, "life": self.life, "pid": os.getpid()}
 
     def stop(self) -> dict:
         self.stop_event.set()

@@ -190,7 +190,7 @@ def run_roles(config: Config, num_actors: int, seconds: float, warm_up_s: float,
             poll(roles, progress)
             running = len(progress.actor_steps) == num_actors and min(
                 progress.actor_steps.values()) > 0
-            if running and (not training or progress.learner["updates"] > 0):
+            if running and (not training or progress.learner.get("updates", 0) > 0):
                 break
             if time.monotonic() > deadline:
                 raise RuntimeError("the roles did not start within 300 s")

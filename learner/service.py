@@ -5,15 +5,20 @@ shard, up to SAMPLE_WAIT_S, until the rate limiter lets it through: no polling) 
 batches (stacks rebuilt from the distinct frames) into a small queue, and the trainer takes them,
 steps, sends the new |TD| priorities back to the shard each batch came from without waiting,
 and every `weight_publish_updates` updates puts the weights into the object store once
-(`ray.put`) under a new version number. Actors ask `latest_weights(their_version, wait_s)`,
-a long poll that answers when a newer version is out (or after `wait_s`), and fetch that one
-object: one query and one fetch per version, however often an actor checks its query. The
+(`ray.put`) under a new version number. Actors ask `latest_weights(their_version, wait_s,
+learner_life)`, a long poll that answers when a newer version is out or the learner is a new
+process (restored from a checkpoint, with an older version), or after `wait_s`, and fetch that
+one object: one query and one fetch per version, however often an actor checks its query. The
 actor is threaded (max_concurrency > 1) so stats answer while it trains, and the long polls
-wait in a concurrency group of their own so they never hold up the rest.
+wait in a concurrency group of their own so they never hold up the rest. A checkpoint
+(`checkpoint`) saves the whole training state between two updates; a new process of this
+actor starts from the latest one.
 """
 from __future__ import annotations
 
+import os
 import queue
+import secrets
 import threading
 import time
 import traceback
@@ -21,7 +26,8 @@ import traceback
 import numpy as np
 import ray
 
-from common import metrics, wire
+from common import checkpoints, metrics, wire
+from common.checkpoints import CheckpointStore
 from common.config import Config, importance_exponent_at
 from common.envs import EnvInfo
 from learner.learner import DQNLearner, tf
@@ -31,6 +37,7 @@ PREFETCH_BATCHES = 2  # sample calls in flight
 # extra queries queue, and answer as soon as the next publish frees the threads.
 WEIGHTS_GROUP, WEIGHTS_QUERY_THREADS = "weights", 64
 SAMPLE_WAIT_S = 1.0  # longest a sample call waits in the shard for the rate limiter
+SHARD_RETRY_S = 1.0  # pause before asking a shard that died again (calls queue while it restarts)
 
 
 class BatchPrefetcher:
@@ -75,7 +82,11 @@ class BatchPrefetcher:
                 done, _ = ray.wait(list(pending), num_returns=1, timeout=0.1)
                 for ref in done:
                     shard = pending.pop(ref)
-                    message = ray.get(ref)
+                    try:
+                        message = ray.get(ref)
+                    except ray.exceptions.RayActorError:  # the shard died; Ray restarts it
+                        message = None
+                        time.sleep(SHARD_RETRY_S)
                     if message is not None:  # None: still refused after SAMPLE_WAIT_S
                         batch, meta = self.decode(message)
                         self.mass[shard] = meta["priority_mass"]
@@ -93,18 +104,27 @@ class BatchPrefetcher:
                 continue
 
 
-@ray.remote(concurrency_groups={WEIGHTS_GROUP: WEIGHTS_QUERY_THREADS})
+@ray.remote(concurrency_groups={WEIGHTS_GROUP: WEIGHTS_QUERY_THREADS, "checkpoint": 1})
 class LearnerService:
-    def __init__(self, config: Config, env_info: EnvInfo, shards: list):
+    def __init__(self, config: Config, env_info: EnvInfo, shards: list,
+                 checkpoint_root: str | None = None):
+        """Starts from the latest checkpoint under `checkpoint_root` when there is one (a
+        resumed run, or this process restarted after a crash), else from scratch."""
         self.config = config
         self.device = "GPU" if tf.config.list_physical_devices("GPU") else "CPU"
+        self.life = secrets.token_hex(4)  # a restarted process reports a new one
         self.learner = DQNLearner(config, env_info)
+        self.version = 0
+        self.restored_from, self.restored_updates = None, 0
+        if checkpoint_root is not None:
+            self._restore_latest(CheckpointStore(checkpoint_root))
+        # Training and saving take turns, so a checkpoint is one consistent state.
+        self.step_lock = threading.Lock()
         self.metrics = metrics.make(metrics.UPDATES, metrics.TARGET_SYNCS,
                                     metrics.WEIGHT_VERSION, metrics.LEARNER_STARVED)
         # Seconds the trainer sat without a batch once training had begun: the rate limiter
         # holding it back, or replay and Ray not keeping the prefetch queue full.
         self.starved_s = 0.0
-        self.version = 0
         self.weights_ref = ray.put(self.learner.get_weights())
         self.published = threading.Condition()  # notified at each new version, and at stop
         self.last_loss = float("nan")
@@ -130,8 +150,11 @@ class LearnerService:
                     continue
                 finally:
                     self._count_wait(time.perf_counter() - waiting_since)
-                syncs_before = self.learner.target_syncs
-                result = self.learner.step(batch)
+                with self.step_lock:
+                    syncs_before = self.learner.target_syncs
+                    result = self.learner.step(batch)
+                    if self.learner.updates % self.config.weight_publish_updates == 0:
+                        self._publish()
                 self.last_loss = result["loss"]
                 if self.config.priority_exponent > 0:  # fire and forget: never wait on replay
                     self.shards[shard].update_priorities.remote(
@@ -139,8 +162,6 @@ class LearnerService:
                 self.metrics[metrics.UPDATES].inc(self.config.learner_batches_per_call)
                 if self.learner.target_syncs != syncs_before:
                     self.metrics[metrics.TARGET_SYNCS].inc()
-                if self.learner.updates % self.config.weight_publish_updates == 0:
-                    self._publish()
         except Exception:
             self.error = traceback.format_exc()
 
@@ -159,21 +180,54 @@ class LearnerService:
         self.metrics[metrics.WEIGHT_VERSION].set(self.version)
 
     @ray.method(concurrency_group=WEIGHTS_GROUP)
-    def latest_weights(self, known_version: int, wait_s: float = 0.0):
-        """[version, ref] once a version newer than `known_version` exists, waiting up to
-        `wait_s` for one; else None. The ref sits in a list so Ray hands it over as a
+    def latest_weights(self, known_version: int, wait_s: float = 0.0,
+                       known_life: str | None = None):
+        """[version, ref, life] once there is news for a caller holding `known_version` of
+        the learner process `known_life`: a newer version, or this process is another one
+        (a learner restored from a checkpoint goes back to that checkpoint's version). Waits
+        up to `wait_s` for news; else None. The ref sits in a list so Ray hands it over as a
         reference, not as the weights."""
+        def news() -> bool:
+            return self.version > known_version or known_life != self.life
+
         with self.published:
-            self.published.wait_for(
-                lambda: self.version > known_version or self.stop_event.is_set(), wait_s)
-            if self.version <= known_version:
+            self.published.wait_for(lambda: news() or self.stop_event.is_set(), wait_s)
+            if not news():
                 return None
-            return [self.version, self.weights_ref]
+            return [self.version, self.weights_ref, self.life]
 
     def stats(self) -> dict:
         return {"updates": self.learner.updates, "target_syncs": self.learner.target_syncs,
                 "weight_version": self.version, "loss": self.last_loss, "device": self.device,
-                "starved_s": self.starved_s, "error": self.error}
+                "starved_s": self.starved_s, "error": self.error, "life": self.life,
+                "restored_from": self.restored_from, "restored_updates": self.restored_updates,
+                "node_ip": ray.util.get_node_ip_address(), "pid": os.getpid()}
+
+    # Checkpoints.
+    def _restore_latest(self, store: CheckpointStore) -> None:
+        name = store.latest()
+        if name is None:
+            return
+        store.verify(name, under=checkpoints.LEARNER + "/")
+        with store.reading(f"{name}/{checkpoints.LEARNER}") as folder:
+            counters = self.learner.restore(os.path.join(folder, "state"),
+                                            ("weight_version",))
+        self.version = counters["weight_version"]
+        self.restored_from, self.restored_updates = name, self.learner.updates
+
+    @ray.method(concurrency_group="checkpoint")
+    def checkpoint(self, checkpoint_root: str, staging: str) -> dict:
+        """Write the whole training state into the staged checkpoint `staging`, between two
+        updates (training pauses only while the tensors are written)."""
+        started = time.monotonic()
+        store = CheckpointStore(checkpoint_root)
+        with store.writing(f"{staging}/{checkpoints.LEARNER}") as folder:
+            with self.step_lock:
+                self.learner.save(os.path.join(folder, "state"),
+                                  {"weight_version": self.version})
+                updates = self.learner.updates
+        return {"updates": updates, "weight_version": self.version,
+                "seconds": round(time.monotonic() - started, 3)}
 
     def stop(self) -> dict:
         self.stop_event.set()

@@ -4,18 +4,22 @@ Inserts and priority updates run one at a time in the default group, in the orde
 caller sent them (an actor's chunks name frames of its earlier chunks, so order matters).
 Samples run on two threads of their own ("sample" group), so one batch's frames are gathered
 and handed to Ray while the next is drawn, and a sample the rate limiter refuses waits there
-for inserts (up to the caller's `wait_s`) without holding up anything else; snapshots and
-restores run on a third ("snapshot"), so a long write does not stop inserts; an actor's ask
+for inserts (up to the caller's `wait_s`) without holding up anything else; its snapshots
+for checkpoints run on a third ("snapshot"), so a long write does not stop inserts; an actor's ask
 for insert budget waits ("budget" group) until samples free enough of it. `ReplayServer`
 keeps the threads apart. A malformed message raises in the caller and leaves this actor
 serving.
 """
 from __future__ import annotations
 
+import os
+import secrets
+
 import numpy as np
 import ray
 
-from common import metrics, wire
+from common import checkpoints, metrics, wire
+from common.checkpoints import CheckpointStore
 from common.config import Config
 from common.envs import EnvInfo
 from replay_server.server import ReplayServer
@@ -34,8 +38,25 @@ BUDGET_GROUP, BUDGET_ASK_THREADS = "budget", 64
 
 @ray.remote(concurrency_groups={"sample": 2, "snapshot": 1, BUDGET_GROUP: BUDGET_ASK_THREADS})
 class ReplayService:
-    def __init__(self, config: Config, env_info: EnvInfo, shard: int = 0):
+    def __init__(self, config: Config, env_info: EnvInfo, shard: int = 0,
+                 checkpoint_root: str | None = None):
+        """Starts from this shard's snapshot in the latest checkpoint under `checkpoint_root`
+        when there is one (a resumed run, or this process restarted after a crash)."""
         self.server = ReplayServer.from_config(config, env_info, shard)
+        self.life = secrets.token_hex(4)  # a restarted process reports a new one
+        self.restored_from = None
+        self.restored = {"restored_total_inserted": 0, "restored_total_sampled": 0}
+        if checkpoint_root is not None:
+            store = CheckpointStore(checkpoint_root)
+            name = store.latest()
+            if name is not None:
+                store.verify(name, under=checkpoints.shard_part(shard))
+                with store.reading(f"{name}/{checkpoints.shard_part(shard)}") as path:
+                    self.server.restore(path)
+                self.restored_from = name
+                restored = self.server.stats()
+                self.restored = {"restored_total_inserted": restored["total_inserted"],
+                                 "restored_total_sampled": restored["total_sampled"]}
         self.metrics = metrics.make(metrics.REPLAY_SIZE, metrics.REPLAY_INSERTS,
                                     metrics.REPLAY_SAMPLES, metrics.REPLAY_REJECTED,
                                     tags={"shard": str(shard)})
@@ -73,12 +94,12 @@ class ReplayService:
             raise
 
     def stats(self) -> dict:
-        return self.server.stats()
+        return {**self.server.stats(), **self.restored, "life": self.life,
+                "restored_from": self.restored_from, "pid": os.getpid()}
 
     @ray.method(concurrency_group="snapshot")
-    def snapshot(self, path: str) -> dict:
-        return self.server.snapshot(path)
-
-    @ray.method(concurrency_group="snapshot")
-    def restore(self, path: str) -> dict:
-        return self.server.restore(path)
+    def checkpoint(self, checkpoint_root: str, staging: str) -> dict:
+        """This shard's snapshot into the staged checkpoint `staging`, while inserts go on."""
+        store = CheckpointStore(checkpoint_root)
+        with store.writing(f"{staging}/{checkpoints.shard_part(self.server.shard)}") as path:
+            return self.server.snapshot(path)

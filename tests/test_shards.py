@@ -85,17 +85,20 @@ def test_weight_queries_wait_for_a_newer_version_and_stop_releases_them(ray_addr
     shards, info = start_shards(config, [200])
     learner = LearnerService.options(max_concurrency=4).remote(config, info, shards)
     try:
-        version, ref = ray.get(learner.latest_weights.remote(-1, 0.0), timeout=30)
+        version, ref, life = ray.get(learner.latest_weights.remote(-1, 0.0), timeout=30)
         assert version >= 0 and len(ray.get(ref)) == 6  # 3 dense layers' kernels and biases
         # A query for the version it has waits, and comes back with the next one published.
-        newer, _ = ray.get(learner.latest_weights.remote(version, 60.0), timeout=60)
-        assert newer > version
+        newer, _, same_life = ray.get(learner.latest_weights.remote(version, 60.0, life),
+                                      timeout=60)
+        assert newer > version and same_life == life
         # Nothing newer within the wait: None once the wait is over, not before.
         started = time.monotonic()
-        assert ray.get(learner.latest_weights.remote(10**9, 1.0), timeout=30) is None
+        assert ray.get(learner.latest_weights.remote(10**9, 1.0, life), timeout=30) is None
         assert time.monotonic() - started >= 0.9
+        # Weights from another learner process (one since restarted) are news at once.
+        assert ray.get(learner.latest_weights.remote(10**9, 60.0, "gone"), timeout=5)[2] == life
         # Two queries wait in their own group while stats still answer; stop releases them.
-        waiting = [learner.latest_weights.remote(10**9, 600.0) for _ in range(2)]
+        waiting = [learner.latest_weights.remote(10**9, 600.0, life) for _ in range(2)]
         time.sleep(0.5)
         assert ray.get(learner.stats.remote(), timeout=10)["error"] is None
         ray.get(learner.stop.remote(), timeout=30)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from common import metrics, wire
+from common.checkpoints import CheckpointStore
 from common.config import PRESETS
 from common.envs import describe_env
 from common.networks import build_q_network
@@ -116,22 +117,23 @@ def test_metrics_reach_the_export_endpoint_and_ctrl_c_stops_cleanly(ray_address,
 
 
 @pytest.mark.slow
-def test_apex_breakout_runs_end_to_end_with_shards_and_snapshots(ray_address, tmp_path):
+def test_apex_breakout_runs_end_to_end_with_shards_and_checkpoints(ray_address, tmp_path):
     """The apex preset at a small size: n-step double DQN with a dueling head, prioritized
-    replay over two shards fed actor priorities, snapshots written when the run stops."""
-    snapshots = tmp_path / "snapshots"
+    replay over two shards fed actor priorities, a checkpoint of every shard at the stop."""
     summary, wall_s, stdout = launch(
         ray_address, tmp_path, "--preset", "apex", "--num-actors", 2, "--envs-per-actor", 2,
         "--replay-shards", 2, "--replay-capacity", 20_000, "--min-replay-size", 256,
         "--batch-size", 32, "--target-sync-updates", 20, "--weight-publish-updates", 6,
-        "--max-seconds", 50, "--report-every-s", 10, "--replay-snapshot-dir", snapshots,
-        timeout=150)
+        "--max-seconds", 50, "--report-every-s", 10, timeout=150)
     assert summary["preset"] == "apex" and summary["updates"] >= 20
     assert summary["weight_version"] >= 1 and summary["target_syncs"] >= 1
     assert "eps ladder" in stdout
     info = describe_env("BreakoutNoFrameskip-v4")
     spec = ReplaySpec.for_env(20_000, info, PRESETS["apex"].priority_exponent)
-    sizes = [read_snapshot(snapshots / f"replay-shard-{i}.msgpack", spec)[0].size
+    store = CheckpointStore(str(tmp_path / "checkpoints"))
+    latest = tmp_path / "checkpoints" / store.latest()
+    store.verify(store.latest())
+    sizes = [read_snapshot(latest / f"replay-shard-{i}.msgpack", spec)[0].size
              for i in range(2)]
     assert min(sizes) > 0 and sum(sizes) == summary["replay_size"]
     model = build_q_network(info.obs_shape, 4, dueling=True)

@@ -1,0 +1,205 @@
+"""Durable runs through the real `launch.py` on real Ray (CartPole, to stay fast): roles
+killed with SIGKILL come back, SIGTERM stops with a checkpoint, and --resume carries on."""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import psutil
+
+from common.config import PRESETS, epsilon_at
+from tests.conftest import ROOT
+
+PROGRESS_LINE = re.compile(r"steps\s+([\d,]+) \|.*\| eps ([\d.]+) \| weights v(\d+) \| "
+                           r"actors (\d+)/(\d+)")
+
+
+class Launch:
+    """`launch.py` running in the background, its output collected in a file."""
+
+    def __init__(self, ray_address, tmp_path, *flags):
+        self.out_path = tmp_path / f"launch-{time.monotonic_ns()}.out"
+        self.out = open(self.out_path, "w")
+        self.process = subprocess.Popen(
+            [sys.executable, "launch.py", "--address", ray_address, *map(str, flags)],
+            cwd=ROOT, stdout=self.out, stderr=subprocess.STDOUT, text=True)
+
+    def text(self) -> str:
+        return self.out_path.read_text()
+
+    def progress(self) -> list[tuple[int, float, int, int]]:
+        """(agent steps, epsilon, weight version, live actors) of each progress line."""
+        return [(int(m[1].replace(",", "")), float(m[2]), int(m[3]), int(m[4]))
+                for m in PROGRESS_LINE.finditer(self.text())]
+
+    def weights_at_least(self, version: int) -> bool:
+        return any(v >= version for _, _, v, _ in self.progress())
+
+    def wait_for(self, condition, what: str, timeout_s: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not condition():
+            assert self.process.poll() is None, f"launch.py exited:\n{self.text()[-3000:]}"
+            assert time.monotonic() < deadline, f"no {what} in {timeout_s} s:\n" \
+                                                f"{self.text()[-3000:]}"
+            time.sleep(0.5)
+
+    def stop(self, sig=signal.SIGTERM, timeout_s: float = 120.0) -> str:
+        self.process.send_signal(sig)
+        self.process.wait(timeout=timeout_s)
+        self.out.close()
+        text = self.text()
+        assert self.process.returncode == 0, text[-3000:]
+        return text
+
+
+def role_pids(role: str) -> list[int]:
+    """Processes of Ray actors of class `role` (Ray titles them `ray::<Class>...`)."""
+    return [p.pid for p in psutil.process_iter(["cmdline"])
+            if " ".join(p.info["cmdline"] or []).startswith(f"ray::{role}")]
+
+
+def kill_one(role: str) -> int:
+    pid = role_pids(role)[0]
+    os.kill(pid, signal.SIGKILL)
+    return pid
+
+
+def test_killed_actor_shard_and_learner_come_back_and_the_run_ends_ok(ray_address, tmp_path):
+    """Checkpoints go through a file:// URI here: the path a cloud run's s3:// or gs:// takes
+    (pyarrow's copies), so the restarted learner and shard restore through it."""
+    run = Launch(ray_address, tmp_path, "--preset", "cartpole", "--num-actors", 2,
+                 "--logdir", tmp_path / "run", "--report-every-s", 1,
+                 "--checkpoint-every-s", 5, "--max-seconds", 400,
+                 "--checkpoint-dir", f"file://{tmp_path}/checkpoints")
+    run.wait_for(lambda: "checkpoint" in run.text() and run.weights_at_least(2), "checkpoint")
+    for role in ("ActorService", "ReplayService", "LearnerService"):
+        killed = kill_one(role)
+        run.wait_for(lambda: role_pids(role) and killed not in role_pids(role), f"new {role}")
+        lines = len(run.progress())
+        version = run.progress()[-1][2]
+        # Serving again: all actors answer and the learner publishes newer weights.
+        run.wait_for(lambda: len(run.progress()) > lines + 2 and run.progress()[-1][3] == 2
+                     and run.progress()[-1][2] != version, f"training after {role} restart",
+                     timeout_s=180)
+    text = run.stop(signal.SIGINT)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "ok", text[-3000:]
+    assert summary["restarts"]["actors"] >= 1
+    assert summary["restarts"]["replay"] == 1 and summary["restarts"]["learner"] == 1
+    assert json.loads((tmp_path / "checkpoints" / "latest.json").read_text())["latest"]
+
+
+def tree(folder) -> dict:
+    """Every file under `folder` with its contents' size and modification time."""
+    return {str(path): (path.stat().st_size, path.stat().st_mtime_ns)
+            for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def tensorboard_scalars(logdir, name: str) -> list[tuple[int, float]]:
+    import tensorflow as tf
+    values = []
+    for events in sorted(logdir.glob("events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(str(events)):
+            for value in event.summary.value:
+                if value.tag == name:
+                    values.append((event.step, float(tf.make_ndarray(value.tensor))))
+    return sorted(values)
+
+
+def test_sigterm_stops_with_a_checkpoint_and_resume_carries_on(ray_address, tmp_path):
+    run_dir = tmp_path / "run"
+    first = Launch(ray_address, tmp_path, "--preset", "cartpole", "--num-actors", 2,
+                   "--logdir", run_dir, "--report-every-s", 1, "--max-seconds", 300)
+    first.wait_for(lambda: first.weights_at_least(400), "weights v400")
+    text = first.stop(signal.SIGTERM)
+    assert "SIGTERM: stopping the roles" in text
+    stopped = json.loads((run_dir / "summary.json").read_text())
+    assert stopped["status"] == "ok" and stopped["sitting"] == 1
+    assert (run_dir / "q_network.weights.h5").exists()
+    assert json.loads((run_dir / "config.json").read_text())["config"]["preset"] == "cartpole"
+    latest = json.loads((run_dir / "checkpoints" / "latest.json").read_text())["latest"]
+    saved = json.loads((run_dir / "checkpoints" / latest / "progress.json").read_text())
+    assert saved["agent_steps"] == stopped["agent_steps"]
+    losses_before = [loss for _, loss in tensorboard_scalars(run_dir, "loss")
+                     if np.isfinite(loss)][-8:]
+
+    second = Launch(ray_address, tmp_path, "--resume", run_dir, "--max-seconds", 20,
+                    "--report-every-s", 1)
+    second.wait_for(lambda: second.process.poll() is not None, "end", timeout_s=180)
+    assert second.process.returncode == 0, second.text()[-3000:]
+    assert f"resumed from {latest} at {stopped['agent_steps']:,} agent steps" in second.text()
+    resumed = json.loads((run_dir / "summary.json").read_text())
+    assert resumed["status"] == "ok" and resumed["sitting"] == 2
+    assert resumed["agent_steps"] > stopped["agent_steps"]
+    assert resumed["updates"] > stopped["updates"]
+    assert resumed["weight_version"] > stopped["weight_version"]
+    # The exploration schedule goes on from the saved step count, not from epsilon 1.
+    steps, epsilon, version, _ = second.progress()[0]
+    assert steps >= stopped["agent_steps"] and version >= stopped["weight_version"]
+    assert epsilon == round(epsilon_at(PRESETS["cartpole"], steps), 3) < 1.0
+    # The restored learner's loss goes on at the level it had before the stop (CartPole's
+    # loss moves by 10x between reports; that the state is restored exactly is the learner
+    # unit test's, test_a_restored_learner_continues_exactly_where_the_saved_one_was).
+    losses_after = [loss for step, loss in tensorboard_scalars(run_dir, "loss")
+                    if step > stopped["agent_steps"] and np.isfinite(loss)][:8]
+    assert len(losses_before) >= 3 and len(losses_after) >= 3
+    ratio = np.median(losses_after) / np.median(losses_before)
+    assert 0.1 < ratio < 10, (losses_before, losses_after)
+
+    # A damaged checkpoint is refused with one line naming the file, and nothing in the run
+    # directory changes: a cut file fails the manifest's sizes before Ray starts, a flipped
+    # byte fails the learner's restore inside its Ray actor.
+    latest = json.loads((run_dir / "checkpoints" / "latest.json").read_text())["latest"]
+    data = next((run_dir / "checkpoints" / latest / "learner").glob("state.data-*"))
+    original = data.read_bytes()
+    for damaged, needle in [(original[:-8], f"{data.name}: {len(original) - 8} bytes, the "
+                                            f"manifest says {len(original)} bytes"),
+                            (original[:100] + bytes([original[100] ^ 0xFF]) + original[101:],
+                             f"{data.name}: its contents differ from what was written")]:
+        data.write_bytes(damaged)
+        before = tree(run_dir)
+        refused = subprocess.run(
+            [sys.executable, "launch.py", "--resume", str(run_dir), "--address", ray_address],
+            cwd=ROOT, capture_output=True, text=True, timeout=180)
+        assert refused.returncode == 2, refused.stderr[-3000:]
+        errors = [line for line in refused.stderr.splitlines()
+                  if line.startswith("launch.py: error: ")]
+        assert len(errors) == 1 and needle in errors[0], refused.stderr[-3000:]
+        assert tree(run_dir) == before
+
+
+def test_a_lost_worker_node_costs_only_its_actors_time(tmp_path):
+    """A learner-host node and two worker nodes (`ray.cluster_utils.Cluster`, all on this
+    machine); the node under an actor is removed mid-run: its actors come back on the other
+    node and training goes on."""
+    from ray.cluster_utils import Cluster
+
+    from launch import LEARNER_HOST
+    cluster = Cluster(initialize_head=True, connect=False, head_node_args={
+        "num_cpus": 2, "resources": {LEARNER_HOST: 1}, "include_dashboard": False})
+    workers = [cluster.add_node(num_cpus=2) for _ in range(2)]
+    cluster.wait_for_nodes()
+    try:
+        run = Launch(cluster.address, tmp_path, "--preset", "cartpole", "--num-actors", 2,
+                     "--logdir", tmp_path / "run", "--report-every-s", 1,
+                     "--max-seconds", 300)
+        run.wait_for(lambda: run.weights_at_least(2), "weights v2", timeout_s=180)
+        raylets = {node.all_processes["raylet"][0].process.pid: node for node in workers}
+        hosts = {psutil.Process(pid).ppid() for pid in role_pids("ActorService")}
+        lost = next(raylets[pid] for pid in hosts if pid in raylets)
+        cluster.remove_node(lost)
+        lines = len(run.progress())
+        version = run.progress()[-1][2]
+        run.wait_for(lambda: len(run.progress()) > lines + 2 and run.progress()[-1][3] == 2
+                     and run.progress()[-1][2] > version + 2, "training after the node loss",
+                     timeout_s=180)
+        text = run.stop(signal.SIGINT)
+    finally:
+        cluster.shutdown()
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "ok", text[-3000:]
+    assert summary["restarts"]["actors"] >= 1

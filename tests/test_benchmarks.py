@@ -8,12 +8,18 @@ import sys
 from tests.conftest import ROOT
 
 
-def test_replay_benchmark_quick_mode_prints_its_figures(ray_address):
+def quick_figures(script: str, ray_address: str, *flags, cwd=ROOT, timeout=600,
+                  env=None) -> dict:
+    """The JSON line a benchmark script ends with, run in its quick mode on the test Ray."""
     result = subprocess.run(
-        [sys.executable, "benchmarks/replay.py", "--quick", "--address", ray_address],
-        cwd=ROOT, capture_output=True, text=True, timeout=240)
+        [sys.executable, f"benchmarks/{script}", "--quick", "--address", ray_address,
+         *flags], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
-    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_replay_benchmark_quick_mode_prints_its_figures(ray_address):
+    figures = quick_figures("replay.py", ray_address, timeout=240)
     for name in ("bytes_per_transition", "insert_transitions_per_s", "sample_batches_per_s",
                  "sampler_ops_per_s", "snapshot_s_per_100k", "restore_s_per_100k"):
         assert figures[name] > 0, name
@@ -31,12 +37,8 @@ def copy_of_project(folder):
 def test_throughput_benchmark_quick_mode_prints_its_figures(ray_address, tmp_path):
     user_env = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
     clone = copy_of_project(tmp_path)
-    result = subprocess.run(
-        [sys.executable, "benchmarks/throughput.py", "--quick", "--address", ray_address,
-         "--num-actors", "2", "--envs-per-actor", "8"],
-        cwd=clone, capture_output=True, text=True, timeout=600, env=user_env)
-    assert result.returncode == 0, result.stderr[-3000:]
-    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    figures = quick_figures("throughput.py", ray_address, "--num-actors", "2",
+                            "--envs-per-actor", "8", cwd=clone, env=user_env)
     assert figures["quick"] is True
     # The single-process baseline is the project's own, run from the copy.
     assert figures["seed_script"] == str(clone / "benchmarks" / "single_process.py")
@@ -61,3 +63,16 @@ def test_throughput_benchmark_quick_mode_prints_its_figures(ray_address, tmp_pat
                for run in learner_runs.values())
     # The project turns oneDNN on for itself; the seed runs with the user's environment.
     assert figures["tf_enable_onednn_opts"] == {"project": "1", "seed": None}
+
+
+def test_recovery_benchmark_quick_mode_prints_its_figures(ray_address):
+    figures = quick_figures("recovery.py", ray_address)
+    assert figures["quick"] is True and figures["replay_transitions"] == 2_000
+    for name in ("actor_back_s", "shard_back_s", "learner_back_s", "checkpoint_s",
+                 "checkpoint_mb", "resume_s"):
+        assert figures[name] > 0, name
+    assert figures["checkpoint_updates_during"] >= 0
+    assert 0 <= figures["shard_transitions_lost"]
+    assert 0 < figures["shard_transitions_at_last_checkpoint"] <= 2_000
+    assert set(figures["targets_met"]) == {"actor_back_s", "shard_back_s", "learner_back_s",
+                                           "checkpoint_s"}

@@ -37,13 +37,15 @@ EPISODE_BACKLOG = 10_000
 @ray.remote
 class ActorService:
     def __init__(self, config: Config, env_info: EnvInfo, actor_index: int, num_actors: int,
-                 replay, learner):
+                 replay_name: str, learner_name: str):
+        """The replay shard and the learner are named actors, looked up by name: handles as
+        constructor arguments would live in the object store, which a restart depends on."""
         configure_cpu_threads(config.actor_threads or 1)  # actors share the node's cores
         if ray.get_runtime_context().was_current_actor_reconstructed:
             # A restarted process plays new games, not a replay of its first life's.
             config = config.replace(seed=secrets.randbelow(1 << 31))
-        self.config, self.env_info = config, env_info
-        self.replay, self.learner = replay, learner
+        self.config, self.env_info, self.index = config, env_info, actor_index
+        self.replay, self.learner = ray.get_actor(replay_name), ray.get_actor(learner_name)
         self.actor: Actor | None = None
         self.steps_per_refresh = -(-config.weight_refresh_env_frames // env_info.frame_skip)
         self.steps_since_refresh = 0
@@ -187,6 +189,9 @@ class ActorService:
                     self.actor.set_weights(ray.get(ref), version)
             except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError):
                 pass  # the learner died: Ray restarts it, and the next query waits for it
+
+    def __repr__(self) -> str:  # the dashboard's Repr column and the log lines' prefix
+        return f"dqn-actor-{self.index}"
 
     # What the launcher calls.
     def report(self) -> dict:

@@ -106,10 +106,12 @@ class BatchPrefetcher:
 
 @ray.remote(concurrency_groups={WEIGHTS_GROUP: WEIGHTS_QUERY_THREADS, "checkpoint": 1})
 class LearnerService:
-    def __init__(self, config: Config, env_info: EnvInfo, shards: list,
+    def __init__(self, config: Config, env_info: EnvInfo, shard_names: list[str],
                  checkpoint_root: str | None = None):
         """Starts from the latest checkpoint under `checkpoint_root` when there is one (a
-        resumed run, or this process restarted after a crash), else from scratch."""
+        resumed run, or this process restarted after a crash), else from scratch. The replay
+        shards are named actors, looked up by name: handles as constructor arguments would
+        live in the object store, which a restart depends on."""
         self.config = config
         self.device = "GPU" if tf.config.list_physical_devices("GPU") else "CPU"
         self.life = secrets.token_hex(4)  # a restarted process reports a new one
@@ -130,9 +132,9 @@ class LearnerService:
         self.last_loss = float("nan")
         self.error: str | None = None
         self.stop_event = threading.Event()
-        self.shards = shards
+        self.shards = [ray.get_actor(name) for name in shard_names]
         self.prefetcher = BatchPrefetcher(
-            shards, config.batch_size, config.learner_batches_per_call,
+            self.shards, config.batch_size, config.learner_batches_per_call,
             lambda: importance_exponent_at(config, self.learner.updates), self.stop_event,
             seed=config.seed)
         self.trainer = threading.Thread(target=self._train, name="train", daemon=True)
@@ -202,6 +204,9 @@ class LearnerService:
                 "starved_s": self.starved_s, "error": self.error, "life": self.life,
                 "restored_from": self.restored_from, "restored_updates": self.restored_updates,
                 "node_ip": ray.util.get_node_ip_address(), "pid": os.getpid()}
+
+    def __repr__(self) -> str:  # the dashboard's Repr column and the log lines' prefix
+        return "dqn-learner"
 
     # Checkpoints.
     def _restore_latest(self, store: CheckpointStore) -> None:

@@ -10,12 +10,13 @@ import time
 
 import numpy as np
 import psutil
+import pytest
 
 from common.config import PRESETS, epsilon_at
 from tests.conftest import ROOT
 
-PROGRESS_LINE = re.compile(r"steps\s+([\d,]+) \|.*\| eps ([\d.]+) \| weights v(\d+) \| "
-                           r"actors (\d+)/(\d+)")
+PROGRESS_LINE = re.compile(r"steps\s+([\d,]+) \|.*\| (?:eps ([\d.]+)|random [\d,/]+) \|.*"
+                           r"\| weights v(\d+) lag \d+ \| actors (\d+)/(\d+)")
 
 
 class Launch:
@@ -33,7 +34,7 @@ class Launch:
 
     def progress(self) -> list[tuple[int, float, int, int]]:
         """(agent steps, epsilon, weight version, live actors) of each progress line."""
-        return [(int(m[1].replace(",", "")), float(m[2]), int(m[3]), int(m[4]))
+        return [(int(m[1].replace(",", "")), float(m[2] or 1.0), int(m[3]), int(m[4]))
                 for m in PROGRESS_LINE.finditer(self.text())]
 
     def weights_at_least(self, version: int) -> bool:
@@ -56,6 +57,18 @@ class Launch:
         return text
 
 
+@pytest.fixture
+def launches():
+    """Starts `Launch`es; any still running when the test ends (it failed) is killed, so it
+    cannot load the machine under the tests after it."""
+    started: list[Launch] = []
+    yield lambda *args: started.append(Launch(*args)) or started[-1]
+    for run in started:
+        if run.process.poll() is None:
+            run.process.kill()
+            run.process.wait()
+
+
 def role_pids(role: str) -> list[int]:
     """Processes of Ray actors of class `role` (Ray titles them `ray::<Class>...`)."""
     return [p.pid for p in psutil.process_iter(["cmdline"])
@@ -68,12 +81,13 @@ def kill_one(role: str) -> int:
     return pid
 
 
-def test_killed_actor_shard_and_learner_come_back_and_the_run_ends_ok(ray_address, tmp_path):
+def test_killed_actor_shard_and_learner_come_back_and_the_run_ends_ok(ray_address, tmp_path,
+                                                                      launches):
     """Checkpoints go through a file:// URI here: the path a cloud run's s3:// or gs:// takes
     (pyarrow's copies), so the restarted learner and shard restore through it."""
-    run = Launch(ray_address, tmp_path, "--preset", "cartpole", "--num-actors", 2,
-                 "--logdir", tmp_path / "run", "--report-every-s", 1,
-                 "--checkpoint-every-s", 5, "--max-seconds", 400,
+    run = launches(ray_address, tmp_path, "--preset", "cartpole", "--num-actors", 2,
+                   "--logdir", tmp_path / "run", "--report-every-s", 1,
+                   "--checkpoint-every-s", 5, "--max-seconds", 400,
                  "--checkpoint-dir", f"file://{tmp_path}/checkpoints")
     run.wait_for(lambda: "checkpoint" in run.text() and run.weights_at_least(2), "checkpoint")
     for role in ("ActorService", "ReplayService", "LearnerService"):
@@ -110,10 +124,11 @@ def tensorboard_scalars(logdir, name: str) -> list[tuple[int, float]]:
     return sorted(values)
 
 
-def test_sigterm_stops_with_a_checkpoint_and_resume_carries_on(ray_address, tmp_path):
+def test_sigterm_stops_with_a_checkpoint_and_resume_carries_on(ray_address, tmp_path,
+                                                               launches):
     run_dir = tmp_path / "run"
-    first = Launch(ray_address, tmp_path, "--preset", "cartpole", "--num-actors", 2,
-                   "--logdir", run_dir, "--report-every-s", 1, "--max-seconds", 300)
+    first = launches(ray_address, tmp_path, "--preset", "cartpole", "--num-actors", 2,
+                     "--logdir", run_dir, "--report-every-s", 1, "--max-seconds", 300)
     first.wait_for(lambda: first.weights_at_least(400), "weights v400")
     text = first.stop(signal.SIGTERM)
     assert "SIGTERM: stopping the roles" in text
@@ -127,8 +142,8 @@ def test_sigterm_stops_with_a_checkpoint_and_resume_carries_on(ray_address, tmp_
     losses_before = [loss for _, loss in tensorboard_scalars(run_dir, "loss")
                      if np.isfinite(loss)][-8:]
 
-    second = Launch(ray_address, tmp_path, "--resume", run_dir, "--max-seconds", 20,
-                    "--report-every-s", 1)
+    second = launches(ray_address, tmp_path, "--resume", run_dir, "--max-seconds", 20,
+                      "--report-every-s", 1)
     second.wait_for(lambda: second.process.poll() is not None, "end", timeout_s=180)
     assert second.process.returncode == 0, second.text()[-3000:]
     assert f"resumed from {latest} at {stopped['agent_steps']:,} agent steps" in second.text()
@@ -172,7 +187,7 @@ def test_sigterm_stops_with_a_checkpoint_and_resume_carries_on(ray_address, tmp_
         assert tree(run_dir) == before
 
 
-def test_a_lost_worker_node_costs_only_its_actors_time(tmp_path):
+def test_a_lost_worker_node_costs_only_its_actors_time(tmp_path, launches):
     """A learner-host node and two worker nodes (`ray.cluster_utils.Cluster`, all on this
     machine); the node under an actor is removed mid-run: its actors come back on the other
     node and training goes on."""
@@ -184,9 +199,9 @@ def test_a_lost_worker_node_costs_only_its_actors_time(tmp_path):
     workers = [cluster.add_node(num_cpus=2) for _ in range(2)]
     cluster.wait_for_nodes()
     try:
-        run = Launch(cluster.address, tmp_path, "--preset", "cartpole", "--num-actors", 2,
-                     "--logdir", tmp_path / "run", "--report-every-s", 1,
-                     "--max-seconds", 300)
+        run = launches(cluster.address, tmp_path, "--preset", "cartpole", "--num-actors", 2,
+                       "--logdir", tmp_path / "run", "--report-every-s", 1,
+                       "--max-seconds", 300)
         run.wait_for(lambda: run.weights_at_least(2), "weights v2", timeout_s=180)
         raylets = {node.all_processes["raylet"][0].process.pid: node for node in workers}
         hosts = {psutil.Process(pid).ppid() for pid in role_pids("ActorService")}

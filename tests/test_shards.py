@@ -3,6 +3,7 @@ mass and sends each batch's new priorities back to the shard it came from; actor
 queries are long polls the learner answers when it publishes."""
 import threading
 import time
+import uuid
 
 import numpy as np
 import ray
@@ -23,12 +24,15 @@ def cartpole_chunk(stream: int, count: int, rng) -> np.ndarray:
 
 
 def start_shards(config, sizes):
+    """Named shards (a learner finds its shards by name) holding `sizes` transitions."""
     info = describe_env("CartPole-v1")
-    shards = [ReplayService.remote(config, info, i) for i in range(len(sizes))]
+    names = [f"test-replay-{uuid.uuid4().hex[:8]}-{i}" for i in range(len(sizes))]
+    shards = [ReplayService.options(name=name).remote(config, info, i)
+              for i, name in enumerate(names)]
     rng = np.random.default_rng(0)
     ray.get([shard.insert.remote(cartpole_chunk(i + 1, size, rng))
              for i, (shard, size) in enumerate(zip(shards, sizes))])
-    return shards, info
+    return shards, names, info
 
 
 def open_config(**changes):
@@ -37,7 +41,7 @@ def open_config(**changes):
 
 
 def test_batches_come_from_shards_in_proportion_to_their_mass(ray_address):
-    shards, _ = start_shards(open_config(), [300, 100])
+    shards, _, _ = start_shards(open_config(), [300, 100])
     stop = threading.Event()
     prefetcher = BatchPrefetcher(shards, 16, 1, lambda: 0.4, stop, depth=4)
     counts = np.zeros(2)
@@ -60,11 +64,11 @@ def test_batches_come_from_shards_in_proportion_to_their_mass(ray_address):
 def test_priority_updates_go_back_to_the_shard_each_batch_came_from(ray_address):
     config = open_config(priority_exponent=1.0, batch_size=16, learner_batches_per_call=1,
                          target_sync_updates=1000, weight_publish_updates=1000)
-    shards, info = start_shards(config, [200, 200])
+    shards, names, info = start_shards(config, [200, 200])
     before = [ray.get(s.stats.remote()) for s in shards]
     # Every item entered at the largest priority so far, 1.0.
     assert all(abs(stats["priority_mass"] - stats["size"]) < 1e-3 for stats in before)
-    learner = LearnerService.options(max_concurrency=4).remote(config, info, shards)
+    learner = LearnerService.options(max_concurrency=4).remote(config, info, names)
     try:
         deadline = time.monotonic() + 90
         while ray.get(learner.stats.remote())["updates"] < 60 and time.monotonic() < deadline:
@@ -82,8 +86,8 @@ def test_priority_updates_go_back_to_the_shard_each_batch_came_from(ray_address)
 def test_weight_queries_wait_for_a_newer_version_and_stop_releases_them(ray_address):
     config = open_config(batch_size=16, learner_batches_per_call=1, target_sync_updates=1000,
                          weight_publish_updates=20)
-    shards, info = start_shards(config, [200])
-    learner = LearnerService.options(max_concurrency=4).remote(config, info, shards)
+    shards, names, info = start_shards(config, [200])
+    learner = LearnerService.options(max_concurrency=4).remote(config, info, names)
     try:
         version, ref, life = ray.get(learner.latest_weights.remote(-1, 0.0), timeout=30)
         assert version >= 0 and len(ray.get(ref)) == 6  # 3 dense layers' kernels and biases

@@ -30,12 +30,14 @@ from common import checkpoints  # noqa: E402
 from common.checkpoints import CheckpointError, CheckpointStore  # noqa: E402
 from common.config import RUN_CONFIG, Config, config_to_json, epsilon_at, parse_args  # noqa: E402
 from common.envs import EnvError, EnvInfo, describe_env  # noqa: E402
+from common.process import native_output_hidden  # noqa: E402
 
 LEARNER_HOST = "dqn_learner_host"  # custom resource of the node that hosts learner and replay
 WORKER_ENV = {"TF_CPP_MIN_LOG_LEVEL": "2", "KERAS_BACKEND": "tensorflow"}
 POLL_WAIT_S = 5.0  # longest a progress round waits for the roles' reports
 STOP_WAIT_S = 60.0  # longest the stop waits for each stage (actors, learner, shards)
 CHECKPOINT_WAIT_S = 600.0  # longest the roles may take to write their checkpoint parts
+RATE_WINDOW_S = 30.0  # the progress line's rates are over about this many seconds
 ROLE_SILENCE_S = 600.0  # a learner or shard silent this long (not back from a restart) ends the run
 SITTING_SEED_STRIDE = 1_000_003  # each resumed sitting's actors play from other seeds
 
@@ -67,7 +69,10 @@ def connect_ray(config: Config, num_actors_hint: int) -> str | None:
     import ray
     if ray.is_initialized():
         return None
-    kwargs = dict(logging_level=logging.WARNING, runtime_env={"env_vars": WORKER_ENV})
+    # Workers' output (TensorFlow's start-up lines and the like) reaches the terminal only with
+    # --verbose; their failures reach it through the reports and errors the launcher prints.
+    kwargs = dict(logging_level=logging.INFO if config.verbose else logging.ERROR,
+                  log_to_driver=config.verbose, runtime_env={"env_vars": WORKER_ENV})
     if config.address is None:
         cpus = os.cpu_count() or 1
         # Logical CPUs: every role gets a slot even where actors outnumber cores.
@@ -115,9 +120,10 @@ def place_roles(config: Config, env_info: EnvInfo, num_actors: int,
     """Every role restarts whenever its process dies; the learner and the shards then (and at
     a resume) start from the latest checkpoint under `checkpoint_root`."""
     import ray
-    from actors.service import ActorService
-    from learner.service import LearnerService
-    from replay_server.service import ReplayService, shard_name
+    with native_output_hidden(not config.verbose):  # the roles' modules import TensorFlow
+        from actors.service import ActorService
+        from learner.service import LearnerService
+        from replay_server.service import ReplayService
 
     resources = ray.cluster_resources()
     gpus = config.learner_gpus
@@ -126,14 +132,19 @@ def place_roles(config: Config, env_info: EnvInfo, num_actors: int,
     # Learner and replay shards share the node marked as the learner host when there is one.
     on_host = resources.get(LEARNER_HOST, 0) >= 1
     shard_host = {LEARNER_HOST: 0.5 / config.replay_shards} if on_host else {}
-    shards = [ReplayService.options(name=shard_name(i), num_cpus=1, resources=shard_host,
-                                    max_restarts=-1)
-              .remote(config, env_info, i, checkpoint_root) for i in range(config.replay_shards)]
+    # Names show on the dashboard's Actors page and prefix the roles' log lines; roles find
+    # each other by them.
+    shard_names = [f"dqn-replay-{i}" for i in range(config.replay_shards)]
+    shards = [ReplayService.options(name=name, num_cpus=1, resources=shard_host,
+                                    max_restarts=-1).remote(config, env_info, i, checkpoint_root)
+              for i, name in enumerate(shard_names)]
     learner = LearnerService.options(
-        num_cpus=1, num_gpus=gpus, resources={LEARNER_HOST: 0.5} if on_host else {},
-        max_concurrency=4, max_restarts=-1).remote(config, env_info, shards, checkpoint_root)
-    actors = [ActorService.options(num_cpus=1, max_concurrency=3, max_restarts=-1).remote(
-        config, env_info, i, num_actors, shards[i % len(shards)], learner)
+        name="dqn-learner", num_cpus=1, num_gpus=gpus,
+        resources={LEARNER_HOST: 0.5} if on_host else {}, max_concurrency=4, max_restarts=-1,
+    ).remote(config, env_info, shard_names, checkpoint_root)
+    actors = [ActorService.options(name=f"dqn-actor-{i}", num_cpus=1, max_concurrency=3,
+                                   max_restarts=-1).remote(
+        config, env_info, i, num_actors, shard_names[i % len(shards)], "dqn-learner")
         for i in range(num_actors)]
     return Roles(shards, learner, actors, gpus)
 
@@ -203,6 +214,7 @@ class Progress:
     restarts: dict = field(default_factory=lambda: dict.fromkeys(ROLE_KINDS, 0))
     lives: dict = field(default_factory=dict)  # (kind, index) -> the life token it last reported
     live_actors: int = 0
+    actor_versions: dict = field(default_factory=dict)  # live actor index -> its weights' version
     elapsed_before_s: float = 0.0  # wall-clock of earlier sittings
     sitting: int = 1
     agent_steps_at_start: int = 0  # this sitting's start, for its rates
@@ -211,6 +223,13 @@ class Progress:
     @property
     def agent_steps(self) -> int:
         return self.agent_steps_before + sum(self.actor_steps.values())
+
+    @property
+    def policy_lag(self) -> int:
+        """Weight versions the oldest live actor is behind the learner."""
+        if not self.actor_versions or not self.learner:
+            return 0
+        return max(self.learner["weight_version"] - min(self.actor_versions.values()), 0)
 
     @property
     def mean_return_100(self) -> float | None:
@@ -225,13 +244,16 @@ class Progress:
         self.restarts[kind] += 1
         return True
 
-    def absorb_actor(self, index: int, report: dict) -> None:
-        if self.new_life("actors", index, report["life"]):  # it counts from zero again
+    def absorb_actor(self, index: int, report: dict) -> bool:
+        """Takes an actor's report in; whether it came from a restarted process."""
+        restarted = self.new_life("actors", index, report["life"])
+        if restarted:  # it counts from zero again
             self.agent_steps_before += self.actor_steps.get(index, 0)
         self.actor_steps[index] = report["agent_steps"]
         for ret, _length in report["episodes"]:
             self.returns.append(ret)
             self.episodes += 1
+        return restarted
 
     def state(self, elapsed_s: float) -> dict:
         return {"agent_steps": self.agent_steps, "episodes": self.episodes,
@@ -275,11 +297,15 @@ def poll(roles: Roles, progress: Progress, wait_s: float = POLL_WAIT_S) -> None:
     import ray
     reports = wait_all([actor.report.remote() for actor in roles.actors], wait_s)
     progress.live_actors = 0
+    progress.actor_versions.clear()
     for index, report in enumerate(reports):
         if report is None:
             continue
-        progress.absorb_actor(index, report)
+        if progress.absorb_actor(index, report):
+            print(f"actor {index}'s process died; Ray restarted it", file=sys.stderr,
+                  flush=True)
         progress.live_actors += 1
+        progress.actor_versions[index] = report["weight_version"]
         if report["error"]:  # its loop died with the process alive: restart the process
             print(f"actor {index} failed; restarting it:\n{report['error']}", file=sys.stderr)
             ray.kill(roles.actors[index], no_restart=False)
@@ -287,15 +313,20 @@ def poll(roles: Roles, progress: Progress, wait_s: float = POLL_WAIT_S) -> None:
                                  *[shard.stats.remote() for shard in roles.shards]], wait_s)
     now = time.monotonic()
     if learner is not None:
-        progress.new_life("learner", 0, learner["life"])
+        if progress.new_life("learner", 0, learner["life"]):
+            print(f"the learner's process died; Ray restarted it from "
+                  f"{learner['restored_from'] or 'scratch (no checkpoint yet)'}",
+                  file=sys.stderr, flush=True)
         progress.learner = {**learner, "answered": now}
         if learner["error"]:
             raise RunFailed(f"the learner failed:\n{learner['error']}")
     elif now - progress.learner.get("answered", now) > ROLE_SILENCE_S:
         raise RunFailed(f"the learner has not answered for {ROLE_SILENCE_S:.0f} s")
     for index, stats in enumerate(shards):
-        if stats is not None:
-            progress.new_life("replay", index, stats["life"])
+        if stats is not None and progress.new_life("replay", index, stats["life"]):
+            print(f"replay shard {index}'s process died; Ray restarted it from "
+                  f"{stats['restored_from'] or 'empty (no checkpoint yet)'}", file=sys.stderr,
+                  flush=True)
     if all(stats is not None for stats in shards):
         progress.replay = {**replay_totals(shards), "answered": now}
     elif now - progress.replay.get("answered", now) > ROLE_SILENCE_S:
@@ -303,37 +334,47 @@ def poll(roles: Roles, progress: Progress, wait_s: float = POLL_WAIT_S) -> None:
 
 
 class ProgressLog:
-    """A progress line on stdout and the same figures as TensorBoard scalars."""
+    """A progress line on stdout and the same figures as TensorBoard scalars. Rates are taken
+    over the last RATE_WINDOW_S seconds, so chunked inserts and batched updates do not make
+    them jump from one line to the next."""
 
-    def __init__(self, logdir: Path, config: Config, progress: Progress):
-        import tensorflow as tf
+    def __init__(self, logdir: Path, config: Config, progress: Progress, started: float):
+        with native_output_hidden(not config.verbose):  # TensorFlow's start-up lines
+            import tensorflow as tf
+            self.writer = tf.summary.create_file_writer(str(logdir))  # (and CUDA's)
         self.tf = tf
-        self.writer = tf.summary.create_file_writer(str(logdir))
         self.config = config
-        self.last = (time.monotonic(), progress.agent_steps, progress.learner["updates"],
-                     progress.learner["starved_s"])
+        self.started = started
+        self.window: collections.deque = collections.deque()
+        self._sample(progress)
+
+    def _sample(self, progress: Progress) -> None:
+        now, learner = time.monotonic(), progress.learner
+        if self.window and learner["updates"] < self.window[-1][2]:
+            self.window.clear()  # a learner restored from a checkpoint counts from there
+        self.window.append((now, progress.agent_steps, learner["updates"], learner["starved_s"]))
+        while len(self.window) > 2 and now - self.window[1][0] >= RATE_WINDOW_S:
+            self.window.popleft()
+
+    def rates(self) -> dict:
+        (t0, steps0, updates0, starved0), (t1, steps1, updates1, starved1) = \
+            self.window[0], self.window[-1]
+        dt = max(t1 - t0, 1e-9)
+        return {"agent_steps_per_s": (steps1 - steps0) / dt,
+                "updates_per_s": (updates1 - updates0) / dt,
+                # The share of the window the learner sat without a batch, once it had begun.
+                "learner_starved_fraction": min(max(starved1 - starved0, 0.0) / dt, 1.0)}
 
     def write(self, progress: Progress) -> dict:
-        now, steps, updates = time.monotonic(), progress.agent_steps, progress.learner["updates"]
-        starved = progress.learner["starved_s"]
-        last_time, last_steps, last_updates, last_starved = self.last
-        dt = max(now - last_time, 1e-9)
-        self.last = (now, steps, updates, starved)
-        figures = {
-            "agent_steps_per_s": (steps - last_steps) / dt,
-            "env_frames_per_s": (steps - last_steps) * progress.frame_skip / dt,
-            # A learner restored from a checkpoint counts from there: no negative rate.
-            "updates_per_s": max(updates - last_updates, 0) / dt,
-            # Share of the interval the learner sat without a batch, once it had begun.
-            "learner_starved_fraction": min(max(starved - last_starved, 0.0) / dt, 1.0),
-            "replay_size": progress.replay["size"],
-            "episodes": progress.episodes,
-            "weight_version": progress.learner["weight_version"],
-            "target_syncs": progress.learner["target_syncs"],
-            "loss": progress.learner["loss"],
-            "samples_per_insert": progress.replay["samples_per_insert"],
-            "live_actors": progress.live_actors,
-        }
+        self._sample(progress)
+        steps, learner = progress.agent_steps, progress.learner
+        figures = {**self.rates(),
+                   "replay_size": progress.replay["size"], "episodes": progress.episodes,
+                   "weight_version": learner["weight_version"],
+                   "target_syncs": learner["target_syncs"], "loss": learner["loss"],
+                   "samples_per_insert": progress.replay["samples_per_insert"],
+                   "live_actors": progress.live_actors, "policy_lag": progress.policy_lag}
+        figures["env_frames_per_s"] = figures["agent_steps_per_s"] * progress.frame_skip
         if progress.mean_return_100 is not None:
             figures["mean_return_100"] = progress.mean_return_100
         ladder = self.config.epsilon_ladder_base is not None  # fixed per env: no one epsilon
@@ -343,16 +384,44 @@ class ProgressLog:
             for name, value in figures.items():
                 self.tf.summary.scalar(name, value)
         self.writer.flush()
-        mean = progress.mean_return_100
-        print(f"steps {steps:>9,} | {figures['agent_steps_per_s']:7.0f} steps/s "
-              f"{figures['env_frames_per_s']:7.0f} frames/s | "
-              f"{figures['updates_per_s']:6.1f} upd/s | replay {figures['replay_size']:>8,} | "
-              f"episodes {progress.episodes:>6,} | return100 "
-              f"{'   n/a' if mean is None else f'{mean:6.1f}'} | "
-              f"eps {'ladder' if ladder else format(figures['epsilon'], '.3f')} | "
-              f"weights v{figures['weight_version']} | "
-              f"actors {progress.live_actors}/{self.config.num_actors}", flush=True)
+        print(self.line(progress, figures, ladder), flush=True)
         return figures
+
+    def line(self, progress: Progress, figures: dict, ladder: bool) -> str:
+        steps, mean = progress.agent_steps, progress.mean_return_100
+        elapsed = time.monotonic() - self.started
+        if ladder:
+            phase = "eps ladder"
+        elif steps < self.config.random_agent_steps:
+            phase = f"random {steps:,}/{self.config.random_agent_steps:,}"
+        else:
+            phase = f"eps {figures['epsilon']:.3f}"
+        left = time_left(self.config, progress, elapsed, figures["agent_steps_per_s"])
+        return (f"{clock(elapsed)} | steps {steps:>11,} | "
+                f"{figures['agent_steps_per_s']:6,.0f} steps/s "
+                f"{figures['env_frames_per_s']:7,.0f} frames/s | "
+                f"{figures['updates_per_s']:6.1f} upd/s | {phase} | "
+                f"replay {figures['replay_size']:>9,} | episodes {progress.episodes:>7,} | "
+                f"return100 {'   n/a' if mean is None else f'{mean:6.1f}'} | "
+                f"weights v{figures['weight_version']} lag {figures['policy_lag']} | "
+                f"actors {progress.live_actors}/{self.config.num_actors}"
+                + ("" if left is None else f" | left {clock(left)}"))
+
+
+def clock(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def time_left(config: Config, progress: Progress, sitting_s: float,
+              agent_steps_per_s: float) -> float | None:
+    """Seconds until the nearer of the time and agent-step limits, when one is set."""
+    left = []
+    if config.max_seconds is not None:
+        left.append(config.max_seconds - sitting_s)
+    if config.total_agent_steps is not None and agent_steps_per_s > 0:
+        left.append((config.total_agent_steps - progress.agent_steps) / agent_steps_per_s)
+    return min(left) if left else None
 
 
 # --- Checkpoints -----------------------------------------------------------------------------
@@ -448,18 +517,26 @@ class Stop(KeyboardInterrupt):
 
 
 def stop_on_signals() -> None:
-    """SIGTERM (`ray job stop`, schedulers) and SIGHUP (a closed terminal) stop like Ctrl-C:
-    a final checkpoint, weights and summary; the same signal again aborts."""
+    """Ctrl-C (SIGINT), SIGTERM (`ray job stop`, schedulers) and SIGHUP (a closed terminal)
+    stop the run: a final checkpoint, weights and summary; the same signal again aborts.
+    SIGINT is taken even where it was inherited ignored (a command started with `&` by a
+    script); SIGHUP is left ignored where the user asked for that (`nohup`)."""
     def handler(signum, _frame):
         raise Stop(signal.Signals(signum).name)
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, handler)
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+    if signal.getsignal(signal.SIGHUP) != signal.SIG_IGN:
+        signal.signal(signal.SIGHUP, handler)
 
 
 def main(argv: list[str] | None = None) -> int:
     config = parse_args(argv)
+    if config.address is None and os.environ.get("RAY_ADDRESS"):
+        config = config.replace(address=os.environ["RAY_ADDRESS"])  # as `ray job submit` sets
     try:
-        env_info = describe_env(config.env, config.max_episode_agent_steps, config.frame_stack)
+        with native_output_hidden(not config.verbose):  # ALE's banner
+            env_info = describe_env(config.env, config.max_episode_agent_steps,
+                                    config.frame_stack)
     except EnvError as error:
         fail(str(error))
     logdir = Path(config.resume) if config.resume else resolve_logdir(config)
@@ -521,7 +598,7 @@ def check_checkpoints_reachable(store: CheckpointStore, learner: dict) -> None:
 def run(config: Config, env_info: EnvInfo, roles: Roles, logdir: Path, store: CheckpointStore,
         progress: Progress) -> dict:
     started = time.monotonic()
-    log = ProgressLog(logdir, config, progress)
+    log = ProgressLog(logdir, config, progress, started)
     next_checkpoint = started + config.checkpoint_every_s
     status, reason = "ok", None
     try:
@@ -535,8 +612,8 @@ def run(config: Config, env_info: EnvInfo, roles: Roles, logdir: Path, store: Ch
                 next_checkpoint = time.monotonic() + config.checkpoint_every_s
             if limit_reached(config, progress, now - started):
                 break
-    except KeyboardInterrupt as interrupt:
-        name = str(interrupt) if isinstance(interrupt, Stop) else "Ctrl-C"
+    except Stop as stop:
+        name = "Ctrl-C" if str(stop) == "SIGINT" else str(stop)
         print(f"\n{name}: stopping the roles ({name} again aborts)", flush=True)
     except RunFailed as failure:
         status, reason = "failed", str(failure)

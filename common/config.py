@@ -74,6 +74,9 @@ class Config:
         None, "The run directory: config.json, checkpoints, TensorBoard events, final weights "
               "and summary.json (default: runs/<preset>-<time>).")
     report_every_s: float = knob(5.0, "Seconds between progress lines and TensorBoard points.")
+    verbose: bool = knob(False, "Also show the workers' output (TensorFlow, ALE and Ray "
+                                "start-up lines) and Ray's own info; by default a run prints "
+                                "its header, progress, checkpoints, failures and summary.")
 
     # Checkpoints and resuming.
     resume: str | None = knob(
@@ -334,7 +337,7 @@ RESUME_OVERRIDES = frozenset({
     "resume", "max_seconds", "total_agent_steps", "target_mean_return", "address",
     "num_actors", "envs_per_actor", "actor_threads", "pin_actor_cpus", "actor_cpu_priority",
     "learner_gpus", "dashboard_host", "report_every_s", "checkpoint_every_s",
-    "keep_checkpoints"})
+    "keep_checkpoints", "verbose"})
 RUN_CONFIG = "config.json"
 RUN_CONFIG_FORMAT = "dqn-run-config"
 MAX_RUN_CONFIG_BYTES = 1 << 20

@@ -24,13 +24,6 @@ from common.config import Config
 from common.envs import EnvInfo
 from replay_server.server import ReplayServer
 
-SERVICE_NAME = "dqn_replay"
-
-
-def shard_name(shard: int) -> str:
-    return f"{SERVICE_NAME}_{shard}"
-
-
 # Actors' asks for insert budget wait in a group of their own, one thread per waiting ask;
 # past this many throttled actors on one shard the extra asks queue for a thread.
 BUDGET_GROUP, BUDGET_ASK_THREADS = "budget", 64
@@ -96,6 +89,9 @@ class ReplayService:
     def stats(self) -> dict:
         return {**self.server.stats(), **self.restored, "life": self.life,
                 "restored_from": self.restored_from, "pid": os.getpid()}
+
+    def __repr__(self) -> str:  # the dashboard's Repr column and the log lines' prefix
+        return f"dqn-replay-{self.server.shard}"
 
     @ray.method(concurrency_group="snapshot")
     def checkpoint(self, checkpoint_root: str, staging: str) -> dict:

@@ -1,5 +1,6 @@
 """The whole system on real Ray, real ale-py and real Keras, driven through `launch.py`."""
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -109,7 +110,10 @@ def test_metrics_reach_the_export_endpoint_and_ctrl_c_stops_cleanly(ray_address,
         assert wanted <= seen, f"missing: {wanted - seen}"
     finally:
         process.send_signal(signal.SIGINT)
-        out, err = process.communicate(timeout=90)
+        try:
+            out, err = process.communicate(timeout=90)
+        finally:
+            process.kill()  # a no-op once it has stopped; else it must not outlive the test
     assert process.returncode == 0, err[-3000:]
     assert "Ctrl-C: stopping" in out
     summary = json.loads((tmp_path / "summary.json").read_text())
@@ -160,3 +164,27 @@ def test_a_malformed_insert_is_refused_and_the_replay_service_keeps_serving(ray_
     stats = ray.get(replay.stats.remote())
     assert stats["size"] == 3 and stats["rejected_messages"] == 2
     ray.kill(replay)
+
+
+def test_the_terminal_shows_the_header_then_progress_and_ray_address_is_joined(ray_address,
+                                                                              tmp_path):
+    """As `ray job submit` runs it: RAY_ADDRESS names the cluster, no --address. Nothing but
+    the header comes before the first progress line (no TensorFlow, ALE or Ray start-up
+    output, from this process or any worker)."""
+    import os
+    result = subprocess.run(
+        [sys.executable, "launch.py", "--preset", "cartpole", "--num-actors", "2",
+         "--max-seconds", "12", "--report-every-s", "2", "--logdir", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=180,
+        env={**os.environ, "RAY_ADDRESS": ray_address})
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = (result.stderr + result.stdout).splitlines()
+    first_progress = next(i for i, line in enumerate(lines) if " steps/s " in line)
+    header = lines[:first_progress]
+    assert len(header) == 1 and header[0].startswith("cartpole: CartPole-v1 | 2 actors"), lines
+    assert "dashboard" not in header[0]  # it joined the cluster rather than starting a Ray
+    progress = lines[first_progress]
+    assert re.match(r"0:00:\d\d \| steps +[\d,]+ \| .* \| (random [\d,]+/1,000|eps [\d.]+) \| "
+                    r"replay .* \| weights v\d+ lag \d+ \| actors 2/2 \| left 0:00:\d\d$",
+                    progress), progress
+    assert json.loads((tmp_path / "summary.json").read_text())["status"] == "ok"

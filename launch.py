@@ -36,9 +36,9 @@ LEARNER_HOST = "dqn_learner_host"  # custom resource of the node that hosts lear
 WORKER_ENV = {"TF_CPP_MIN_LOG_LEVEL": "2", "KERAS_BACKEND": "tensorflow"}
 POLL_WAIT_S = 5.0  # longest a progress round waits for the roles' reports
 STOP_WAIT_S = 60.0  # longest the stop waits for each stage (actors, learner, shards)
+FAILED_STOP_WAIT_S = 15.0  # the same when the run failed: a role is already not answering
 CHECKPOINT_WAIT_S = 600.0  # longest the roles may take to write their checkpoint parts
 RATE_WINDOW_S = 30.0  # the progress line's rates are over about this many seconds
-ROLE_SILENCE_S = 600.0  # a learner or shard silent this long (not back from a restart) ends the run
 SITTING_SEED_STRIDE = 1_000_003  # each resumed sitting's actors play from other seeds
 
 
@@ -291,9 +291,11 @@ def replay_totals(shard_stats: list[dict]) -> dict:
             "samples_per_insert": sampled / inserted if inserted else 0.0}
 
 
-def poll(roles: Roles, progress: Progress, wait_s: float = POLL_WAIT_S) -> None:
+def poll(roles: Roles, progress: Progress, wait_s: float = POLL_WAIT_S,
+         silence_s: float = Config.role_timeout_s) -> None:
     """One round of reports from every role, all asked at once and waited on together for at
-    most `wait_s`: a role that is restarting or stalled is left out of this round."""
+    most `wait_s`: a role that is restarting or stalled is left out of this round. RunFailed
+    when the learner or a shard has not answered for `silence_s`."""
     import ray
     reports = wait_all([actor.report.remote() for actor in roles.actors], wait_s)
     progress.live_actors = 0
@@ -320,8 +322,8 @@ def poll(roles: Roles, progress: Progress, wait_s: float = POLL_WAIT_S) -> None:
         progress.learner = {**learner, "answered": now}
         if learner["error"]:
             raise RunFailed(f"the learner failed:\n{learner['error']}")
-    elif now - progress.learner.get("answered", now) > ROLE_SILENCE_S:
-        raise RunFailed(f"the learner has not answered for {ROLE_SILENCE_S:.0f} s")
+    elif now - progress.learner.get("answered", now) > silence_s:
+        raise RunFailed(f"the learner has not answered for {silence_s:g} s")
     for index, stats in enumerate(shards):
         if stats is not None and progress.new_life("replay", index, stats["life"]):
             print(f"replay shard {index}'s process died; Ray restarted it from "
@@ -329,8 +331,8 @@ def poll(roles: Roles, progress: Progress, wait_s: float = POLL_WAIT_S) -> None:
                   flush=True)
     if all(stats is not None for stats in shards):
         progress.replay = {**replay_totals(shards), "answered": now}
-    elif now - progress.replay.get("answered", now) > ROLE_SILENCE_S:
-        raise RunFailed(f"a replay shard has not answered for {ROLE_SILENCE_S:.0f} s")
+    elif now - progress.replay.get("answered", now) > silence_s:
+        raise RunFailed(f"a replay shard has not answered for {silence_s:g} s")
 
 
 class ProgressLog:
@@ -431,7 +433,7 @@ def checkpoint_root(config: Config, logdir: Path) -> str:
 
 
 def write_checkpoint(roles: Roles, progress: Progress, store: CheckpointStore, keep: int,
-                     elapsed_s: float) -> str | None:
+                     elapsed_s: float, timeout_s: float = CHECKPOINT_WAIT_S) -> str | None:
     """Every role's part into a new checkpoint, then committed; None (with a line saying
     why) when a role did not deliver: the previous checkpoint stays the latest."""
     import ray
@@ -441,7 +443,7 @@ def write_checkpoint(roles: Roles, progress: Progress, store: CheckpointStore, k
     refs = [roles.learner.checkpoint.remote(store.root, staging),
             *[shard.checkpoint.remote(store.root, staging) for shard in roles.shards]]
     try:
-        ray.get(refs, timeout=CHECKPOINT_WAIT_S)
+        ray.get(refs, timeout=timeout_s)
         store.write_json(f"{staging}/{checkpoints.PROGRESS}", progress.state(elapsed_s))
         name = store.commit(number, keep)
     except (ray.exceptions.RayError, OSError) as error:
@@ -604,7 +606,7 @@ def run(config: Config, env_info: EnvInfo, roles: Roles, logdir: Path, store: Ch
     try:
         while True:
             time.sleep(config.report_every_s)
-            poll(roles, progress)
+            poll(roles, progress, silence_s=config.role_timeout_s)
             log.write(progress)
             now = time.monotonic()
             if now >= next_checkpoint:
@@ -619,10 +621,12 @@ def run(config: Config, env_info: EnvInfo, roles: Roles, logdir: Path, store: Ch
         status, reason = "failed", str(failure)
         print(f"launch.py: the run cannot go on: {reason}", file=sys.stderr, flush=True)
     elapsed = time.monotonic() - started
-    stop_and_collect(roles, progress)
-    write_checkpoint(roles, progress, store, config.keep_checkpoints, elapsed)
+    wait_s = STOP_WAIT_S if status == "ok" else FAILED_STOP_WAIT_S
+    stop_and_collect(roles, progress, wait_s)
+    write_checkpoint(roles, progress, store, config.keep_checkpoints, elapsed,
+                     timeout_s=CHECKPOINT_WAIT_S if status == "ok" else wait_s)
     summary = make_summary(config, env_info, progress, elapsed, len(roles.actors))
-    weights = wait_all([roles.learner.weights_h5.remote()], STOP_WAIT_S)[0]
+    weights = wait_all([roles.learner.weights_h5.remote()], wait_s)[0]
     if weights is not None:
         write_atomically(logdir / "q_network.weights.h5", weights)
         summary["weights"] = str(logdir / "q_network.weights.h5")
@@ -644,17 +648,16 @@ def limit_reached(config: Config, progress: Progress, sitting_s: float) -> bool:
     return False
 
 
-def stop_and_collect(roles: Roles, progress: Progress) -> None:
+def stop_and_collect(roles: Roles, progress: Progress, wait_s: float = STOP_WAIT_S) -> None:
     """Stop in data-flow order: actors first, so the learner sees no new data, then the
-    learner; each wait is bounded, and a role that does not answer is skipped."""
-    for index, report in enumerate(wait_all([a.stop.remote() for a in roles.actors],
-                                            STOP_WAIT_S)):
+    learner; each wait is bounded by `wait_s`, and a role that does not answer is skipped."""
+    for index, report in enumerate(wait_all([a.stop.remote() for a in roles.actors], wait_s)):
         if report is not None:
             progress.absorb_actor(index, report)
-    learner = wait_all([roles.learner.stop.remote()], STOP_WAIT_S)[0]
+    learner = wait_all([roles.learner.stop.remote()], wait_s)[0]
     if learner is not None:
         progress.learner = learner
-    shards = wait_all([shard.stats.remote() for shard in roles.shards], STOP_WAIT_S)
+    shards = wait_all([shard.stats.remote() for shard in roles.shards], wait_s)
     if all(stats is not None for stats in shards):
         progress.replay = replay_totals(shards)
 

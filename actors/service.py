@@ -5,8 +5,10 @@ replay shard's insert budget (its rate limiter), so a slow replay service or lea
 the actor instead of filling memory. Every `weight_refresh_env_frames` emulator frames per env
 (or after each chunk) it checks, without waiting, its open weight query (a long poll the
 learner answers when it publishes a newer version) and fetches that one object when one came.
-The loop starts in `__init__`, so a restarted actor process resumes playing on its own (with a
-new frame stream, so replay never mixes its old and new frames). Its thread builds the actor,
+The loop starts in `__init__`, so a restarted actor process resumes playing on its own (with
+new env seeds and a new frame stream, so replay never mixes its old and new frames). When the
+replay shard dies under it, it drops what was in flight and goes on as a new stream once the
+shard is back; when the learner dies, its weight query is asked again. Its thread builds the actor,
 so the emulator and TensorFlow threads share that thread's CPU priority and CPUs
 (`actors.scheduling`): idle by default, and pinned to the actor's own CPUs on a local
 machine, while the thread that answers the launcher stays at normal priority on any CPU.
@@ -58,7 +60,6 @@ class ActorService:
         self.local_steps_at_base = 0  # ... and our own step count then
         self.weights_query = None
         self.learner_life = None  # the learner process the weights came from
-        self.replay_restarts = 0  # times the replay shard died under this actor's sends
         self.life = secrets.token_hex(4)  # a restarted process reports a new one
         self.error: str | None = None
         self.start_error: Exception | None = None
@@ -122,7 +123,6 @@ class ActorService:
         self.inflight = []
         self.insert_budget = 0
         self.actor.new_stream()
-        self.replay_restarts += 1
 
     def _refresh_due(self, chunk_sent: bool) -> bool:
         """Every `steps_per_refresh` loop steps, or after each chunk when that is 0."""
@@ -199,7 +199,7 @@ class ActorService:
         episodes = [self.episodes.popleft() for _ in range(len(self.episodes))]
         return {"episodes": episodes, "agent_steps": self.actor.agent_steps,
                 "weight_version": self.actor.weight_version, "error": self.error,
-                "replay_restarts": self.replay_restarts, "life": self.life, "pid": os.getpid()}
+                "life": self.life, "pid": os.getpid()}
 
     def stop(self) -> dict:
         self.stop_event.set()

@@ -85,6 +85,9 @@ class Config:
     checkpoint_every_s: float = knob(
         600.0, "Seconds between checkpoints (one is also written at every stop).")
     keep_checkpoints: int = knob(3, "Checkpoints kept; older ones are deleted.")
+    role_timeout_s: float = knob(
+        600.0, "Seconds the learner or a replay shard may stay silent (not back from a "
+               "restart) before the run gives up: it stops the rest and writes what it has.")
     checkpoint_dir: str | None = knob(
         None, "Where checkpoints go: a local path, or a URI such as s3://bucket/run or "
               "gs://bucket/run so they outlive the node (default: <run directory>/checkpoints).")
@@ -175,7 +178,7 @@ class Config:
                     "replay_capacity", "chunk_transitions", "max_inflight_chunks",
                     "weight_publish_updates", "learner_batches_per_call", "learning_rate",
                     "grad_clip_norm", "samples_per_insert", "report_every_s",
-                    "checkpoint_every_s", "keep_checkpoints"]
+                    "checkpoint_every_s", "keep_checkpoints", "role_timeout_s"]
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ConfigError(f"--{flag(name)} must be positive, got {getattr(self, name)}")
@@ -337,7 +340,7 @@ RESUME_OVERRIDES = frozenset({
     "resume", "max_seconds", "total_agent_steps", "target_mean_return", "address",
     "num_actors", "envs_per_actor", "actor_threads", "pin_actor_cpus", "actor_cpu_priority",
     "learner_gpus", "dashboard_host", "report_every_s", "checkpoint_every_s",
-    "keep_checkpoints", "verbose"})
+    "keep_checkpoints", "role_timeout_s", "verbose"})
 RUN_CONFIG = "config.json"
 RUN_CONFIG_FORMAT = "dqn-run-config"
 MAX_RUN_CONFIG_BYTES = 1 << 20

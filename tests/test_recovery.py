@@ -218,3 +218,27 @@ def test_a_lost_worker_node_costs_only_its_actors_time(tmp_path, launches):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["status"] == "ok", text[-3000:]
     assert summary["restarts"]["actors"] >= 1
+
+
+def test_a_learner_that_stays_away_fails_the_run_with_what_it_has(ray_address, tmp_path,
+                                                                  launches):
+    """The learner process frozen (SIGSTOP: alive, so never restarted, and silent): past
+    --role-timeout-s the run stops the rest within bounded waits, keeps its last checkpoint,
+    writes a summary with status "failed" and the reason, and exits 1."""
+    run = launches(ray_address, tmp_path, "--preset", "cartpole", "--num-actors", 2,
+                   "--logdir", tmp_path / "run", "--report-every-s", 1, "--role-timeout-s", 5,
+                   "--checkpoint-every-s", 3, "--max-seconds", 300)
+    run.wait_for(lambda: "checkpoint" in run.text() and run.weights_at_least(2), "checkpoint")
+    frozen = role_pids("LearnerService")[0]
+    os.kill(frozen, signal.SIGSTOP)
+    try:
+        run.process.wait(timeout=150)
+    finally:
+        os.kill(frozen, signal.SIGCONT)
+    assert run.process.returncode == 1, run.text()[-3000:]
+    assert "launch.py: the run cannot go on: the learner has not answered for 5 s" in run.text()
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "failed"
+    assert summary["reason"] == "the learner has not answered for 5 s"
+    assert summary["agent_steps"] > 0 and "weights" not in summary  # the learner never answered
+    assert json.loads((tmp_path / "run" / "checkpoints" / "latest.json").read_text())["latest"]

@@ -173,8 +173,7 @@ def stop_roles(roles: Roles) -> None:
     """Stop in data-flow order and end the roles' processes (freeing the shards' names), for
     callers that place roles more than once in one Ray session."""
     import ray
-    wait_all([actor.stop.remote() for actor in roles.actors], STOP_WAIT_S)
-    wait_all([roles.learner.stop.remote()], STOP_WAIT_S)
+    stop_in_order(roles, STOP_WAIT_S)
     for handle in [*roles.actors, roles.learner, *roles.shards]:
         ray.kill(handle, no_restart=True)
     time.sleep(1.0)  # let the processes exit before the next placement
@@ -648,13 +647,20 @@ def limit_reached(config: Config, progress: Progress, sitting_s: float) -> bool:
     return False
 
 
-def stop_and_collect(roles: Roles, progress: Progress, wait_s: float = STOP_WAIT_S) -> None:
+def stop_in_order(roles: Roles, wait_s: float) -> tuple[list, dict | None]:
     """Stop in data-flow order: actors first, so the learner sees no new data, then the
-    learner; each wait is bounded by `wait_s`, and a role that does not answer is skipped."""
-    for index, report in enumerate(wait_all([a.stop.remote() for a in roles.actors], wait_s)):
+    learner; each wait is bounded by `wait_s`, and a role that does not answer is skipped.
+    Returns the actors' last reports and the learner's last stats (None where silent)."""
+    reports = wait_all([actor.stop.remote() for actor in roles.actors], wait_s)
+    return reports, wait_all([roles.learner.stop.remote()], wait_s)[0]
+
+
+def stop_and_collect(roles: Roles, progress: Progress, wait_s: float = STOP_WAIT_S) -> None:
+    """Stop the roles in order and take in their last figures."""
+    reports, learner = stop_in_order(roles, wait_s)
+    for index, report in enumerate(reports):
         if report is not None:
             progress.absorb_actor(index, report)
-    learner = wait_all([roles.learner.stop.remote()], wait_s)[0]
     if learner is not None:
         progress.learner = learner
     shards = wait_all([shard.stats.remote() for shard in roles.shards], wait_s)

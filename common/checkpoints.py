@@ -108,6 +108,18 @@ class CheckpointStore:
             fs.copy_files(self.path(relpath), local, source_filesystem=self.fs)
             yield local
 
+    @contextlib.contextmanager
+    def latest_part(self, part: str) -> Iterator[tuple[str, str] | None]:
+        """(checkpoint name, local path) of `part` (a file or folder) in the latest
+        checkpoint, checked against its manifest; None when there is no checkpoint yet."""
+        name = self.latest()
+        if name is None:
+            yield None
+            return
+        self.verify(name, under=part)
+        with self.reading(f"{name}/{part}") as path:
+            yield name, path
+
     def read_json(self, relpath: str) -> dict:
         try:
             with self.fs.open_input_stream(self.path(relpath)) as stream:

@@ -210,11 +210,10 @@ class LearnerService:
 
     # Checkpoints.
     def _restore_latest(self, store: CheckpointStore) -> None:
-        name = store.latest()
-        if name is None:
-            return
-        store.verify(name, under=checkpoints.LEARNER + "/")
-        with store.reading(f"{name}/{checkpoints.LEARNER}") as folder:
+        with store.latest_part(checkpoints.LEARNER) as latest:
+            if latest is None:
+                return
+            name, folder = latest
             counters = self.learner.restore(os.path.join(folder, "state"),
                                             ("weight_version",))
         self.version = counters["weight_version"]

@@ -40,16 +40,14 @@ class ReplayService:
         self.restored_from = None
         self.restored = {"restored_total_inserted": 0, "restored_total_sampled": 0}
         if checkpoint_root is not None:
-            store = CheckpointStore(checkpoint_root)
-            name = store.latest()
-            if name is not None:
-                store.verify(name, under=checkpoints.shard_part(shard))
-                with store.reading(f"{name}/{checkpoints.shard_part(shard)}") as path:
+            with CheckpointStore(checkpoint_root).latest_part(
+                    checkpoints.shard_part(shard)) as latest:
+                if latest is not None:
+                    self.restored_from, path = latest
                     self.server.restore(path)
-                self.restored_from = name
-                restored = self.server.stats()
-                self.restored = {"restored_total_inserted": restored["total_inserted"],
-                                 "restored_total_sampled": restored["total_sampled"]}
+                    restored = self.server.stats()
+                    self.restored = {"restored_total_inserted": restored["total_inserted"],
+                                     "restored_total_sampled": restored["total_sampled"]}
         self.metrics = metrics.make(metrics.REPLAY_SIZE, metrics.REPLAY_INSERTS,
                                     metrics.REPLAY_SAMPLES, metrics.REPLAY_REJECTED,
                                     tags={"shard": str(shard)})

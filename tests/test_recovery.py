@@ -140,7 +140,7 @@ def test_sigterm_stops_with_a_checkpoint_and_resume_carries_on(ray_address, tmp_
     saved = json.loads((run_dir / "checkpoints" / latest / "progress.json").read_text())
     assert saved["agent_steps"] == stopped["agent_steps"]
     losses_before = [loss for _, loss in tensorboard_scalars(run_dir, "loss")
-                     if np.isfinite(loss)][-8:]
+                     if np.isfinite(loss)]
 
     second = launches(ray_address, tmp_path, "--resume", run_dir, "--max-seconds", 20,
                       "--report-every-s", 1)
@@ -156,13 +156,15 @@ def test_sigterm_stops_with_a_checkpoint_and_resume_carries_on(ray_address, tmp_
     steps, epsilon, version, _ = second.progress()[0]
     assert steps >= stopped["agent_steps"] and version >= stopped["weight_version"]
     assert epsilon == round(epsilon_at(PRESETS["cartpole"], steps), 3) < 1.0
-    # The restored learner's loss goes on at the level it had before the stop (CartPole's
-    # loss moves by 10x between reports; that the state is restored exactly is the learner
-    # unit test's, test_a_restored_learner_continues_exactly_where_the_saved_one_was).
+    # The restored learner's loss goes on at the level it had before the stop. CartPole's
+    # reported loss jumps between ~0.003 and ~0.3 from one report to the next, so the means
+    # (of the whole first sitting, and of the resumed one's first 8 reports) are compared;
+    # that the state is restored exactly is the learner unit test's,
+    # test_a_restored_learner_continues_exactly_where_the_saved_one_was.
     losses_after = [loss for step, loss in tensorboard_scalars(run_dir, "loss")
                     if step > stopped["agent_steps"] and np.isfinite(loss)][:8]
     assert len(losses_before) >= 3 and len(losses_after) >= 3
-    ratio = np.median(losses_after) / np.median(losses_before)
+    ratio = np.mean(losses_after) / np.mean(losses_before)
     assert 0.1 < ratio < 10, (losses_before, losses_after)
 
     # A damaged checkpoint is refused with one line naming the file, and nothing in the run

@@ -244,3 +244,24 @@ def test_a_learner_that_stays_away_fails_the_run_with_what_it_has(ray_address, t
     assert summary["reason"] == "the learner has not answered for 5 s"
     assert summary["agent_steps"] > 0 and "weights" not in summary  # the learner never answered
     assert json.loads((tmp_path / "run" / "checkpoints" / "latest.json").read_text())["latest"]
+
+
+def test_a_second_signal_while_stopping_aborts(ray_address, tmp_path, launches):
+    """The stop is held up (the learner frozen with SIGSTOP, so its stop call waits); a second
+    SIGTERM then aborts at once: exit 130, no summary."""
+    run = launches(ray_address, tmp_path, "--preset", "cartpole", "--num-actors", 2,
+                   "--logdir", tmp_path / "run", "--report-every-s", 1, "--max-seconds", 300)
+    run.wait_for(lambda: run.weights_at_least(2), "weights v2")
+    frozen = role_pids("LearnerService")[0]
+    os.kill(frozen, signal.SIGSTOP)
+    try:
+        run.process.send_signal(signal.SIGTERM)
+        run.wait_for(lambda: "SIGTERM: stopping the roles" in run.text(), "the stop")
+        time.sleep(1.0)
+        run.process.send_signal(signal.SIGTERM)
+        run.process.wait(timeout=30)
+    finally:
+        os.kill(frozen, signal.SIGCONT)
+    assert run.process.returncode == 130, run.text()[-3000:]
+    assert "launch.py: interrupted; no summary written" in run.text()
+    assert not (tmp_path / "run" / "summary.json").exists()

@@ -212,7 +212,6 @@ class Progress:
     replay: dict = field(default_factory=dict)
     restarts: dict = field(default_factory=lambda: dict.fromkeys(ROLE_KINDS, 0))
     lives: dict = field(default_factory=dict)  # (kind, index) -> the life token it last reported
-    live_actors: int = 0
     actor_versions: dict = field(default_factory=dict)  # live actor index -> its weights' version
     elapsed_before_s: float = 0.0  # wall-clock of earlier sittings
     sitting: int = 1
@@ -222,6 +221,11 @@ class Progress:
     @property
     def agent_steps(self) -> int:
         return self.agent_steps_before + sum(self.actor_steps.values())
+
+    @property
+    def live_actors(self) -> int:
+        """Actors that answered the latest round of reports."""
+        return len(self.actor_versions)
 
     @property
     def policy_lag(self) -> int:
@@ -297,7 +301,6 @@ def poll(roles: Roles, progress: Progress, wait_s: float = POLL_WAIT_S,
     when the learner or a shard has not answered for `silence_s`."""
     import ray
     reports = wait_all([actor.report.remote() for actor in roles.actors], wait_s)
-    progress.live_actors = 0
     progress.actor_versions.clear()
     for index, report in enumerate(reports):
         if report is None:
@@ -305,7 +308,6 @@ def poll(roles: Roles, progress: Progress, wait_s: float = POLL_WAIT_S,
         if progress.absorb_actor(index, report):
             print(f"actor {index}'s process died; Ray restarted it", file=sys.stderr,
                   flush=True)
-        progress.live_actors += 1
         progress.actor_versions[index] = report["weight_version"]
         if report["error"]:  # its loop died with the process alive: restart the process
             print(f"actor {index} failed; restarting it:\n{report['error']}", file=sys.stderr)

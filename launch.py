@@ -375,6 +375,7 @@ class ProgressLog:
                    "replay_size": progress.replay["size"], "episodes": progress.episodes,
                    "weight_version": learner["weight_version"],
                    "target_syncs": learner["target_syncs"], "loss": learner["loss"],
+                   "q_mean": learner["q_mean"],
                    "samples_per_insert": progress.replay["samples_per_insert"],
                    "live_actors": progress.live_actors, "policy_lag": progress.policy_lag}
         figures["env_frames_per_s"] = figures["agent_steps_per_s"] * progress.frame_skip

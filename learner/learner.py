@@ -83,17 +83,18 @@ class DQNLearner:
             scaled = self.optimizer.scale_loss(loss)
         grads = tape.gradient(scaled, self.online.trainable_variables)
         self.optimizer.apply_gradients(zip(grads, self.online.trainable_variables))
-        return loss, y - q_taken
+        return loss, y - q_taken, tf.reduce_mean(q_taken)
 
     def _train_steps_body(self, obs, action, reward, discount, next_obs, weight):
         """k sequential updates on k stacked batches in one call (k is static: unrolled)."""
-        losses, tds = [], []
+        losses, tds, q_means = [], [], []
         for i in range(obs.shape[0]):
-            loss, td = self._update(obs[i], action[i], reward[i], discount[i], next_obs[i],
-                                    weight[i])
+            loss, td, q_mean = self._update(obs[i], action[i], reward[i], discount[i],
+                                            next_obs[i], weight[i])
             losses.append(loss)
             tds.append(td)
-        return tf.stack(losses), tf.stack(tds)
+            q_means.append(q_mean)
+        return tf.stack(losses), tf.stack(tds), tf.stack(q_means)
 
     def _td_error_body(self, obs, action, reward, discount, next_obs):
         y = self._target(reward, discount, next_obs)
@@ -102,11 +103,13 @@ class DQNLearner:
     def step(self, batches: dict[str, np.ndarray]) -> dict:
         """One update per batch of `batches` (arrays shaped [k, batch_size, ...]); syncs the
         target network when its period comes round (periods are multiples of k)."""
-        losses, td = self._train_steps(*(batches[name] for name in BATCH_FIELDS))
+        losses, td, q_means = self._train_steps(*(batches[name] for name in BATCH_FIELDS))
         self.updates += len(losses)
         if self.updates % self.config.target_sync_updates == 0:
             self.sync_target()
-        return {"loss": float(losses[-1]), "td_error": td.numpy()}
+        # q_mean: the online network's mean Q(s, a) over the last batch's taken actions, the
+        # figure that shows values growing (or diverging) long before returns move.
+        return {"loss": float(losses[-1]), "q_mean": float(q_means[-1]), "td_error": td.numpy()}
 
     def td_error(self, batch: dict[str, np.ndarray]) -> np.ndarray:
         """TD errors of one unstacked batch under the current networks (no update)."""

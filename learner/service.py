@@ -129,7 +129,7 @@ class LearnerService:
         self.starved_s = 0.0
         self.weights_ref = ray.put(self.learner.get_weights())
         self.published = threading.Condition()  # notified at each new version, and at stop
-        self.last_loss = float("nan")
+        self.last_loss = self.last_q_mean = float("nan")
         self.error: str | None = None
         self.stop_event = threading.Event()
         self.shards = [ray.get_actor(name) for name in shard_names]
@@ -157,7 +157,7 @@ class LearnerService:
                     result = self.learner.step(batch)
                     if self.learner.updates % self.config.weight_publish_updates == 0:
                         self._publish()
-                self.last_loss = result["loss"]
+                self.last_loss, self.last_q_mean = result["loss"], result["q_mean"]
                 if self.config.priority_exponent > 0:  # fire and forget: never wait on replay
                     self.shards[shard].update_priorities.remote(
                         wire.encode_priorities(batch["key"], np.abs(result["td_error"])))
@@ -200,7 +200,8 @@ class LearnerService:
 
     def stats(self) -> dict:
         return {"updates": self.learner.updates, "target_syncs": self.learner.target_syncs,
-                "weight_version": self.version, "loss": self.last_loss, "device": self.device,
+                "weight_version": self.version, "loss": self.last_loss,
+                "q_mean": self.last_q_mean, "device": self.device,
                 "starved_s": self.starved_s, "error": self.error, "life": self.life,
                 "restored_from": self.restored_from, "restored_updates": self.restored_updates,
                 "node_ip": ray.util.get_node_ip_address(), "pid": os.getpid()}

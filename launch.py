@@ -18,6 +18,7 @@ import os
 import re
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -113,6 +114,12 @@ class Roles:
     learner: object
     actors: list
     learner_gpus: float
+    evaluator: object | None = None
+
+    @property
+    def all(self) -> list:
+        return [*self.actors, self.learner, *self.shards,
+                *([self.evaluator] if self.evaluator else [])]
 
 
 def place_roles(config: Config, env_info: EnvInfo, num_actors: int,
@@ -121,6 +128,7 @@ def place_roles(config: Config, env_info: EnvInfo, num_actors: int,
     a resume) start from the latest checkpoint under `checkpoint_root`."""
     import ray
     with native_output_hidden(not config.verbose):  # the roles' modules import TensorFlow
+        from actors.evaluator_service import EvaluatorService
         from actors.service import ActorService
         from learner.service import LearnerService
         from replay_server.service import ReplayService
@@ -146,7 +154,10 @@ def place_roles(config: Config, env_info: EnvInfo, num_actors: int,
                                    max_restarts=-1).remote(
         config, env_info, i, num_actors, shard_names[i % len(shards)], "dqn-learner")
         for i in range(num_actors)]
-    return Roles(shards, learner, actors, gpus)
+    # Evaluations are short bursts between long pauses: no CPU slot of its own.
+    evaluator = (EvaluatorService.options(name="dqn-evaluator", num_cpus=0, max_restarts=-1)
+                 .remote(config, env_info, "dqn-learner") if config.eval_every_s > 0 else None)
+    return Roles(shards, learner, actors, gpus, evaluator)
 
 
 def wait_until_serving(roles: Roles, timeout_s: float = 600.0) -> list[dict]:
@@ -174,7 +185,7 @@ def stop_roles(roles: Roles) -> None:
     callers that place roles more than once in one Ray session."""
     import ray
     stop_in_order(roles, STOP_WAIT_S)
-    for handle in [*roles.actors, roles.learner, *roles.shards]:
+    for handle in roles.all:
         ray.kill(handle, no_restart=True)
     time.sleep(1.0)  # let the processes exit before the next placement
 
@@ -215,6 +226,8 @@ class Progress:
     actor_versions: dict = field(default_factory=dict)  # live actor index -> its weights' version
     elapsed_before_s: float = 0.0  # wall-clock of earlier sittings
     sitting: int = 1
+    new_returns: list = field(default_factory=list)  # episodes since the last progress line
+    evals: dict = field(default_factory=dict)  # "last" and "best" evaluation (EvalRecord)
     agent_steps_at_start: int = 0  # this sitting's start, for its rates
     updates_at_start: int = 0
 
@@ -255,14 +268,20 @@ class Progress:
         self.actor_steps[index] = report["agent_steps"]
         for ret, _length in report["episodes"]:
             self.returns.append(ret)
+            self.new_returns.append(ret)
             self.episodes += 1
         return restarted
+
+    def absorb_eval(self, record: dict) -> None:
+        self.evals["last"] = record
+        if record["mean"] >= self.evals.get("best", {"mean": -math.inf})["mean"]:
+            self.evals["best"] = record
 
     def state(self, elapsed_s: float) -> dict:
         return {"agent_steps": self.agent_steps, "episodes": self.episodes,
                 "returns": list(self.returns), "restarts": self.restarts,
                 "elapsed_s": round(self.elapsed_before_s + elapsed_s, 3),
-                "sitting": self.sitting}
+                "sitting": self.sitting, "evals": self.evals}
 
     @classmethod
     def from_state(cls, state: dict, frame_skip: int, where: str) -> "Progress":
@@ -275,16 +294,35 @@ class Progress:
                  and all(type(r) in (int, float) and math.isfinite(r) for r in returns)
                  and isinstance(restarts, dict) and set(restarts) == set(ROLE_KINDS)
                  and all(type(n) is int and n >= 0 for n in restarts.values())
-                 and type(state.get("elapsed_s")) in (int, float) and state["elapsed_s"] >= 0)
+                 and type(state.get("elapsed_s")) in (int, float) and state["elapsed_s"] >= 0
+                 and valid_evals(state.get("evals", {})))
         if not valid:
             raise CheckpointError(f"{where}: not the launcher progress of this project")
         return cls(frame_skip=frame_skip, agent_steps_before=state["agent_steps"],
                    returns=collections.deque(returns, maxlen=100), episodes=state["episodes"],
                    restarts=dict(restarts), elapsed_before_s=float(state["elapsed_s"]),
-                   sitting=state["sitting"] + 1)
+                   sitting=state["sitting"] + 1, evals=state.get("evals", {}))
 
 
-ROLE_KINDS = ("actors", "replay", "learner")
+ROLE_KINDS = ("actors", "replay", "learner", "evaluator")
+
+
+def eval_record(result: dict, agent_steps: int) -> dict:
+    """One evaluation as the launcher keeps it: at the agent steps when it was asked for."""
+    returns = result["returns"]
+    return {"mean": sum(returns) / len(returns), "std": statistics.pstdev(returns),
+            "agent_steps": agent_steps, "weight_version": result["weight_version"],
+            "episodes": len(returns), "returns": returns}
+
+
+def valid_evals(evals) -> bool:
+    def valid(record) -> bool:
+        return (isinstance(record, dict)
+                and all(type(record.get(name)) in (int, float) and math.isfinite(record[name])
+                        for name in ("mean", "std", "agent_steps", "weight_version"))
+                and isinstance(record.get("returns"), list))
+    return isinstance(evals, dict) and set(evals) <= {"last", "best"} and all(
+        valid(record) for record in evals.values())
 
 
 def replay_totals(shard_stats: list[dict]) -> dict:
@@ -336,6 +374,38 @@ def poll(roles: Roles, progress: Progress, wait_s: float = POLL_WAIT_S,
         raise RunFailed(f"a replay shard has not answered for {silence_s:g} s")
 
 
+class Evaluations:
+    """Asks the evaluator for an evaluation every `eval_every_s` (one at a time, never
+    waited on) and takes each result in, at the agent steps when it was asked for."""
+
+    def __init__(self, roles: Roles, config: Config):
+        self.evaluator, self.every_s = roles.evaluator, config.eval_every_s
+        self.pending, self.asked_at_steps = None, 0
+        self.next_due = time.monotonic() + self.every_s
+
+    def poll(self, progress: Progress) -> dict | None:
+        """The record of an evaluation that finished since the last call, if one did."""
+        import ray
+        if self.evaluator is None:
+            return None
+        record = None
+        if self.pending is not None and ray.wait([self.pending], timeout=0)[0]:
+            try:
+                result = ray.get(self.pending)
+                progress.new_life("evaluator", 0, result["life"])
+                record = eval_record(result, self.asked_at_steps)
+                progress.absorb_eval(record)
+            except ray.exceptions.RayError as error:  # restarting: ask again next time
+                print(f"evaluation failed: {first_error_line(error)}", file=sys.stderr,
+                      flush=True)
+            self.pending = None
+        if self.pending is None and time.monotonic() >= self.next_due:
+            self.pending = self.evaluator.evaluate.remote()
+            self.asked_at_steps = progress.agent_steps
+            self.next_due = time.monotonic() + self.every_s
+        return record
+
+
 class ProgressLog:
     """A progress line on stdout and the same figures as TensorBoard scalars. Rates are taken
     over the last RATE_WINDOW_S seconds, so chunked inserts and batched updates do not make
@@ -368,7 +438,9 @@ class ProgressLog:
                 # The share of the window the learner sat without a batch, once it had begun.
                 "learner_starved_fraction": min(max(starved1 - starved0, 0.0) / dt, 1.0)}
 
-    def write(self, progress: Progress) -> dict:
+    def write(self, progress: Progress, evaluation: dict | None = None) -> dict:
+        """The figures of this round as a progress line and TensorBoard scalars, with the
+        episodes finished since the last call and `evaluation` if one finished."""
         self._sample(progress)
         steps, learner = progress.agent_steps, progress.learner
         figures = {**self.rates(),
@@ -387,9 +459,36 @@ class ProgressLog:
         with self.writer.as_default(step=steps):
             for name, value in figures.items():
                 self.tf.summary.scalar(name, value)
-        self.writer.flush()
+            if evaluation is not None:
+                self._write_evaluation(evaluation)
+        self.write_episodes(progress)
         print(self.line(progress, figures, ladder), flush=True)
         return figures
+
+    def write_episodes(self, progress: Progress) -> None:
+        """Each episode finished since the last call, as `episode/return`."""
+        with self.writer.as_default(step=progress.agent_steps):
+            for ret in progress.new_returns:
+                self.tf.summary.scalar("episode/return", ret)
+        progress.new_returns.clear()
+        self.writer.flush()
+
+    def _write_evaluation(self, record: dict) -> None:
+        step = record["agent_steps"]  # the steps when the weights were taken
+        self.tf.summary.scalar("eval/return_mean", record["mean"], step=step)
+        self.tf.summary.scalar("eval/return_std", record["std"], step=step)
+        self.tf.summary.histogram("eval/returns", record["returns"], step=step)
+
+    def write_hparams(self, config: Config, env_info: EnvInfo) -> None:
+        """The run's config on TensorBoard's HParams tab (with the metrics to compare by)."""
+        from tensorboard.plugins.hparams import api as hparams
+        values = {name: value if isinstance(value, (bool, int, float, str)) else str(value)
+                  for name, value in config_to_json(config)["config"].items()
+                  if value is not None}
+        values["num_actions"] = env_info.num_actions
+        with self.writer.as_default():
+            hparams.hparams(values)
+        self.writer.flush()
 
     def line(self, progress: Progress, figures: dict, ladder: bool) -> str:
         steps, mean = progress.agent_steps, progress.mean_return_100
@@ -409,6 +508,8 @@ class ProgressLog:
                 f"return100 {'   n/a' if mean is None else f'{mean:6.1f}'} | "
                 f"weights v{figures['weight_version']} lag {figures['policy_lag']} | "
                 f"actors {progress.live_actors}/{self.config.num_actors}"
+                + (f" | eval {last['mean']:.1f}±{last['std']:.1f}"
+                   if (last := progress.evals.get("last")) else "")
                 + ("" if left is None else f" | left {clock(left)}"))
 
 
@@ -603,13 +704,15 @@ def run(config: Config, env_info: EnvInfo, roles: Roles, logdir: Path, store: Ch
         progress: Progress) -> dict:
     started = time.monotonic()
     log = ProgressLog(logdir, config, progress, started)
+    log.write_hparams(config, env_info)
+    evaluations = Evaluations(roles, config)
     next_checkpoint = started + config.checkpoint_every_s
     status, reason = "ok", None
     try:
         while True:
             time.sleep(config.report_every_s)
             poll(roles, progress, silence_s=config.role_timeout_s)
-            log.write(progress)
+            log.write(progress, evaluations.poll(progress))
             now = time.monotonic()
             if now >= next_checkpoint:
                 write_checkpoint(roles, progress, store, config.keep_checkpoints, now - started)
@@ -625,6 +728,7 @@ def run(config: Config, env_info: EnvInfo, roles: Roles, logdir: Path, store: Ch
     elapsed = time.monotonic() - started
     wait_s = STOP_WAIT_S if status == "ok" else FAILED_STOP_WAIT_S
     stop_and_collect(roles, progress, wait_s)
+    log.write_episodes(progress)
     write_checkpoint(roles, progress, store, config.keep_checkpoints, elapsed,
                      timeout_s=CHECKPOINT_WAIT_S if status == "ok" else wait_s)
     summary = make_summary(config, env_info, progress, elapsed, len(roles.actors))
@@ -694,7 +798,21 @@ def make_summary(config: Config, env_info: EnvInfo, progress: Progress, elapsed_
         "replay_size": progress.replay["size"],
         "samples_per_insert": round(progress.replay["samples_per_insert"], 3),
         "restarts": progress.restarts,
+        # What rebuilds the network for the weights file, without guessing.
+        "network": network_description(config, env_info),
+        "eval_return_mean": {key: {name: record[name] for name in EVAL_SUMMARY_FIELDS}
+                             for key, record in progress.evals.items()},
     }
+
+
+EVAL_SUMMARY_FIELDS = ("mean", "std", "agent_steps", "weight_version", "episodes")
+
+
+def network_description(config: Config, env_info: EnvInfo) -> dict:
+    return {"env": config.env, "obs_shape": list(env_info.obs_shape),
+            "num_actions": env_info.num_actions, "dueling": config.dueling,
+            "mlp_hidden_units": list(config.mlp_hidden_units),
+            "kind": "nature_cnn" if len(env_info.obs_shape) == 3 else "mlp"}
 
 
 if __name__ == "__main__":

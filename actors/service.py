@@ -178,7 +178,8 @@ class ActorService:
         is out), open the next one, and load the weights it brought, if any."""
         if self.weights_query is None:
             self.weights_query = self.learner.latest_weights.remote(
-                self.actor.weight_version, 0.0 if wait else WEIGHTS_WAIT_S, self.learner_life)
+                self.actor.policy.weight_version, 0.0 if wait else WEIGHTS_WAIT_S,
+                self.learner_life)
         ready, _ = ray.wait([self.weights_query], timeout=None if wait else 0)
         if ready:
             self.weights_query = None
@@ -186,7 +187,7 @@ class ActorService:
                 answer = ray.get(ready[0])
                 if answer is not None:
                     version, ref, self.learner_life = answer
-                    self.actor.set_weights(ray.get(ref), version)
+                    self.actor.policy.set_weights(ray.get(ref), version)
             except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError):
                 pass  # the learner died: Ray restarts it, and the next query waits for it
 
@@ -198,7 +199,7 @@ class ActorService:
         """Episodes finished since the last report, and running totals."""
         episodes = [self.episodes.popleft() for _ in range(len(self.episodes))]
         return {"episodes": episodes, "agent_steps": self.actor.agent_steps,
-                "weight_version": self.actor.weight_version, "error": self.error,
+                "weight_version": self.actor.policy.weight_version, "error": self.error,
                 "life": self.life, "pid": os.getpid()}
 
     def stop(self) -> dict:

@@ -133,7 +133,7 @@ def measure(config: Config, store: CheckpointStore) -> dict:
     # Stop, then resume every role from the final checkpoint.
     launch.stop_and_collect(roles, progress)
     launch.write_checkpoint(roles, progress, store, config.keep_checkpoints, 0.0)
-    for handle in [*roles.actors, roles.learner, *roles.shards]:
+    for handle in roles.all:
         ray.kill(handle, no_restart=True)
     time.sleep(1.0)
     started = time.monotonic()

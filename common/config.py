@@ -81,7 +81,8 @@ class Config:
     # Checkpoints and resuming.
     resume: str | None = knob(
         None, "Carry on the run in this run directory from its latest checkpoint, with its "
-              "config.json; flags may change only limits, actors, address and logging.")
+              "config.json; flags may change only limits, actors, address, logging and "
+              "evaluation.")
     checkpoint_every_s: float = knob(
         600.0, "Seconds between checkpoints (one is also written at every stop).")
     keep_checkpoints: int = knob(3, "Checkpoints kept; older ones are deleted.")
@@ -91,6 +92,13 @@ class Config:
     checkpoint_dir: str | None = knob(
         None, "Where checkpoints go: a local path, or a URI such as s3://bucket/run or "
               "gs://bucket/run so they outlive the node (default: <run directory>/checkpoints).")
+
+    # Evaluation of the greedy policy, apart from training (never fed to replay).
+    eval_every_s: float = knob(
+        300.0, "Seconds between evaluations of the latest weights: --eval-episodes whole "
+               "episodes at --eval-epsilon, reported as eval/return_mean (0: no evaluator).")
+    eval_episodes: int = knob(10, "Episodes per evaluation, played side by side.")
+    eval_epsilon: float = knob(0.05, "Epsilon of evaluation play (Nature DQN's 0.05).")
 
     # Q-learning.
     gamma: float = knob(0.99, "Discount factor.")
@@ -178,7 +186,8 @@ class Config:
                     "replay_capacity", "chunk_transitions", "max_inflight_chunks",
                     "weight_publish_updates", "learner_batches_per_call", "learning_rate",
                     "grad_clip_norm", "samples_per_insert", "report_every_s",
-                    "checkpoint_every_s", "keep_checkpoints", "role_timeout_s"]
+                    "checkpoint_every_s", "keep_checkpoints", "role_timeout_s",
+                    "eval_episodes"]
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ConfigError(f"--{flag(name)} must be positive, got {getattr(self, name)}")
@@ -188,14 +197,14 @@ class Config:
             if value is not None and not value > 0:
                 raise ConfigError(f"--{flag(name)} must be positive, got {value}")
         for name in ["random_agent_steps", "min_replay_size", "priority_exponent",
-                     "weight_refresh_env_frames", "epsilon_ladder_exponent"]:
+                     "weight_refresh_env_frames", "epsilon_ladder_exponent", "eval_every_s"]:
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{flag(name)} must be >= 0, got {getattr(self, name)}")
         if self.learner_gpus is not None and self.learner_gpus < 0:
             raise ConfigError(f"--learner-gpus must be >= 0, got {self.learner_gpus}")
         if not 0.0 <= self.gamma <= 1.0:
             raise ConfigError(f"--gamma must be in [0, 1], got {self.gamma}")
-        for name in ["epsilon_start", "epsilon_end", "importance_exponent"]:
+        for name in ["epsilon_start", "epsilon_end", "importance_exponent", "eval_epsilon"]:
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"--{flag(name)} must be in [0, 1], got {getattr(self, name)}")
         if self.epsilon_ladder_base is not None and not 0.0 < self.epsilon_ladder_base <= 1.0:
@@ -269,7 +278,7 @@ PRESETS: dict[str, Config] = {
         random_agent_steps=1_000, max_episode_agent_steps=500,
         replay_capacity=100_000, min_replay_size=1_000, samples_per_insert=16.0,
         chunk_transitions=32, weight_publish_updates=16, learner_batches_per_call=8,
-        report_every_s=2.0),
+        report_every_s=2.0, eval_every_s=30.0),
     # Ape-X (Horgan et al. 2018) on Breakout: n-step double DQN with a dueling head,
     # prioritized replay fed actor-computed priorities, the epsilon ladder.
     "apex": Config(
@@ -340,7 +349,8 @@ RESUME_OVERRIDES = frozenset({
     "resume", "max_seconds", "total_agent_steps", "target_mean_return", "address",
     "num_actors", "envs_per_actor", "actor_threads", "pin_actor_cpus", "actor_cpu_priority",
     "learner_gpus", "dashboard_host", "report_every_s", "checkpoint_every_s",
-    "keep_checkpoints", "role_timeout_s", "verbose"})
+    "keep_checkpoints", "role_timeout_s", "verbose", "eval_every_s", "eval_episodes",
+    "eval_epsilon"})
 RUN_CONFIG = "config.json"
 RUN_CONFIG_FORMAT = "dqn-run-config"
 MAX_RUN_CONFIG_BYTES = 1 << 20
@@ -372,7 +382,8 @@ def _resumed(parser: argparse.ArgumentParser, argv: list[str], run_dir: str) -> 
     refused = sorted(set(given) - RESUME_OVERRIDES)
     if refused:
         parser.error(f"--{flag(refused[0])} cannot change when a run is resumed (its "
-                     f"config.json holds it); only limits, actors, address and logging can")
+                     f"config.json holds it); only limits, actors, address, logging and "
+                     f"evaluation can")
     try:
         saved = read_run_config(run_dir)
         return saved.replace(**given, logdir=run_dir)

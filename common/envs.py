@@ -8,6 +8,7 @@ K of them as one vector env.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import ale_py
@@ -59,17 +60,46 @@ def is_atari(env_id: str) -> bool:
     return isinstance(entry, str) and entry.startswith("ale_py")
 
 
+class FrameRecorder(gym.Wrapper):
+    """Hands every frame the game shows, in full colour, to `on_frame` (for a video): sits
+    under the frame skip, so not one emulator frame is missed."""
+
+    def __init__(self, env: gym.Env, on_frame: Callable[[np.ndarray], None]):
+        super().__init__(env)
+        self.on_frame = on_frame
+
+    def reset(self, **kwargs):
+        result = self.env.reset(**kwargs)
+        self.on_frame(self.env.render())
+        return result
+
+    def step(self, action):
+        result = self.env.step(action)
+        self.on_frame(self.env.render())
+        return result
+
+
 def make_env(env_id: str, max_episode_agent_steps: int, frame_stack: int = 4,
-             noop_max: int = 30) -> gym.Env:
-    """One env with the seed's wrappers (the reference `EnvBatch`'s vector envs match)."""
+             noop_max: int = 30, repeat_action_probability: float | None = None,
+             on_frame: Callable[[np.ndarray], None] | None = None) -> gym.Env:
+    """One env with the seed's wrappers (the reference `EnvBatch`'s vector envs match).
+    `repeat_action_probability` overrides an Atari id's sticky actions; `on_frame` receives
+    each full-colour frame the game shows."""
+    render = {"render_mode": "rgb_array"} if on_frame else {}
     if is_atari(env_id):
+        sticky = ({} if repeat_action_probability is None
+                  else {"repeat_action_probability": repeat_action_probability})
         # The time limit counts agent steps, so it goes outside the frame-level env.
-        env = gym.make(env_id, frameskip=1)
+        env = gym.make(env_id, frameskip=1, **sticky, **render)
+        if on_frame:
+            env = FrameRecorder(env, on_frame)
         env = AtariPreprocessing(env, frame_skip=ATARI_FRAME_SKIP, noop_max=noop_max)
         env = FrameStackObservation(env, frame_stack)
         env = TimeLimit(env, max_episode_steps=max_episode_agent_steps)
     else:
-        env = gym.make(env_id, max_episode_steps=max_episode_agent_steps)
+        env = gym.make(env_id, max_episode_steps=max_episode_agent_steps, **render)
+        if on_frame:
+            env = FrameRecorder(env, on_frame)
     if not isinstance(env.action_space, gym.spaces.Discrete):
         raise EnvError(f"env {env_id!r} has action space {env.action_space}; DQN needs Discrete")
     if not isinstance(env.observation_space, gym.spaces.Box):
@@ -118,11 +148,13 @@ class EnvBatch:
     more difference is mended: it pads a new episode's stack with black frames where
     gymnasium repeats the first frame.
     Other ids run on gymnasium's SyncVectorEnv with the time limit in agent steps.
-    `num_threads` caps AtariVectorEnv's threads (0: one per CPU).
+    `num_threads` caps AtariVectorEnv's threads (0: one per CPU); `repeat_action_probability`
+    overrides the Atari id's sticky actions.
     """
 
     def __init__(self, env_id: str, num_envs: int, seed: int, max_episode_agent_steps: int,
-                 frame_stack: int = 4, noop_max: int = 30, num_threads: int = 0):
+                 frame_stack: int = 4, noop_max: int = 30, num_threads: int = 0,
+                 repeat_action_probability: float | None = None):
         self.seed = seed
         self.atari = is_atari(env_id)
         if self.atari:
@@ -132,7 +164,9 @@ class EnvBatch:
                 game=kwargs["game"], num_envs=num_envs, frameskip=ATARI_FRAME_SKIP,
                 stack_num=frame_stack, noop_max=noop_max, reward_clipping=False,
                 use_fire_reset=False, episodic_life=False,
-                repeat_action_probability=kwargs.get("repeat_action_probability", 0.0),
+                repeat_action_probability=(
+                    kwargs.get("repeat_action_probability", 0.0)
+                    if repeat_action_probability is None else repeat_action_probability),
                 full_action_space=kwargs.get("full_action_space", False),
                 # The time limit is ours, in agent steps (below): ALE's own frame limit ends
                 # the last step short of its 4 frames. This one is only a backstop.
@@ -153,10 +187,12 @@ class EnvBatch:
     def num_envs(self) -> int:
         return len(self.returns)
 
-    def reset(self) -> np.ndarray:
+    def reset(self, seed: int | None = None) -> np.ndarray:
+        """All envs at a new episode, seeded from `seed` (default: the batch's own)."""
         self.returns[:] = 0
         self.lengths[:] = 0
-        self.obs = self._pad(np.asarray(self.envs.reset(seed=self.seed)[0]), self.lengths)
+        first = self.envs.reset(seed=self.seed if seed is None else seed)[0]
+        self.obs = self._pad(np.asarray(first), self.lengths)
         return self.obs
 
     def step(self, actions: np.ndarray) -> BatchStep:

@@ -17,6 +17,7 @@ REPLAY_SIZE = "dqn_replay_size"
 REPLAY_INSERTS = "dqn_replay_inserted_transitions"
 REPLAY_SAMPLES = "dqn_replay_sampled_transitions"
 REPLAY_REJECTED = "dqn_replay_rejected_messages"
+EVAL_RETURN_MEAN = "dqn_eval_return_mean"
 
 DESCRIPTIONS = {
     AGENT_STEPS: "Actions taken by all actors.",
@@ -31,6 +32,7 @@ DESCRIPTIONS = {
     REPLAY_INSERTS: "Transitions inserted into replay.",
     REPLAY_SAMPLES: "Transitions sampled from replay.",
     REPLAY_REJECTED: "Messages (inserts, priority updates) refused as malformed.",
+    EVAL_RETURN_MEAN: "Mean game score of the latest evaluation of the greedy policy.",
 }
 COUNTERS = {AGENT_STEPS, ENV_FRAMES, EPISODES, UPDATES, TARGET_SYNCS, LEARNER_STARVED,
             REPLAY_INSERTS, REPLAY_SAMPLES, REPLAY_REJECTED}

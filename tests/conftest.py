@@ -18,3 +18,15 @@ def ray_address():
                        _system_config={"metrics_report_interval_ms": 500})
     yield context.address_info["gcs_address"]
     ray.shutdown()
+
+
+def tensorboard_scalars(logdir, name: str) -> list[tuple[int, float]]:
+    """(step, value) of every scalar `name` in the TensorBoard events under `logdir`."""
+    import tensorflow as tf
+    values = []
+    for events in sorted(logdir.glob("events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(str(events)):
+            for value in event.summary.value:
+                if value.tag == name:
+                    values.append((event.step, float(tf.make_ndarray(value.tensor))))
+    return sorted(values)

@@ -56,9 +56,9 @@ def test_greedy_actions_follow_the_network_and_random_ones_cover_all_actions():
     config = PRESETS["cartpole"].replace(envs_per_actor=8)
     actor = Actor(config, describe_env("CartPole-v1"), actor_index=0)
     obs = np.random.default_rng(0).normal(size=(8, 4)).astype(np.float32)
-    expected = actor.model(obs).numpy().argmax(axis=1)
-    np.testing.assert_array_equal(actor.select_actions(obs, epsilon=0.0), expected)
-    random_actions = np.concatenate([actor.select_actions(obs, 1.0) for _ in range(50)])
+    expected = actor.policy.model(obs).numpy().argmax(axis=1)
+    np.testing.assert_array_equal(actor.policy.select_actions(obs, epsilon=0.0), expected)
+    random_actions = np.concatenate([actor.policy.select_actions(obs, 1.0) for _ in range(50)])
     assert set(random_actions) == {0, 1}
 
 
@@ -93,16 +93,16 @@ def test_only_greedy_envs_go_through_the_network():
     actor = Actor(config, describe_env("CartPole-v1"), actor_index=0)
     obs = np.random.default_rng(1).normal(size=(64, 4)).astype(np.float32)
     seen = []
-    forward = actor.q_values
-    actor.q_values = lambda batch: seen.append(batch.copy()) or forward(batch)
-    state = actor.rng.bit_generator.state
-    actions = actor.select_actions(obs, epsilon=0.5)
-    actor.rng.bit_generator.state = state
-    greedy = actor.rng.random(64) >= 0.5  # the draw select_actions made
+    forward = actor.policy.q_values
+    actor.policy.q_values = lambda batch: seen.append(batch.copy()) or forward(batch)
+    state = actor.policy.rng.bit_generator.state
+    actions = actor.policy.select_actions(obs, epsilon=0.5)
+    actor.policy.rng.bit_generator.state = state
+    greedy = actor.policy.rng.random(64) >= 0.5  # the draw select_actions made
     assert len(seen) == 1 and 0 < greedy.sum() < 64
     np.testing.assert_array_equal(seen[0], obs[greedy])
     np.testing.assert_array_equal(actions[greedy],
-                                  actor.model(obs[greedy]).numpy().argmax(axis=1))
+                                  actor.policy.model(obs[greedy]).numpy().argmax(axis=1))
     assert forward.experimental_get_tracing_count() == 1  # any batch size, one trace
 
 
@@ -110,21 +110,21 @@ def test_the_forward_pass_compiles_at_start_up_once():
     """Not at the first greedy step, which comes late while epsilon is near 1."""
     actor = Actor(PRESETS["cartpole"].replace(envs_per_actor=4), describe_env("CartPole-v1"),
                   actor_index=0)
-    assert actor.q_values.experimental_get_tracing_count() == 1
-    actor.select_actions(actor.obs, epsilon=1.0)
-    actor.select_actions(actor.obs, epsilon=0.0)
-    assert actor.q_values.experimental_get_tracing_count() == 1
+    assert actor.policy.q_values.experimental_get_tracing_count() == 1
+    actor.policy.select_actions(actor.obs, epsilon=1.0)
+    actor.policy.select_actions(actor.obs, epsilon=0.0)
+    assert actor.policy.q_values.experimental_get_tracing_count() == 1
 
 
 def test_weights_set_on_the_actor_change_its_greedy_policy():
     config = PRESETS["cartpole"]
     actor = Actor(config, describe_env("CartPole-v1"), actor_index=0)
-    weights = [np.zeros_like(w) for w in actor.model.get_weights()]
+    weights = [np.zeros_like(w) for w in actor.policy.model.get_weights()]
     weights[-1][1] = 1.0  # output bias: action 1 always has the larger value
-    actor.set_weights(weights, version=7)
+    actor.policy.set_weights(weights, version=7)
     obs = np.random.default_rng(0).normal(size=(4, 4)).astype(np.float32)
-    assert actor.weight_version == 7
-    np.testing.assert_array_equal(actor.select_actions(obs, 0.0), [1, 1, 1, 1])
+    assert actor.policy.weight_version == 7
+    np.testing.assert_array_equal(actor.policy.select_actions(obs, 0.0), [1, 1, 1, 1])
 
 
 def test_apex_actor_explores_on_the_ladder_and_sends_priorities():

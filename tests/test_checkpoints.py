@@ -5,7 +5,7 @@ import json
 import pytest
 
 from common.checkpoints import CheckpointError, CheckpointStore, checkpoint_name
-from launch import Progress
+from launch import Progress, eval_record
 
 
 def write_parts(store: CheckpointStore, staging: str, payload: bytes) -> None:
@@ -87,17 +87,23 @@ def test_altered_or_foreign_checkpoints_are_refused_naming_the_file(store, tmp_p
 
 
 def test_launcher_progress_round_trips_and_bad_progress_is_refused():
-    progress = Progress(frame_skip=4, agent_steps_before=1_000, episodes=7,
-                        restarts={"actors": 2, "replay": 0, "learner": 1})
+    restarts = {"actors": 2, "replay": 0, "learner": 1, "evaluator": 0}
+    progress = Progress(frame_skip=4, agent_steps_before=1_000, episodes=7, restarts=restarts)
     progress.actor_steps = {0: 50, 1: 70}
     progress.returns.extend([1.0, 3.0])
+    progress.absorb_eval(eval_record({"returns": [4.0, 6.0], "weight_version": 9}, 900))
+    progress.absorb_eval(eval_record({"returns": [1.0, 1.0], "weight_version": 12}, 1_100))
     state = json.loads(json.dumps(progress.state(elapsed_s=12.5)))
     resumed = Progress.from_state(state, frame_skip=4, where="progress.json")
     assert resumed.agent_steps == 1_120 and resumed.episodes == 7
     assert list(resumed.returns) == [1.0, 3.0] and resumed.mean_return_100 == 2.0
-    assert resumed.restarts == {"actors": 2, "replay": 0, "learner": 1}
+    assert resumed.restarts == restarts
     assert resumed.elapsed_before_s == 12.5 and resumed.sitting == 2
+    # The best evaluation so far survives the resume, and the last one.
+    assert resumed.evals["best"]["mean"] == 5.0 and resumed.evals["best"]["agent_steps"] == 900
+    assert resumed.evals["last"]["mean"] == 1.0 and resumed.evals["last"]["weight_version"] == 12
     for bad in [{"agent_steps": -1}, {"returns": [float("nan")]}, {"returns": [0.0] * 101},
-                {"restarts": {"actors": 1}}, {"elapsed_s": "soon"}, {"sitting": 1.5}]:
+                {"restarts": {"actors": 1}}, {"elapsed_s": "soon"}, {"sitting": 1.5},
+                {"evals": {"last": {"mean": "high"}}}, {"evals": {"worst": {}}}]:
         with pytest.raises(CheckpointError, match="progress.json: not the launcher progress"):
             Progress.from_state({**state, **bad}, frame_skip=4, where="progress.json")

@@ -13,7 +13,7 @@ import psutil
 import pytest
 
 from common.config import PRESETS, epsilon_at
-from tests.conftest import ROOT
+from tests.conftest import ROOT, tensorboard_scalars
 
 PROGRESS_LINE = re.compile(r"steps\s+([\d,]+) \|.*\| (?:eps ([\d.]+)|random [\d,/]+) \|.*"
                            r"\| weights v(\d+) lag \d+ \| actors (\d+)/(\d+)")
@@ -111,17 +111,6 @@ def tree(folder) -> dict:
     """Every file under `folder` with its contents' size and modification time."""
     return {str(path): (path.stat().st_size, path.stat().st_mtime_ns)
             for path in sorted(folder.rglob("*")) if path.is_file()}
-
-
-def tensorboard_scalars(logdir, name: str) -> list[tuple[int, float]]:
-    import tensorflow as tf
-    values = []
-    for events in sorted(logdir.glob("events.out.tfevents.*")):
-        for event in tf.compat.v1.train.summary_iterator(str(events)):
-            for value in event.summary.value:
-                if value.tag == name:
-                    values.append((event.step, float(tf.make_ndarray(value.tensor))))
-    return sorted(values)
 
 
 def test_sigterm_stops_with_a_checkpoint_and_resume_carries_on(ray_address, tmp_path,

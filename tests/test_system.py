@@ -17,7 +17,7 @@ from common.envs import describe_env
 from common.networks import build_q_network
 from replay_server.buffer import ReplaySpec
 from replay_server.snapshot import read_snapshot
-from tests.conftest import ROOT
+from tests.conftest import ROOT, tensorboard_scalars
 
 SUMMARY_KEYS = {"agent_steps", "env_frames", "updates", "weight_version", "target_syncs",
                 "episodes", "mean_return_100", "agent_steps_per_s", "updates_per_s", "preset",
@@ -40,12 +40,25 @@ def launch(ray_address, logdir, *flags, timeout):
 def test_cartpole_learns_through_the_full_ray_loop(ray_address, tmp_path):
     summary, wall_s, stdout = launch(
         ray_address, tmp_path, "--preset", "cartpole", "--num-actors", 2,
-        "--max-seconds", 280, "--target-mean-return", 195, timeout=330)
+        "--max-seconds", 280, "--target-mean-return", 195, "--eval-every-s", 3, timeout=330)
     assert summary["mean_return_100"] >= 195, stdout[-2000:]
     assert wall_s <= 300
     assert summary["num_actors"] == 2 and summary["episodes"] >= 100
     assert summary["updates"] > 0 and summary["weight_version"] > 0
     assert "steps/s" in stdout and "return100" in stdout  # the progress line
+    # The evaluator played the greedy policy alongside: in the summary, the progress line
+    # and TensorBoard, at the agent steps its weights were taken at.
+    evals = summary["eval_return_mean"]
+    assert evals["last"]["episodes"] == 10 and evals["best"]["mean"] >= evals["last"]["mean"]
+    assert 0 < evals["last"]["agent_steps"] <= summary["agent_steps"]
+    assert re.search(r"eval +\d+\.\d±\d+\.\d", stdout)
+    logged = tensorboard_scalars(tmp_path, "eval/return_mean")
+    assert logged and logged[-1] == (evals["last"]["agent_steps"],
+                                     pytest.approx(evals["last"]["mean"]))
+    assert len(tensorboard_scalars(tmp_path, "episode/return")) == summary["episodes"]
+    assert summary["network"] == {"env": "CartPole-v1", "obs_shape": [4], "num_actions": 2,
+                                  "dueling": False, "mlp_hidden_units": [128, 128],
+                                  "kind": "mlp"}
 
 
 @pytest.mark.slow

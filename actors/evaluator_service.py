@@ -1,0 +1,53 @@
+"""The evaluator as a Ray actor: a thin shell over `Evaluator` that fetches the learner's
+latest weights for each evaluation the launcher asks for.
+
+Its playing threads (emulators, forward pass) run at the actors' CPU priority, so an
+evaluation takes CPU the learner leaves over, never the learner's.
+"""
+from __future__ import annotations
+
+import os
+import secrets
+import time
+
+import ray
+
+from actors.evaluator import Evaluator
+from actors.scheduling import lower_to_idle
+from common import metrics
+from common.config import Config
+from common.envs import EnvInfo
+from common.networks import configure_cpu_threads
+
+EVALUATOR_SEED_OFFSET = 7_777_777
+
+
+@ray.remote
+class EvaluatorService:
+    def __init__(self, config: Config, env_info: EnvInfo, learner_name: str):
+        configure_cpu_threads(1)
+        if config.actor_cpu_priority == "idle":
+            lower_to_idle()  # this thread runs every call, and starts the playing threads
+        self.config = config
+        self.learner = ray.get_actor(learner_name)
+        seed = config.seed + EVALUATOR_SEED_OFFSET  # other games than any actor's
+        if ray.get_runtime_context().was_current_actor_reconstructed:
+            seed = secrets.randbelow(1 << 31)  # as a restarted actor does
+        self.evaluator = Evaluator(config, env_info, config.eval_episodes, seed)
+        self.metrics = metrics.make(metrics.EVAL_RETURN_MEAN)
+        self.life = secrets.token_hex(4)
+
+    def evaluate(self) -> dict:
+        """Plays one evaluation with the learner's newest weights: their version and the
+        episodes' raw scores."""
+        started = time.monotonic()
+        version, ref, _life = ray.get(self.learner.latest_weights.remote(-1, 0.0, None))
+        self.evaluator.policy.set_weights(ray.get(ref), version)
+        returns = self.evaluator.play(self.config.eval_epsilon)
+        mean = sum(returns) / len(returns)
+        self.metrics[metrics.EVAL_RETURN_MEAN].set(mean)
+        return {"weight_version": version, "returns": returns, "life": self.life,
+                "seconds": round(time.monotonic() - started, 2), "pid": os.getpid()}
+
+    def __repr__(self) -> str:  # the dashboard's Repr column and the log lines' prefix
+        return "dqn-evaluator"

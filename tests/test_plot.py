@@ -1,4 +1,4 @@
-"""plot.py on real TensorBoard event files, run as users run it (a subprocess from the repo root)."""
+"""plot.py on real TensorBoard event files, run as users run it (from the repo root)."""
 import json
 import subprocess
 import sys

@@ -24,7 +24,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 
-from common.config import RUN_CONFIG  # noqa: E402
+from common.config import RUN_CONFIG, OneLineErrorParser  # noqa: E402
 from common.process import native_output_hidden  # noqa: E402
 
 TRAIN_RETURN = "mean_return_100"
@@ -200,7 +200,7 @@ def draw_reference(axes, reference: dict, max_steps: int) -> None:
 # --- Command line ----------------------------------------------------------------------------
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog="plot.py", description="Draw the learning curves of launch.py runs into one PNG: "
         "return against agent steps (left) and against wall-clock hours (right).")
     parser.add_argument("run_dirs", nargs="+", metavar="RUNDIR",

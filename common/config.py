@@ -299,7 +299,9 @@ def flag(name: str) -> str:
     return name.replace("_", "-")
 
 
-class _OneLineErrorParser(argparse.ArgumentParser):
+class OneLineErrorParser(argparse.ArgumentParser):
+    """Bad input ends with the one line that names it (and exit code 2), no usage block."""
+
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
@@ -316,7 +318,7 @@ def build_parser(prog: str, defaults: Config,
                  explicit_only: bool = False) -> argparse.ArgumentParser:
     """The command line for `defaults`; with `explicit_only`, parsing yields only the flags
     given (what a resumed run may override is judged on those)."""
-    parser = _OneLineErrorParser(
+    parser = OneLineErrorParser(
         prog=prog,
         description="Distributed DQN on Ray: actors play, a replay service stores, a learner "
                     f"trains. Presets: {', '.join(PRESETS)}. Defaults shown are the "
@@ -360,7 +362,7 @@ def parse_args(argv: list[str] | None = None, prog: str = "launch.py") -> Config
     """Preset first, then every flag overrides it; or, with --resume, the run's saved config
     with the few flags that may change. Bad input exits 2 with one line."""
     argv = sys.argv[1:] if argv is None else argv
-    pre = _OneLineErrorParser(prog=prog, add_help=False)
+    pre = OneLineErrorParser(prog=prog, add_help=False)
     pre.add_argument("--preset", default="seed")
     pre.add_argument("--resume", default=None)
     known, _ = pre.parse_known_args(argv)

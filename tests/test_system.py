@@ -59,6 +59,14 @@ def test_cartpole_learns_through_the_full_ray_loop(ray_address, tmp_path):
     assert summary["network"] == {"env": "CartPole-v1", "obs_shape": [4], "num_actions": 2,
                                   "dueling": False, "mlp_hidden_units": [128, 128],
                                   "kind": "mlp"}
+    # The evaluate command plays the run's latest checkpoint greedily.
+    played = subprocess.run([sys.executable, "evaluate.py", str(tmp_path), "--episodes", "4",
+                             "--epsilon", "0"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=120)
+    assert played.returncode == 0, played.stderr[-3000:]
+    report = json.loads(played.stdout)
+    assert "checkpoints/ckpt-" in report["weights"] and len(report["returns"]) == 4
+    assert all(1 <= score <= 500 for score in report["returns"])
 
 
 @pytest.mark.slow

@@ -122,6 +122,43 @@ class Roles:
                 *([self.evaluator] if self.evaluator else [])]
 
 
+def learner_gpus(config: Config) -> float:
+    """The learner's GPUs: as asked, else one when the cluster has a GPU."""
+    import ray
+    if config.learner_gpus is not None:
+        return config.learner_gpus
+    return 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+
+
+def missing_room(config: Config, num_actors: int) -> str | None:
+    """What the cluster lacks now to hold every role, or None when they all fit: CPUs for
+    the learner, the shards and the actors (one each), and a node with the learner's GPUs."""
+    import ray
+    cpus_needed = 1 + config.replay_shards + num_actors
+    cpus = ray.cluster_resources().get("CPU", 0)
+    gpus = learner_gpus(config)
+    most_gpus = max((node["Resources"].get("GPU", 0) for node in ray.nodes() if node["Alive"]),
+                    default=0)
+    if gpus > most_gpus:
+        return (f"the learner asks for {gpus:g} GPU(s) and the largest node has "
+                f"{most_gpus:g} (--learner-gpus 0 trains on the CPU)")
+    if cpus_needed > cpus:
+        return (f"the run needs {cpus_needed:g} CPUs (learner 1, replay shards "
+                f"{config.replay_shards}, actors {num_actors}) and the cluster has {cpus:g} "
+                f"(--num-actors {max(int(cpus) - 1 - config.replay_shards, 0)} fits)")
+    return None
+
+
+def wait_for_room(config: Config, num_actors: int, timeout_s: float) -> None:
+    """Give an autoscaling cluster `timeout_s` to grow until every role fits; else end with
+    the one line saying what is missing (instead of roles pending forever)."""
+    deadline = time.monotonic() + timeout_s
+    while (missing := missing_room(config, num_actors)) is not None:
+        if time.monotonic() >= deadline:
+            fail(f"cannot place the run: {missing}")
+        time.sleep(min(2.0, max(deadline - time.monotonic(), 0.0)))
+
+
 def place_roles(config: Config, env_info: EnvInfo, num_actors: int,
                 checkpoint_root: str | None = None) -> Roles:
     """Every role restarts whenever its process dies; the learner and the shards then (and at
@@ -134,9 +171,7 @@ def place_roles(config: Config, env_info: EnvInfo, num_actors: int,
         from replay_server.service import ReplayService
 
     resources = ray.cluster_resources()
-    gpus = config.learner_gpus
-    if gpus is None:
-        gpus = 1.0 if resources.get("GPU", 0) >= 1 else 0.0
+    gpus = learner_gpus(config)
     # Learner and replay shards share the node marked as the learner host when there is one.
     on_host = resources.get(LEARNER_HOST, 0) >= 1
     shard_host = {LEARNER_HOST: 0.5 / config.replay_shards} if on_host else {}
@@ -658,6 +693,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cpus = local_cpus if started_ray else int(ray.cluster_resources().get("CPU", 1))
         config = machine_layout(config, cpus, local=started_ray)
+        # A local Ray cannot grow: what does not fit now never will.
+        wait_for_room(config, config.num_actors,
+                      0.0 if started_ray else config.placement_timeout_s)
         # Each sitting's actors play new games; the saved config keeps the base seed.
         roles_config = config.replace(
             seed=config.seed + SITTING_SEED_STRIDE * (progress.sitting - 1))

@@ -66,6 +66,10 @@ class Config:
                 "(Linux SCHED_IDLE) leaves the CPU to the learner and replay whenever they "
                 "want it, so a learner sharing the actors' machine keeps its pace; 'normal' "
                 "competes equally (as other OSes always do).", choices=("idle", "normal"))
+    placement_timeout_s: float = knob(
+        60.0, "Seconds to wait for the cluster to have room for every role (CPUs for the "
+              "learner, shards and actors; a node with the learner's GPUs) before giving up "
+              "with one line. Raise it on an autoscaling cluster, whose nodes take minutes.")
     learner_gpus: float | None = knob(
         None, "GPUs for the learner (default: 1 if the cluster has a GPU, else 0 = CPU).")
     dashboard_host: str = knob(
@@ -197,7 +201,8 @@ class Config:
             if value is not None and not value > 0:
                 raise ConfigError(f"--{flag(name)} must be positive, got {value}")
         for name in ["random_agent_steps", "min_replay_size", "priority_exponent",
-                     "weight_refresh_env_frames", "epsilon_ladder_exponent", "eval_every_s"]:
+                     "weight_refresh_env_frames", "epsilon_ladder_exponent", "eval_every_s",
+                     "placement_timeout_s"]:
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{flag(name)} must be >= 0, got {getattr(self, name)}")
         if self.learner_gpus is not None and self.learner_gpus < 0:
@@ -352,7 +357,7 @@ RESUME_OVERRIDES = frozenset({
     "num_actors", "envs_per_actor", "actor_threads", "pin_actor_cpus", "actor_cpu_priority",
     "learner_gpus", "dashboard_host", "report_every_s", "checkpoint_every_s",
     "keep_checkpoints", "role_timeout_s", "verbose", "eval_every_s", "eval_episodes",
-    "eval_epsilon"})
+    "eval_epsilon", "placement_timeout_s"})
 RUN_CONFIG = "config.json"
 RUN_CONFIG_FORMAT = "dqn-run-config"
 MAX_RUN_CONFIG_BYTES = 1 << 20

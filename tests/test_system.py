@@ -209,3 +209,22 @@ def test_the_terminal_shows_the_header_then_progress_and_ray_address_is_joined(r
                     r"replay .* \| weights v\d+ lag \d+ \| actors 2/2 \| left 0:00:\d\d$",
                     progress), progress
     assert json.loads((tmp_path / "summary.json").read_text())["status"] == "ok"
+
+
+def test_a_run_the_cluster_cannot_hold_ends_with_one_line_within_the_timeout(ray_address,
+                                                                             tmp_path):
+    """More actors than the cluster's CPUs, or a learner GPU no node has: after
+    --placement-timeout-s (time for an autoscaler to add nodes), one line, before any role
+    is placed."""
+    for flags, named in [(["--num-actors", "40"], "the run needs 42 CPUs (learner 1, replay "
+                          "shards 1, actors 40) and the cluster has 6 (--num-actors 4 fits)"),
+                         (["--learner-gpus", "1"], "the learner asks for 1 GPU(s) and the "
+                          "largest node has 0 (--learner-gpus 0 trains on the CPU)")]:
+        started = time.monotonic()
+        result = subprocess.run(
+            [sys.executable, "launch.py", "--preset", "cartpole", "--address", ray_address,
+             "--placement-timeout-s", "3", "--logdir", str(tmp_path / "run"), *flags],
+            cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 2
+        assert result.stderr.strip() == f"launch.py: error: cannot place the run: {named}"
+        assert time.monotonic() - started < 30 and not (tmp_path / "run").exists()

@@ -155,7 +155,8 @@ def wait_for_room(config: Config, num_actors: int, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while (missing := missing_room(config, num_actors)) is not None:
         if time.monotonic() >= deadline:
-            fail(f"cannot place the run: {missing}")
+            waited = f" within --placement-timeout-s {timeout_s:g}" if timeout_s else ""
+            fail(f"cannot place the run{waited}: {missing}")
         time.sleep(min(2.0, max(deadline - time.monotonic(), 0.0)))
 
 

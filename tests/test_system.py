@@ -226,5 +226,6 @@ def test_a_run_the_cluster_cannot_hold_ends_with_one_line_within_the_timeout(ray
              "--placement-timeout-s", "3", "--logdir", str(tmp_path / "run"), *flags],
             cwd=ROOT, capture_output=True, text=True, timeout=60)
         assert result.returncode == 2
-        assert result.stderr.strip() == f"launch.py: error: cannot place the run: {named}"
+        assert result.stderr.strip() == ("launch.py: error: cannot place the run within "
+                                         f"--placement-timeout-s 3: {named}")
         assert time.monotonic() - started < 30 and not (tmp_path / "run").exists()

@@ -122,7 +122,8 @@ def free_port() -> int:
 
 
 @pytest.fixture
-def prometheus(ray_address, tmp_path):
+def prometheus(request, tmp_path):
+    """Prometheus on this Ray session's config, once it has scraped every node; killed after."""
     binary = shutil.which("prometheus")
     if binary is None:
         reason = ("the `prometheus` binary is not on PATH (Debian: apt-get install prometheus; "
@@ -130,6 +131,7 @@ def prometheus(ray_address, tmp_path):
         if os.environ.get("CI"):
             pytest.fail(f"CI is set but {reason}")
         pytest.skip(reason)
+    request.getfixturevalue("ray_address")  # Ray is up (only once there is a Prometheus)
     import ray
     workdir = tmp_path / "prometheus"
     workdir.mkdir()

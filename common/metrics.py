@@ -49,7 +49,7 @@ DESCRIPTIONS = {
     WEIGHT_VERSION: "Version of the newest weights the learner published.",
     LEARNER_STARVED: "Seconds the learner waited for a batch after its first update.",
     LOSS: "Learner loss of the latest update.",
-    Q_MEAN: "Mean Q-value over the latest sampled batch (as the learner's step reports it).",
+    Q_MEAN: "Online network's mean Q(s, a) over the latest batch's taken actions.",
     REPLAY_SIZE: "Transitions held by the replay shard.",
     REPLAY_INSERTS: "Transitions inserted into replay.",
     REPLAY_SAMPLES: "Transitions sampled from replay.",

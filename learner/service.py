@@ -163,8 +163,7 @@ class LearnerService:
                         wire.encode_priorities(batch["key"], np.abs(result["td_error"])))
                 self.metrics[metrics.UPDATES].inc(self.config.learner_batches_per_call)
                 self.metrics[metrics.LOSS].set(result["loss"])
-                if result.get("q_mean") is not None:
-                    self.metrics[metrics.Q_MEAN].set(result["q_mean"])
+                self.metrics[metrics.Q_MEAN].set(result["q_mean"])
                 if self.learner.target_syncs != syncs_before:
                     self.metrics[metrics.TARGET_SYNCS].inc()
         except Exception:

@@ -180,6 +180,8 @@ EXPECTED = [
     (f'ray_{metrics.UPDATES}_total{{role="learner"}}', "positive"),
     (f'ray_{metrics.WEIGHT_VERSION}{{role="learner"}}', "positive"),
     (f'ray_{metrics.LOSS}{{role="learner"}}', "present"),
+    (f'ray_{metrics.Q_MEAN}{{role="learner"}}', "present"),
+    (f'ray_{metrics.EVAL_RETURN_MEAN}{{role="evaluator"}}', "positive"),
     (f'ray_{metrics.REPLAY_SIZE}{{role="replay",shard="0"}}', "positive"),
     (f'ray_{metrics.REPLAY_INSERTS}_total{{role="replay",shard="0"}}', "positive"),
     (f'ray_{metrics.REPLAY_SAMPLES_PER_INSERT}{{role="replay",shard="0"}}', "positive"),
@@ -200,7 +202,8 @@ def test_prometheus_scrapes_a_run_and_the_dashboard_queries_answer(prometheus, r
     missing: list[str] = [selector for selector, _ in EXPECTED]
     run = subprocess.Popen(
         [sys.executable, "launch.py", "--preset", "cartpole", "--address", ray_address,
-         "--num-actors", "2", "--max-seconds", "25", "--logdir", str(tmp_path / "run")],
+         "--num-actors", "2", "--max-seconds", "25", "--eval-every-s", "5",
+         "--logdir", str(tmp_path / "run")],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 150

@@ -34,7 +34,7 @@ class EvaluatorService:
         if ray.get_runtime_context().was_current_actor_reconstructed:
             seed = secrets.randbelow(1 << 31)  # as a restarted actor does
         self.evaluator = Evaluator(config, env_info, config.eval_episodes, seed)
-        self.metrics = metrics.make(metrics.EVAL_RETURN_MEAN)
+        self.metrics = metrics.for_role(metrics.EVALUATOR)
         self.life = secrets.token_hex(4)
 
     def evaluate(self) -> dict:

@@ -51,8 +51,7 @@ class ActorService:
         self.actor: Actor | None = None
         self.steps_per_refresh = -(-config.weight_refresh_env_frames // env_info.frame_skip)
         self.steps_since_refresh = 0
-        self.metrics = metrics.make(metrics.AGENT_STEPS, metrics.ENV_FRAMES, metrics.EPISODES,
-                                    metrics.EPISODE_RETURN)
+        self.metrics = metrics.for_role(metrics.ACTOR, actor_index)
         self.episodes: collections.deque = collections.deque(maxlen=EPISODE_BACKLOG)
         self.inflight: list = []  # (ref, transitions) of unacknowledged inserts
         self.insert_budget = 0
@@ -100,7 +99,7 @@ class ActorService:
                 for ret, length in zip(result.finished_returns, result.finished_lengths):
                     self.episodes.append((ret, length))
                     self.metrics[metrics.EPISODES].inc()
-                    self.metrics[metrics.EPISODE_RETURN].set(ret)
+                    self.metrics[metrics.EPISODE_RETURN].observe(ret)
                 sent = False
                 try:
                     while (chunk := self.actor.take_chunk()) is not None:  # K may exceed one
@@ -110,6 +109,8 @@ class ActorService:
                     self._replay_restarted()
                 if self._refresh_due(chunk_sent=sent):
                     self._refresh_weights()
+                    self.metrics[metrics.EPSILON].set(
+                        float(self.actor.epsilons(self._global_steps()).mean()))
             with contextlib.suppress(ray.exceptions.RayActorError):
                 self._collect_acks(wait_all=True)
         except Exception:
@@ -188,6 +189,7 @@ class ActorService:
                 if answer is not None:
                     version, ref, self.learner_life = answer
                     self.actor.policy.set_weights(ray.get(ref), version)
+                    self.metrics[metrics.ACTOR_WEIGHT_VERSION].set(version)
             except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError):
                 pass  # the learner died: Ray restarts it, and the next query waits for it
 

@@ -122,8 +122,8 @@ class LearnerService:
             self._restore_latest(CheckpointStore(checkpoint_root))
         # Training and saving take turns, so a checkpoint is one consistent state.
         self.step_lock = threading.Lock()
-        self.metrics = metrics.make(metrics.UPDATES, metrics.TARGET_SYNCS,
-                                    metrics.WEIGHT_VERSION, metrics.LEARNER_STARVED)
+        self.metrics = metrics.for_role(metrics.LEARNER)
+        self.metrics[metrics.WEIGHT_VERSION].set(self.version)  # the policy lag's reference
         # Seconds the trainer sat without a batch once training had begun: the rate limiter
         # holding it back, or replay and Ray not keeping the prefetch queue full.
         self.starved_s = 0.0
@@ -162,6 +162,8 @@ class LearnerService:
                     self.shards[shard].update_priorities.remote(
                         wire.encode_priorities(batch["key"], np.abs(result["td_error"])))
                 self.metrics[metrics.UPDATES].inc(self.config.learner_batches_per_call)
+                self.metrics[metrics.LOSS].set(result["loss"])
+                self.metrics[metrics.Q_MEAN].set(result["q_mean"])
                 if self.learner.target_syncs != syncs_before:
                     self.metrics[metrics.TARGET_SYNCS].inc()
         except Exception:

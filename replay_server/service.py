@@ -48,9 +48,7 @@ class ReplayService:
                     restored = self.server.stats()
                     self.restored = {"restored_total_inserted": restored["total_inserted"],
                                      "restored_total_sampled": restored["total_sampled"]}
-        self.metrics = metrics.make(metrics.REPLAY_SIZE, metrics.REPLAY_INSERTS,
-                                    metrics.REPLAY_SAMPLES, metrics.REPLAY_REJECTED,
-                                    tags={"shard": str(shard)})
+        self.metrics = metrics.for_role(metrics.REPLAY, shard)
 
     def insert(self, message: bytes) -> dict:
         try:
@@ -75,6 +73,8 @@ class ReplayService:
         if message is None:
             return None
         self.metrics[metrics.REPLAY_SAMPLES].inc(batch_size * num_batches)
+        self.metrics[metrics.REPLAY_SAMPLES_PER_INSERT].set(
+            self.server.limiter.observed_samples_per_insert())
         return wire.for_ray(message)
 
     def update_priorities(self, message: bytes) -> int:

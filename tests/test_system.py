@@ -118,7 +118,7 @@ def test_metrics_reach_the_export_endpoint_and_ctrl_c_stops_cleanly(ray_address,
     wanted = {f"ray_{metrics.AGENT_STEPS}_total", f"ray_{metrics.ENV_FRAMES}_total",
               f"ray_{metrics.UPDATES}_total", f"ray_{metrics.REPLAY_SIZE}",
               f"ray_{metrics.WEIGHT_VERSION}", f"ray_{metrics.EPISODES}_total",
-              f"ray_{metrics.EPISODE_RETURN}", f"ray_{metrics.REPLAY_INSERTS}_total",
+              f"ray_{metrics.EPISODE_RETURN}_count", f"ray_{metrics.REPLAY_INSERTS}_total",
               f"ray_{metrics.TARGET_SYNCS}_total",
               # CartPole's learner outpaces its actors: the rate limiter makes it wait.
               f"ray_{metrics.LEARNER_STARVED}_total"}

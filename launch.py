@@ -25,6 +25,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from common import checkpoints  # noqa: E402
@@ -147,6 +149,20 @@ def missing_room(config: Config, num_actors: int) -> str | None:
                 f"{config.replay_shards}, actors {num_actors}) and the cluster has {cpus:g} "
                 f"(--num-actors {max(int(cpus) - 1 - config.replay_shards, 0)} fits)")
     return None
+
+
+TRANSITION_BYTES = 32  # a transition's own fields beside its frame: action, reward, links
+
+
+def check_replay_fits_memory(config: Config, env_info: EnvInfo) -> None:
+    """On this machine, replay (one stored frame a transition) must fit in its memory."""
+    import psutil
+    frame = math.prod(env_info.frame_shape) * np.dtype(env_info.obs_dtype).itemsize
+    needed = config.replay_shards * config.replay_capacity * (frame + TRANSITION_BYTES)
+    total = psutil.virtual_memory().total
+    if needed > 0.8 * total:
+        fail(f"--replay-capacity {config.replay_capacity:,} x {config.replay_shards} shard(s) "
+             f"needs ~{needed / 2**30:.1f} GiB and this machine has {total / 2**30:.1f} GiB")
 
 
 def wait_for_room(config: Config, num_actors: int, timeout_s: float) -> None:
@@ -685,6 +701,8 @@ def main(argv: list[str] | None = None) -> int:
         store, progress = load_resume_point(config, env_info.frame_skip)
     else:
         store, progress = new_run_store(config, logdir), Progress(env_info.frame_skip)
+    if config.address is None:  # replay will live on this machine
+        check_replay_fits_memory(config, env_info)
     local_cpus = os.cpu_count() or 1
     dashboard_url = connect_ray(
         config, machine_layout(config, local_cpus, local=True).num_actors)

@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,8 +20,31 @@ class ConfigError(ValueError):
     """A configuration value a user gave is invalid."""
 
 
-def knob(default, help: str, choices: tuple[str, ...] | None = None):
-    return field(default=default, metadata={"help": help, "choices": choices})
+@dataclass(frozen=True)
+class Rule:
+    """What values a knob takes, as its error message says it."""
+    holds: Callable[[float], bool]
+    says: str
+
+
+POSITIVE = Rule(lambda v: v > 0, "must be positive")
+NONNEGATIVE = Rule(lambda v: v >= 0, "must be >= 0")
+UNIT = Rule(lambda v: 0 <= v <= 1, "must be in [0, 1]")
+UNIT_OPEN = Rule(lambda v: 0 < v <= 1, "must be in (0, 1]")
+# Replay slots are indexed with int32.
+SLOTS = Rule(lambda v: 0 < v < 2**31, "must be positive and below 2**31")
+# Counters are int64 everywhere (checkpoints, metrics).
+MAX_COUNT = 2**62
+
+
+def flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def knob(default, help: str, choices: tuple[str, ...] | None = None, rule: Rule | None = None):
+    """A config field: its default, its --help text, and the values it takes (`choices`, or a
+    `rule` for numbers; None for a knob left unset always passes)."""
+    return field(default=default, metadata={"help": help, "choices": choices, "rule": rule})
 
 
 @dataclass(frozen=True)
@@ -35,10 +60,10 @@ class Config:
     seed: int = knob(42, "Base random seed for envs, exploration and network initialisation.")
     max_seconds: float | None = knob(
         None, "Stop after this many seconds of this sitting (a resumed run counts afresh; "
-              "default: no limit).")
+              "default: no limit).", rule=POSITIVE)
     total_agent_steps: int | None = knob(
         None, "Stop once the run has taken this many agent steps, summed over actors and "
-              "sittings (default: no limit).")
+              "sittings (default: no limit).", rule=POSITIVE)
     target_mean_return: float | None = knob(
         None, "Stop once the mean return of the last 100 episodes reaches this (e.g. 195 "
               "solves CartPole; default: never).")
@@ -48,13 +73,13 @@ class Config:
         None, "Ray cluster to join ('auto' or host:port). Default: start an embedded local Ray.")
     num_actors: int | None = knob(
         None, "Actor processes (default: one per CPU left after the learner and the replay "
-              "shards, at least 2).")
+              "shards, at least 2).", rule=POSITIVE)
     envs_per_actor: int = knob(
         64, "Envs each actor steps together with one batched forward pass (larger batches "
-            "use the CPU better: see benchmarks/throughput.py --scaling).")
+            "use the CPU better: see benchmarks/throughput.py --scaling).", rule=POSITIVE)
     actor_threads: int | None = knob(
         None, "CPU threads each actor's emulators and forward pass use (default: a local "
-              "machine's CPUs shared among its actors, at least 1; 1 on a cluster).")
+              "machine's CPUs shared among its actors, at least 1; 1 on a cluster).", rule=POSITIVE)
     pin_actor_cpus: bool | None = knob(
         None, "Pin each actor's playing threads (emulators, forward pass) to CPUs of its own: "
               "actor i takes --actor-threads CPUs from i x that count (mod the CPUs), so its "
@@ -69,15 +94,18 @@ class Config:
     placement_timeout_s: float = knob(
         60.0, "Seconds to wait for the cluster to have room for every role (CPUs for the "
               "learner, shards and actors; a node with the learner's GPUs) before giving up "
-              "with one line. Raise it on an autoscaling cluster, whose nodes take minutes.")
+              "with one line. Raise it on an autoscaling cluster, whose nodes take minutes.",
+                  rule=NONNEGATIVE)
     learner_gpus: float | None = knob(
-        None, "GPUs for the learner (default: 1 if the cluster has a GPU, else 0 = CPU).")
+        None, "GPUs for the learner (default: 1 if the cluster has a GPU, else 0 = CPU).",
+            rule=NONNEGATIVE)
     dashboard_host: str = knob(
         "127.0.0.1", "Interface the local Ray dashboard listens on (0.0.0.0 exposes it).")
     logdir: str | None = knob(
         None, "The run directory: config.json, checkpoints, TensorBoard events, final weights "
               "and summary.json (default: runs/<preset>-<time>).")
-    report_every_s: float = knob(5.0, "Seconds between progress lines and TensorBoard points.")
+    report_every_s: float = knob(5.0, "Seconds between progress lines and TensorBoard points.",
+        rule=POSITIVE)
     verbose: bool = knob(False, "Also show the workers' output (TensorFlow, ALE and Ray "
                                 "start-up lines) and Ray's own info; by default a run prints "
                                 "its header, progress, checkpoints, failures and summary.")
@@ -88,11 +116,12 @@ class Config:
               "config.json; flags may change only limits, actors, address, logging and "
               "evaluation.")
     checkpoint_every_s: float = knob(
-        600.0, "Seconds between checkpoints (one is also written at every stop).")
-    keep_checkpoints: int = knob(3, "Checkpoints kept; older ones are deleted.")
+        600.0, "Seconds between checkpoints (one is also written at every stop).", rule=POSITIVE)
+    keep_checkpoints: int = knob(3, "Checkpoints kept; older ones are deleted.", rule=POSITIVE)
     role_timeout_s: float = knob(
         600.0, "Seconds the learner or a replay shard may stay silent (not back from a "
-               "restart) before the run gives up: it stops the rest and writes what it has.")
+               "restart) before the run gives up: it stops the rest and writes what it has.",
+                   rule=POSITIVE)
     checkpoint_dir: str | None = knob(
         None, "Where checkpoints go: a local path, or a URI such as s3://bucket/run or "
               "gs://bucket/run so they outlive the node (default: <run directory>/checkpoints).")
@@ -100,21 +129,24 @@ class Config:
     # Evaluation of the greedy policy, apart from training (never fed to replay).
     eval_every_s: float = knob(
         300.0, "Seconds between evaluations of the latest weights: --eval-episodes whole "
-               "episodes at --eval-epsilon, reported as eval/return_mean (0: no evaluator).")
-    eval_episodes: int = knob(10, "Episodes per evaluation, played side by side.")
-    eval_epsilon: float = knob(0.05, "Epsilon of evaluation play (Nature DQN's 0.05).")
+               "episodes at --eval-epsilon, reported as eval/return_mean (0: no evaluator).",
+                   rule=NONNEGATIVE)
+    eval_episodes: int = knob(10, "Episodes per evaluation, played side by side.", rule=POSITIVE)
+    eval_epsilon: float = knob(0.05, "Epsilon of evaluation play (Nature DQN's 0.05).", rule=UNIT)
 
     # Q-learning.
-    gamma: float = knob(0.99, "Discount factor.")
-    n_step: int = knob(1, "Steps summed into each transition's return before bootstrapping.")
-    batch_size: int = knob(32, "Transitions per learner update.")
-    learning_rate: float = knob(0.00025, "Adam learning rate.")
+    gamma: float = knob(0.99, "Discount factor.", rule=UNIT)
+    n_step: int = knob(1, "Steps summed into each transition's return before bootstrapping.",
+        rule=POSITIVE)
+    batch_size: int = knob(32, "Transitions per learner update.", rule=POSITIVE)
+    learning_rate: float = knob(0.00025, "Adam learning rate.", rule=POSITIVE)
     grad_clip_norm: float = knob(1.0, "Gradient norm clip (per variable: Keras clipnorm, "
-                                      "unless --grad-clip-global).")
+                                      "unless --grad-clip-global).", rule=POSITIVE)
     grad_clip_global: bool = knob(False, "Clip the norm of all gradients together (Ape-X) "
                                          "instead of each variable's (the seed).")
     target_sync_updates: int = knob(
-        2500, "Updates between target-network syncs (seed: 10,000 agent steps / 4 per update).")
+        2500, "Updates between target-network syncs (seed: 10,000 agent steps / 4 per update).",
+            rule=POSITIVE)
     double_dqn: bool = knob(False, "Double DQN target: the online network picks the next "
                                    "action, the target network values it.")
     dueling: bool = knob(False, "Dueling head: Q = V + A - mean(A).")
@@ -124,53 +156,63 @@ class Config:
         (256, 256), "Hidden layer widths of the MLP used for vector observations.")
 
     # Exploration (epsilon-greedy, one global schedule over all actors' agent steps).
-    epsilon_start: float = knob(1.0, "Epsilon at the first agent step.")
-    epsilon_end: float = knob(0.1, "Epsilon after the decay.")
+    epsilon_start: float = knob(1.0, "Epsilon at the first agent step.", rule=UNIT)
+    epsilon_end: float = knob(0.1, "Epsilon after the decay.", rule=UNIT)
     epsilon_decay_agent_steps: int = knob(
-        1_000_000, "Agent steps, counted from the first, over which epsilon falls linearly.")
+        1_000_000, "Agent steps, counted from the first, over which epsilon falls linearly.",
+            rule=POSITIVE)
     random_agent_steps: int = knob(
-        50_000, "Agent steps at the start whose actions are uniformly random whatever epsilon is.")
+        50_000, "Agent steps at the start whose actions are uniformly random whatever epsilon is.",
+            rule=NONNEGATIVE)
     epsilon_ladder_base: float | None = knob(
         None, "Ape-X exploration instead of the schedule: env i of all N envs of all actors "
-              "keeps epsilon base^(1 + exponent * i / (N - 1)) (Ape-X: 0.4; default: off).")
-    epsilon_ladder_exponent: float = knob(7.0, "The exponent of the epsilon ladder.")
+              "keeps epsilon base^(1 + exponent * i / (N - 1)) (Ape-X: 0.4; default: off).",
+                  rule=UNIT_OPEN)
+    epsilon_ladder_exponent: float = knob(7.0, "The exponent of the epsilon ladder.",
+        rule=NONNEGATIVE)
 
     # Environment.
-    max_episode_agent_steps: int = knob(10_000, "Agent steps after which an episode is truncated.")
-    frame_stack: int = knob(4, "Atari frames stacked into one observation.")
+    max_episode_agent_steps: int = knob(10_000, "Agent steps after which an episode is truncated.",
+        rule=POSITIVE)
+    frame_stack: int = knob(4, "Atari frames stacked into one observation.", rule=POSITIVE)
 
     # Replay and its rate limiter (Reverb's SampleToInsertRatio semantics).
-    replay_capacity: int = knob(100_000, "Transitions each replay shard keeps.")
+    replay_capacity: int = knob(100_000, "Transitions each replay shard keeps.", rule=SLOTS)
     replay_shards: int = knob(1, "Replay actors; actor i sends to shard i mod shards and the "
-                                 "learner samples all of them.")
+                                 "learner samples all of them.", rule=POSITIVE)
     priority_exponent: float = knob(
-        0.0, "Prioritized replay exponent alpha: P(i) ~ priority_i^alpha (0 = uniform).")
+        0.0, "Prioritized replay exponent alpha: P(i) ~ priority_i^alpha (0 = uniform).",
+            rule=NONNEGATIVE)
     importance_exponent: float = knob(
-        0.4, "Importance-sampling exponent beta at the first update; it rises linearly to 1.")
+        0.4, "Importance-sampling exponent beta at the first update; it rises linearly to 1.",
+            rule=UNIT)
     importance_anneal_updates: int = knob(
-        1_000_000, "Updates over which beta rises to 1.")
+        1_000_000, "Updates over which beta rises to 1.", rule=POSITIVE)
     initial_priority: str = knob(
         "max", "Priority of a new transition: 'max' (the largest seen so far) or 'actor' (its "
                "n-step TD error under the actor's network, as in Ape-X).",
         choices=("max", "actor"))
-    min_replay_size: int = knob(32, "Transitions stored before the learner may sample.")
+    min_replay_size: int = knob(32, "Transitions stored before the learner may sample.",
+        rule=NONNEGATIVE)
     samples_per_insert: float = knob(
         8.0, "Sampled transitions per inserted one (seed: batch 32 every 4 agent steps = 8). "
-             "The learner waits when it runs ahead, actors wait when they do.")
+             "The learner waits when it runs ahead, actors wait when they do.", rule=POSITIVE)
     samples_per_insert_tolerance: float | None = knob(
         None, "How far, in sampled transitions, the ratio may drift before a side waits "
-              "(default: 2 x chunk_transitions x samples_per_insert + one learner call's samples).")
+              "(default: 2 x chunk_transitions x samples_per_insert + one learner call's samples).",
+                  rule=POSITIVE)
 
     # Data flow between roles.
     chunk_transitions: int = knob(
         128, "Transitions an actor sends to replay per call (fewer calls, less Ray work: 128 "
-             "against 64 gave ~1.06x the acting agent steps/s on 2 CPUs).")
-    max_inflight_chunks: int = knob(2, "Unacknowledged sends per actor before it waits.")
+             "against 64 gave ~1.06x the acting agent steps/s on 2 CPUs).", rule=POSITIVE)
+    max_inflight_chunks: int = knob(2, "Unacknowledged sends per actor before it waits.",
+        rule=POSITIVE)
     weight_publish_updates: int = knob(
-        50, "Updates between weight publishes; actors pick up each new version.")
+        50, "Updates between weight publishes; actors pick up each new version.", rule=POSITIVE)
     weight_refresh_env_frames: int = knob(
         0, "Emulator frames each env of an actor plays between the actor's checks for newer "
-           "weights (Ape-X: 400; 0: after every chunk sent).")
+           "weights (Ape-X: 400; 0: after every chunk sent).", rule=NONNEGATIVE)
     mixed_precision: bool | None = knob(
         None, "The learner computes in float16 with float32 weights and a dynamic loss scale "
               "(Keras 'mixed_float16'; weights sent to actors stay float32). Default: on when "
@@ -181,51 +223,22 @@ class Config:
     learner_batches_per_call: int = knob(
         2, "Batches per replay call, trained one after the other in one compiled call: "
            "amortizes the per-call cost (2 is about a tenth faster than 1 for the Nature CNN on 2 "
-           "CPUs). Sync and publish periods must be multiples of it.")
+           "CPUs). Sync and publish periods must be multiples of it.", rule=POSITIVE)
 
     def __post_init__(self):
-        positive = ["envs_per_actor", "batch_size", "n_step", "replay_shards",
-                    "importance_anneal_updates", "target_sync_updates",
-                    "epsilon_decay_agent_steps", "max_episode_agent_steps", "frame_stack",
-                    "replay_capacity", "chunk_transitions", "max_inflight_chunks",
-                    "weight_publish_updates", "learner_batches_per_call", "learning_rate",
-                    "grad_clip_norm", "samples_per_insert", "report_every_s",
-                    "checkpoint_every_s", "keep_checkpoints", "role_timeout_s",
-                    "eval_episodes"]
-        for name in positive:
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"--{flag(name)} must be positive, got {getattr(self, name)}")
-        for name in ["num_actors", "actor_threads", "total_agent_steps", "max_seconds",
-                     "samples_per_insert_tolerance"]:
-            value = getattr(self, name)
-            if value is not None and not value > 0:
-                raise ConfigError(f"--{flag(name)} must be positive, got {value}")
-        for name in ["random_agent_steps", "min_replay_size", "priority_exponent",
-                     "weight_refresh_env_frames", "epsilon_ladder_exponent", "eval_every_s",
-                     "placement_timeout_s"]:
-            if getattr(self, name) < 0:
-                raise ConfigError(f"--{flag(name)} must be >= 0, got {getattr(self, name)}")
-        if self.learner_gpus is not None and self.learner_gpus < 0:
-            raise ConfigError(f"--learner-gpus must be >= 0, got {self.learner_gpus}")
-        if not 0.0 <= self.gamma <= 1.0:
-            raise ConfigError(f"--gamma must be in [0, 1], got {self.gamma}")
-        for name in ["epsilon_start", "epsilon_end", "importance_exponent", "eval_epsilon"]:
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ConfigError(f"--{flag(name)} must be in [0, 1], got {getattr(self, name)}")
-        if self.epsilon_ladder_base is not None and not 0.0 < self.epsilon_ladder_base <= 1.0:
-            raise ConfigError(f"--epsilon-ladder-base must be in (0, 1], "
-                              f"got {self.epsilon_ladder_base}")
-        for f in dataclasses.fields(self):  # the same choices the command line offers
-            choices = f.metadata["choices"]
-            if choices and getattr(self, f.name) not in choices:
-                raise ConfigError(f"--{flag(f.name)} must be one of {', '.join(choices)}, "
-                                  f"got {getattr(self, f.name)!r}")
-        if not self.mlp_hidden_units or min(self.mlp_hidden_units) <= 0:
-            raise ConfigError(f"--mlp-hidden-units must be positive widths, "
-                              f"got {self.mlp_hidden_units}")
+        for f in dataclasses.fields(self):
+            _check_field(f, getattr(self, f.name))
+        self._check_together()
+
+    def _check_together(self):
+        """The rules that tie knobs together."""
         if self.min_replay_size > self.replay_capacity:
             raise ConfigError(f"--min-replay-size ({self.min_replay_size}) exceeds "
                               f"--replay-capacity ({self.replay_capacity})")
+        for name in ["batch_size", "chunk_transitions"]:
+            if getattr(self, name) > self.replay_capacity:
+                raise ConfigError(f"--{flag(name)} ({getattr(self, name)}) exceeds "
+                                  f"--replay-capacity ({self.replay_capacity})")
         for name in ["target_sync_updates", "weight_publish_updates"]:
             if getattr(self, name) % self.learner_batches_per_call:
                 raise ConfigError(f"--{flag(name)} ({getattr(self, name)}) must be a multiple "
@@ -246,6 +259,26 @@ class Config:
 
     def replace(self, **changes) -> "Config":
         return dataclasses.replace(self, **changes)
+
+
+def _check_field(f: dataclasses.Field, value) -> None:
+    """One knob's own rules: finite numbers within its rule and MAX_COUNT, one of its
+    choices, no empty paths or widths."""
+    if value is None:
+        return
+    name, choices, rule = f"--{flag(f.name)}", f.metadata["choices"], f.metadata["rule"]
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{name} must be finite, got {value}")
+    if rule is not None and not rule.holds(value):
+        raise ConfigError(f"{name} {rule.says}, got {value}")
+    if type(value) is int and value > MAX_COUNT:
+        raise ConfigError(f"{name} must be at most {MAX_COUNT:,}, got {value:,}")
+    if choices and value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+    if isinstance(value, str) and not value.strip():
+        raise ConfigError(f"{name} must not be empty")
+    if isinstance(value, tuple) and (not value or min(value) <= 0 or max(value) > 1 << 16):
+        raise ConfigError(f"{name} must be positive widths, got {value}")
 
 
 def epsilon_at(config: Config, agent_steps: int) -> float:
@@ -298,10 +331,6 @@ PRESETS: dict[str, Config] = {
         samples_per_insert=0.8, weight_publish_updates=10,
         weight_refresh_env_frames=400),
 }
-
-
-def flag(name: str) -> str:
-    return name.replace("_", "-")
 
 
 class OneLineErrorParser(argparse.ArgumentParser):

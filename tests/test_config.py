@@ -121,6 +121,22 @@ def test_every_field_is_a_flag_in_help(capsys):
     (["--initial-priority", "td"], "invalid choice: 'td'"),
     (["--epsilon-ladder-base", "0"], "--epsilon-ladder-base must be in (0, 1]"),
     (["--importance-exponent", "2"], "--importance-exponent must be in [0, 1]"),
+    # NaN fails every comparison, so each rule is checked as what must hold, not what must not.
+    (["--priority-exponent", "nan"], "--priority-exponent must be finite, got nan"),
+    (["--epsilon-ladder-exponent", "nan"], "--epsilon-ladder-exponent must be finite"),
+    (["--learner-gpus", "nan"], "--learner-gpus must be finite"),
+    (["--learning-rate", "inf"], "--learning-rate must be finite, got inf"),
+    (["--report-every-s", "inf"], "--report-every-s must be finite"),
+    (["--gamma=-inf"], "--gamma must be finite"),
+    (["--chunk-transitions", "200000"], "--chunk-transitions (200000) exceeds --replay-capacity"),
+    (["--batch-size", "64", "--replay-capacity", "32", "--min-replay-size", "8"],
+     "--batch-size (64) exceeds --replay-capacity (32)"),
+    (["--replay-capacity", str(2**31)], "--replay-capacity must be positive and below 2**31"),
+    (["--total-agent-steps", str(2**63)], "--total-agent-steps must be at most"),
+    (["--logdir", ""], "--logdir must not be empty"),
+    (["--checkpoint-dir", " "], "--checkpoint-dir must not be empty"),
+    (["--mlp-hidden-units", "64", "0"], "--mlp-hidden-units must be positive widths"),
+    (["--eval-epsilon", "1.5"], "--eval-epsilon must be in [0, 1]"),
 ])
 def test_bad_flags_exit_2_with_one_line(argv, needle, capsys):
     with pytest.raises(SystemExit) as exit_info:

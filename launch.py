@@ -412,7 +412,8 @@ def poll(roles: Roles, progress: Progress, wait_s: float = POLL_WAIT_S,
                   file=sys.stderr, flush=True)
         progress.learner = {**learner, "answered": now}
         if learner["error"]:
-            raise RunFailed(f"the learner failed:\n{learner['error']}")
+            error = learner["error"].strip()
+            raise RunFailed(f"the learner failed:{chr(10) if chr(10) in error else ' '}{error}")
     elif now - progress.learner.get("answered", now) > silence_s:
         raise RunFailed(f"the learner has not answered for {silence_s:g} s")
     for index, stats in enumerate(shards):
@@ -602,6 +603,7 @@ def write_checkpoint(roles: Roles, progress: Progress, store: CheckpointStore, k
         store.write_json(f"{staging}/{checkpoints.PROGRESS}", progress.state(elapsed_s))
         name = store.commit(number, keep)
     except (ray.exceptions.RayError, OSError) as error:
+        store.discard(number)
         print(f"checkpoint {number} not written: {first_error_line(error)}", file=sys.stderr,
               flush=True)
         return None

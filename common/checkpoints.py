@@ -156,6 +156,11 @@ class CheckpointStore:
         self.fs.create_dir(self.path(name), recursive=True)
         return name
 
+    def discard(self, number: int) -> None:
+        """Remove what a checkpoint that will not be committed had staged."""
+        with contextlib.suppress(OSError, FileNotFoundError):
+            self.fs.delete_dir(self.path(checkpoint_name(number) + ".tmp"))
+
     def commit(self, number: int, keep: int) -> str:
         """Make staged checkpoint `number` the latest: manifest, rename, pointer, pruning."""
         from pyarrow import fs

@@ -141,15 +141,22 @@ class DQNLearner:
             first = str(error).strip().splitlines()[0] if str(error).strip() else type(error)
             raise CheckpointError(f"{prefix}: not a learner checkpoint for this network "
                                   f"({first})") from None
-        arrays = [np.asarray(v) for v in (*self.online.weights, *self.target.weights,
-                                          *self.optimizer.variables)]
-        if not all(np.isfinite(a).all() for a in arrays if np.issubdtype(a.dtype, np.floating)):
+        if not self.state_finite():
             raise CheckpointError(f"{prefix}: holds non-finite weights")
         values = {name: int(variable.numpy()) for name, variable in counters.items()}
         if min(values.values()) < 0:
             raise CheckpointError(f"{prefix}: negative counters {values}")
         self.updates, self.target_syncs = values.pop("updates"), values.pop("target_syncs")
         return values
+
+    def state_finite(self, online_only: bool = False) -> bool:
+        """Whether every float of the networks (and the optimizer's slots) is finite: an
+        update can overflow the weights while the loss it reports, computed before it, is
+        still finite."""
+        variables = self.online.weights if online_only else [
+            *self.online.weights, *self.target.weights, *self.optimizer.variables]
+        return all(bool(tf.reduce_all(tf.math.is_finite(v))) for v in variables
+                   if tf.as_dtype(v.dtype).is_floating)
 
     def _checkpoint(self, counters: dict) -> tf.train.Checkpoint:
         return tf.train.Checkpoint(

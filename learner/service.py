@@ -16,6 +16,7 @@ actor starts from the latest one.
 """
 from __future__ import annotations
 
+import math
 import os
 import queue
 import secrets
@@ -38,6 +39,10 @@ PREFETCH_BATCHES = 2  # sample calls in flight
 WEIGHTS_GROUP, WEIGHTS_QUERY_THREADS = "weights", 64
 SAMPLE_WAIT_S = 1.0  # longest a sample call waits in the shard for the rate limiter
 SHARD_RETRY_S = 1.0  # pause before asking a shard that died again (calls queue while it restarts)
+
+
+class DivergedError(RuntimeError):
+    """The loss is no longer finite: training stops, keeping the last good state."""
 
 
 class BatchPrefetcher:
@@ -131,6 +136,7 @@ class LearnerService:
         self.published = threading.Condition()  # notified at each new version, and at stop
         self.last_loss = self.last_q_mean = float("nan")
         self.error: str | None = None
+        self.diverged = False  # a non-finite loss: nothing is published or saved after it
         self.stop_event = threading.Event()
         self.shards = [ray.get_actor(name) for name in shard_names]
         self.prefetcher = BatchPrefetcher(
@@ -155,6 +161,12 @@ class LearnerService:
                 with self.step_lock:
                     syncs_before = self.learner.target_syncs
                     result = self.learner.step(batch)
+                    if not math.isfinite(result["loss"]):
+                        self.diverged = True
+                        raise DivergedError(f"the loss became {result['loss']} at update "
+                                       f"{self.learner.updates}; these weights are neither "
+                                       f"published nor saved (the latest checkpoint is the "
+                                       f"last good state)")
                     if self.learner.updates % self.config.weight_publish_updates == 0:
                         self._publish()
                 self.last_loss, self.last_q_mean = result["loss"], result["q_mean"]
@@ -166,8 +178,16 @@ class LearnerService:
                 self.metrics[metrics.Q_MEAN].set(result["q_mean"])
                 if self.learner.target_syncs != syncs_before:
                     self.metrics[metrics.TARGET_SYNCS].inc()
+        except DivergedError as diverged:  # one line says it all
+            self.error = f"diverged: {diverged}"
         except Exception:
             self.error = traceback.format_exc()
+
+    def _diverge(self, what: str):
+        self.diverged = True
+        raise DivergedError(f"{what} at update {self.learner.updates}; these weights are "
+                            f"neither published nor saved (the latest checkpoint is the last "
+                            f"good state)")
 
     def _count_wait(self, seconds: float):
         if self.learner.updates > 0:  # before the first update the wait is replay filling up
@@ -230,6 +250,9 @@ class LearnerService:
         store = CheckpointStore(checkpoint_root)
         with store.writing(f"{staging}/{checkpoints.LEARNER}") as folder:
             with self.step_lock:
+                if self.diverged or not self.learner.state_finite():
+                    self.diverged = True
+                    raise DivergedError("no checkpoint of a diverged learner")
                 self.learner.save(os.path.join(folder, "state"),
                                   {"weight_version": self.version})
                 updates = self.learner.updates
@@ -244,6 +267,7 @@ class LearnerService:
         self.prefetcher.thread.join()
         return self.stats()
 
-    def weights_h5(self) -> bytes:
-        """Final online-network weights as `.weights.h5` bytes, written by the caller."""
-        return self.learner.weights_h5_bytes()
+    def weights_h5(self) -> bytes | None:
+        """Final online-network weights as `.weights.h5` bytes, written by the caller; None
+        once the learner diverged."""
+        return None if self.diverged else self.learner.weights_h5_bytes()

@@ -195,3 +195,20 @@ def test_a_corrupt_or_foreign_learner_checkpoint_is_refused_naming_it(tmp_path):
                                                           ("weight_version",))
     with pytest.raises(CheckpointError, match="missing"):
         DQNLearner(PRESETS["cartpole"], CARTPOLE).restore(str(tmp_path / "missing"))
+
+
+def test_non_finite_weights_are_noticed_and_never_restored(tmp_path):
+    """An overflowing update leaves inf in the weights while the loss it reports (computed
+    before it) is still finite: the learner's own check sees it, and a saved state holding
+    it is refused on restore."""
+    from common.checkpoints import CheckpointError
+    learner = DQNLearner(PRESETS["cartpole"], CARTPOLE)
+    assert learner.state_finite() and learner.state_finite(online_only=True)
+    weights = learner.online.get_weights()
+    weights[0][0, 0] = np.inf
+    learner.online.set_weights(weights)
+    assert not learner.state_finite() and not learner.state_finite(online_only=True)
+    learner.save(str(tmp_path / "bad"), {"weight_version": 1})
+    with pytest.raises(CheckpointError, match="bad: holds non-finite weights"):
+        DQNLearner(PRESETS["cartpole"], CARTPOLE).restore(str(tmp_path / "bad"),
+                                                          ("weight_version",))

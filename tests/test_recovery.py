@@ -234,6 +234,37 @@ def test_a_learner_that_stays_away_fails_the_run_with_what_it_has(ray_address, t
     assert json.loads((tmp_path / "run" / "checkpoints" / "latest.json").read_text())["latest"]
 
 
+def test_a_learner_whose_loss_turns_nan_stops_the_run_keeping_only_good_state(ray_address,
+                                                                            tmp_path, launches):
+    """An absurd learning rate: the loss leaves the finite range within the first updates.
+    The learner stops there with one line; those weights are never published, checkpointed or
+    written; any checkpoint the run has holds finite weights (the restore checks)."""
+    from common.checkpoints import CheckpointStore
+    from common.envs import describe_env
+    from learner.learner import DQNLearner
+    run = launches(ray_address, tmp_path, "--preset", "cartpole", "--num-actors", 2,
+                   "--logdir", tmp_path / "run", "--report-every-s", 1,
+                   "--learning-rate", 1e30, "--checkpoint-every-s", 1, "--max-seconds", 120)
+    run.process.wait(timeout=150)
+    assert run.process.returncode == 1, run.text()[-3000:]
+    reason = re.search(r"launch.py: the run cannot go on: the learner failed: diverged: (the loss "
+                       r"became (nan|inf|-inf)|the weights became non-finite) at update \d+; "
+                       r"these weights are neither published nor saved", run.text())
+    assert reason, run.text()[-3000:]
+    assert "DivergedError: no checkpoint of a diverged learner" in run.text()
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["reason"].startswith("the learner failed")
+    assert "weights" not in summary and not (tmp_path / "run" / "q_network.weights.h5").exists()
+    store = CheckpointStore(str(tmp_path / "run" / "checkpoints"))
+    assert not [p for p in (tmp_path / "run" / "checkpoints").iterdir()
+                if p.name.endswith(".tmp")]  # a refused checkpoint leaves nothing staged
+    if store.latest() is not None:  # one taken before the first update: finite, restorable
+        config = PRESETS["cartpole"]
+        learner = DQNLearner(config, describe_env(config.env))
+        with store.latest_part("learner") as (_, folder):
+            learner.restore(os.path.join(folder, "state"), ("weight_version",))
+
+
 def test_a_second_signal_while_stopping_aborts(ray_address, tmp_path, launches):
     """The stop is held up (the learner frozen with SIGSTOP, so its stop call waits); a second
     SIGTERM then aborts at once: exit 130, no summary."""

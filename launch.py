@@ -66,6 +66,25 @@ def check_address_answers(address: str) -> None:
         fail(f"no Ray cluster answers at --address {address}: {error}")
 
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def secure_ray_environment(config: Config) -> None:
+    """Token authentication on for every process this run starts or talks to, unless the
+    user said --insecure; an inherited RAY_AUTH_MODE=disabled is refused, not obeyed."""
+    if config.insecure:
+        os.environ["RAY_AUTH_MODE"] = "disabled"
+        return
+    if os.environ.get("RAY_AUTH_MODE", "token") != "token":
+        fail(f"RAY_AUTH_MODE={os.environ['RAY_AUTH_MODE']} would run Ray without token "
+             f"authentication; unset it, or pass --insecure to accept that")
+    os.environ["RAY_AUTH_MODE"] = "token"
+    if config.address is None and config.dashboard_host not in LOOPBACK:
+        print(f"warning: --dashboard-host {config.dashboard_host} lets the network reach the "
+              f"Ray dashboard, which runs code on this machine for anyone with the token; "
+              f"keep it on 127.0.0.1 and use an SSH tunnel", file=sys.stderr, flush=True)
+
+
 def connect_ray(config: Config, num_actors_hint: int) -> str | None:
     """Start or join Ray. Returns the dashboard URL when this process started Ray (and so
     stops it), else None."""
@@ -84,12 +103,22 @@ def connect_ray(config: Config, num_actors_hint: int) -> str | None:
     else:
         check_address_answers(config.address)
         kwargs.update(address=config.address)
-    try:
-        context = ray.init(**kwargs)
-    except Exception as error:
+    # Joining, Ray's core logs each refused connection attempt natively; the one line below
+    # says it. (Not around a local start: the processes it spawns would inherit the hiding.)
+    failure = None
+    with native_output_hidden(not config.verbose and config.address is not None) as held:
+        try:
+            context = ray.init(**kwargs)
+        except Exception as error:
+            failure = str(error).splitlines()[0]
+            if "InvalidAuthToken" in held():
+                failure = ("it refused this machine's auth token (RAY_AUTH_TOKEN, "
+                           "RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token): use the cluster's, "
+                           "from `ray get-auth-token` on its head node")
+    if failure is not None:
         where = f"join the Ray cluster at --address {config.address}" if config.address \
             else "start a local Ray"
-        fail(f"could not {where}: {str(error).splitlines()[0]}")
+        fail(f"could not {where}: {failure}")
     return (context.dashboard_url or "disabled") if config.address is None else None
 
 
@@ -703,6 +732,7 @@ def main(argv: list[str] | None = None) -> int:
         store, progress = load_resume_point(config, env_info.frame_skip)
     else:
         store, progress = new_run_store(config, logdir), Progress(env_info.frame_skip)
+    secure_ray_environment(config)
     if config.address is None:  # replay will live on this machine
         check_replay_fits_memory(config, env_info)
     local_cpus = os.cpu_count() or 1
@@ -737,7 +767,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{config.preset}: {config.env} | {config.num_actors} actors x "
               f"{config.envs_per_actor} envs | {config.replay_shards} replay shard(s) | learner "
               f"on {device} | logdir {logdir}" + resumed
-              + (f" | dashboard {dashboard_url}" if started_ray else ""), flush=True)
+              + (f" | dashboard {dashboard_url}" if started_ray else "")
+              + (" | INSECURE: no token authentication" if config.insecure else ""), flush=True)
         summary = run(config, env_info, roles, logdir, store, progress)
         print(json.dumps(summary), flush=True)
         return 0 if summary["status"] == "ok" else 1

@@ -100,7 +100,11 @@ class Config:
         None, "GPUs for the learner (default: 1 if the cluster has a GPU, else 0 = CPU).",
             rule=NONNEGATIVE)
     dashboard_host: str = knob(
-        "127.0.0.1", "Interface the local Ray dashboard listens on (0.0.0.0 exposes it).")
+        "127.0.0.1", "Interface the local Ray dashboard listens on (0.0.0.0 exposes it, and "
+                     "with it the power to run code on this machine, to the network).")
+    insecure: bool = knob(
+        False, "Run Ray without token authentication (RAY_AUTH_MODE=disabled), which lets "
+               "anyone who reaches its ports run code here. Refused unless given.")
     logdir: str | None = knob(
         None, "The run directory: config.json, checkpoints, TensorBoard events, final weights "
               "and summary.json (default: runs/<preset>-<time>).")
@@ -386,7 +390,7 @@ RESUME_OVERRIDES = frozenset({
     "num_actors", "envs_per_actor", "actor_threads", "pin_actor_cpus", "actor_cpu_priority",
     "learner_gpus", "dashboard_host", "report_every_s", "checkpoint_every_s",
     "keep_checkpoints", "role_timeout_s", "verbose", "eval_every_s", "eval_episodes",
-    "eval_epsilon", "placement_timeout_s"})
+    "eval_epsilon", "placement_timeout_s", "insecure"})
 RUN_CONFIG = "config.json"
 RUN_CONFIG_FORMAT = "dqn-run-config"
 MAX_RUN_CONFIG_BYTES = 1 << 20

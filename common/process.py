@@ -5,17 +5,18 @@ import contextlib
 import os
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 
 @contextlib.contextmanager
-def native_output_hidden(hide: bool = True) -> Iterator[None]:
+def native_output_hidden(hide: bool = True) -> Iterator[Callable[[], str]]:
     """Hold back what native code writes straight to file descriptors 1 and 2 inside the block
     (TensorFlow's and CUDA's start-up lines, which no log level stops before absl starts
     logging; ALE's banner). If the block raises, what was held back is written out, so a real
-    failure still shows everything."""
+    failure still shows everything. Yields a function that returns what was held so far, for
+    a block that wants to read it (e.g. to name a failure it catches)."""
     if not hide:
-        yield
+        yield lambda: ""
         return
     sys.stdout.flush()
     sys.stderr.flush()
@@ -23,8 +24,15 @@ def native_output_hidden(hide: bool = True) -> Iterator[None]:
     with tempfile.TemporaryFile() as held:
         os.dup2(held.fileno(), 1)
         os.dup2(held.fileno(), 2)
+
+        def held_so_far() -> str:  # pread: the writers' shared file offset stays put
+            sys.stdout.flush()
+            sys.stderr.flush()
+            size = os.fstat(held.fileno()).st_size
+            return os.pread(held.fileno(), size, 0).decode(errors="replace")
+
         try:
-            yield
+            yield held_so_far
         except BaseException:
             _restore(saved)
             held.seek(0)

@@ -229,3 +229,28 @@ def test_a_run_the_cluster_cannot_hold_ends_with_one_line_within_the_timeout(ray
         assert result.stderr.strip() == ("launch.py: error: cannot place the run within "
                                          f"--placement-timeout-s 3: {named}")
         assert time.monotonic() - started < 30 and not (tmp_path / "run").exists()
+
+
+def test_ray_refuses_a_client_without_the_token_and_auth_cannot_be_switched_off_by_accident(
+        ray_address, tmp_path):
+    """The run's Ray takes only clients holding its token: launch.py joining without it (no
+    ~/.ray/auth_token, or a wrong one) gets one line; an inherited RAY_AUTH_MODE=disabled is
+    refused before anything starts."""
+    import os
+    base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    for extra in [{}, {"RAY_AUTH_TOKEN": "0" * 64}]:
+        result = subprocess.run(
+            [sys.executable, "launch.py", "--preset", "cartpole", "--address", ray_address,
+             "--logdir", str(tmp_path / "run")], cwd=ROOT, capture_output=True, text=True,
+            timeout=120, env={**base, "HOME": str(tmp_path), **extra})
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert re.fullmatch(rf"launch.py: error: could not join the Ray cluster at --address "
+                            rf"{re.escape(ray_address)}: .*(token|[Aa]uthenticat|connect).*\n",
+                            result.stderr), result.stderr[-2000:]
+    result = subprocess.run([sys.executable, "launch.py", "--preset", "cartpole"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=60,
+                            env={**base, "RAY_AUTH_MODE": "disabled"})
+    assert result.returncode == 2 and result.stderr == (
+        "launch.py: error: RAY_AUTH_MODE=disabled would run Ray without token authentication; "
+        "unset it, or pass --insecure to accept that\n")
+    assert not (tmp_path / "run").exists()

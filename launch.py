@@ -85,6 +85,15 @@ def secure_ray_environment(config: Config) -> None:
               f"keep it on 127.0.0.1 and use an SSH tunnel", file=sys.stderr, flush=True)
 
 
+def keep_token_private() -> None:
+    """Ray writes the token it generates with the default umask (readable by every local
+    user); it is a password to the cluster."""
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
+    with contextlib.suppress(OSError):
+        if path.stat().st_mode & 0o077:
+            path.chmod(0o600)
+
+
 def connect_ray(config: Config, num_actors_hint: int) -> str | None:
     """Start or join Ray. Returns the dashboard URL when this process started Ray (and so
     stops it), else None."""
@@ -115,6 +124,8 @@ def connect_ray(config: Config, num_actors_hint: int) -> str | None:
                 failure = ("it refused this machine's auth token (RAY_AUTH_TOKEN, "
                            "RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token): use the cluster's, "
                            "from `ray get-auth-token` on its head node")
+    if config.address is None:
+        keep_token_private()
     if failure is not None:
         where = f"join the Ray cluster at --address {config.address}" if config.address \
             else "start a local Ray"

@@ -46,3 +46,20 @@ def test_nodes_install_this_project_and_start_ray_securely(cluster):
     head_start = " ".join(cluster["head_start_ray_commands"])
     assert "RAY_AUTH_MODE=token" in head_start and "--dashboard-host=127.0.0.1" in head_start
     assert "RAY_AUTH_MODE=token" in " ".join(cluster["worker_start_ray_commands"])
+
+
+def test_the_cluster_is_locked_down_by_default(cluster):
+    """SSH from one address the user sets (a placeholder AWS refuses until then, never
+    0.0.0.0/0), least-privilege instance profiles, the token file private, images pinned to an
+    exact Ray version."""
+    rules = cluster["provider"]["security_group"]["IpPermissions"]
+    assert [(r["FromPort"], r["ToPort"]) for r in rules] == [(22, 22)]
+    cidrs = [ip["CidrIp"] for r in rules for ip in r["IpRanges"]]
+    assert cidrs == ["SET-YOUR-IP/32"] and "0.0.0.0/0" not in str(cluster)
+    nodes = cluster["available_node_types"]
+    profiles = {name: node["node_config"]["IamInstanceProfile"]["Name"]
+                for name, node in nodes.items()}
+    assert profiles == {"head": "ray-apex-dqn-head", "cpu_actor": "ray-apex-dqn-worker"}
+    assert cluster["setup_commands"][0] == "chmod 600 ~/.ray/auth_token"
+    docker = cluster["docker"]
+    assert all(":2.60.0-py311-" in docker[key] for key in ("image", "worker_image"))

@@ -196,7 +196,12 @@ def set_item(index, value):
     ({"next_obs_frames": set_item((0, 3), 10_000)}, None, "frame 10000 of stream"),
     ({}, {"stream": -1}, "meta 'stream' must be an integer"),
     ({}, {"first_frame": "zero"}, "meta 'first_frame' must be an integer"),
-    ({"action": lambda a: a[:0].copy()}, None, "non-empty 1-d"),
+    ({"action": lambda a: a[:0].copy()}, None, "'action' has shape (0,): 0 transitions"),
+    ({name: (lambda a: a[:0].copy()) for name in ("obs_frames", "next_obs_frames", "action",
+                                                   "reward", "discount")},
+     None, "non-empty 1-d"),
+    ({"frames": lambda f: np.zeros((2_000, *f.shape[1:]), f.dtype)}, None,
+     "2000 frames, more than the"),
 ])
 def test_malformed_inserts_are_refused_and_leave_the_buffer_unchanged(changes, meta_changes,
                                                                      needle):

@@ -436,8 +436,8 @@ def decode_batch(message, out: dict[str, np.ndarray] | None = None,
 
 
 def _check_batch(declared: dict[str, Declared], meta: dict) -> tuple[list[int], int]:
-    """A batch's structure, from its header: (obs_shape, bytes of the obs stacks it
-    rebuilds)."""
+    """A batch's structure, from its header: every per-item array [k, B], the stacks' frame
+    indices [k, B, stack]; returns (obs_shape, bytes of the obs stacks it rebuilds)."""
     missing = {"frames", "obs_frames", "next_obs_frames"} - set(declared)
     if missing:
         raise WireError(f"a batch needs arrays {sorted(missing)}")
@@ -450,6 +450,11 @@ def _check_batch(declared: dict[str, Declared], meta: dict) -> tuple[list[int], 
                 or array.shape != index.shape:
             raise WireError(f"batch {name!r} must be integers [k, B, stack] like 'obs_frames', "
                             f"got {array.dtype}{list(array.shape)}")
+    for name, array in declared.items():
+        if name not in ("frames", "obs_frames", "next_obs_frames") \
+                and array.shape != index.shape[:2]:
+            raise WireError(f"batch {name!r} has shape {list(array.shape)}, not the "
+                            f"{list(index.shape[:2])} of its items")
     slots, frame_size = math.prod(index.shape), math.prod(frames.shape[1:])
     obs_shape = meta.get("obs_shape")
     if (not isinstance(obs_shape, list) or len(obs_shape) > MAX_DIMENSIONS

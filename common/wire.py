@@ -8,12 +8,18 @@ A message is a msgpack map:
 `data` is the array's C-order bytes, little-endian, or with "codec" those bytes as one zstd
 frame that declares their size. Decoding never executes code and checks every field, so a
 truncated or forged message raises `WireError` naming what is wrong.
+
+Memory is bounded per message: every array's dtype, shape and (compressed) declared size are
+read from the message and checked, against a `Schema` when the receiver has one, before
+anything is decompressed; the sizes together must fit the message's decoding budget, and each
+frame is decompressed into at most the size its array needs.
 """
 from __future__ import annotations
 
 import math
 import struct
 import threading
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import msgpack
@@ -27,7 +33,8 @@ PRIORITIES = "priorities"  # learner -> replay: new priorities by transition key
 VERSION = 3  # 3: arrays may be zstd-compressed
 ALLOWED_DTYPES = frozenset(
     {"uint8", "int8", "int32", "int64", "uint32", "float16", "float32", "float64", "bool"})
-MAX_MESSAGE_BYTES = 1 << 31
+MAX_MESSAGE_BYTES = 1 << 31  # also the default decoding budget: all arrays' bytes together
+MAX_DIMENSIONS = 32  # numpy allows 64; no array of this project has more than 5
 CODEC = "zstd"
 COMPRESSION_LEVEL = 1  # an actor's chunk of Breakout frames: ~100x smaller in ~0.1 ms
 _codecs = threading.local()  # zstd (de)compressors are not safe to share between threads
@@ -35,6 +42,57 @@ _codecs = threading.local()  # zstd (de)compressors are not safe to share betwee
 
 class WireError(ValueError):
     """A message is not a valid dqn-wire message."""
+
+
+@dataclass(frozen=True)
+class Field:
+    """One array of a message: exactly `dtype`, and a shape given dimension by dimension: an
+    int is that size; a str names a size, the same wherever the name appears in the schema
+    and at most the schema's limit for it."""
+    dtype: str
+    shape: tuple[int | str, ...]
+
+
+@dataclass(frozen=True)
+class Schema:
+    """The arrays one kind of message carries. A message is checked against it from its
+    header, before anything is decompressed, so decoding it takes at most `max_bytes`."""
+    kind: str
+    fields: dict[str, Field]
+    limits: dict[str, int]  # the largest each named size may be
+    optional: frozenset[str] = field(default_factory=frozenset)
+
+    @property
+    def max_bytes(self) -> int:
+        return sum(math.prod(self.limits.get(d, d) for d in f.shape) * np.dtype(f.dtype).itemsize
+                   for f in self.fields.values())
+
+    def check(self, arrays: dict) -> None:
+        """Raises WireError unless `arrays` (anything with .dtype and .shape: numpy arrays or
+        a message's declared arrays) fit the schema."""
+        required = set(self.fields) - self.optional
+        if not required <= set(arrays) <= set(self.fields):
+            optional = f" (and optionally {_names(self.optional)})" if self.optional else ""
+            raise WireError(f"a {self.kind} message must have fields {_names(required)}"
+                            f"{optional}, got {sorted(arrays)}")
+        sizes: dict[str, int] = {}
+        for name, array in arrays.items():
+            expected, shape = self.fields[name], tuple(array.shape)
+            if np.dtype(array.dtype) != np.dtype(expected.dtype):
+                raise WireError(f"{name!r} has dtype {np.dtype(array.dtype).name}, expected "
+                                f"{expected.dtype}")
+            pattern = ", ".join(map(str, expected.shape))
+            if len(shape) != len(expected.shape) or any(
+                    isinstance(want, int) and size != want
+                    for size, want in zip(shape, expected.shape)):
+                raise WireError(f"{name!r} has shape {shape}, expected ({pattern})")
+            for size, want in zip(shape, expected.shape):
+                if isinstance(want, str) and sizes.setdefault(want, size) != size:
+                    raise WireError(f"{name!r} has shape {shape}: {size} {want}, but another "
+                                    f"field has {sizes[want]}")
+                if isinstance(want, str) and size > self.limits[want]:
+                    raise WireError(f"{name!r} has shape {shape}: {size} {want}, more than "
+                                    f"the {self.limits[want]} a message may hold")
 
 
 class Gather(NamedTuple):
@@ -130,9 +188,36 @@ def _map_header(size: int) -> bytes:
     return b"\xdf" + size.to_bytes(4, "big")  # msgpack map 32
 
 
-def decode(message: bytes, expect_kind: str | None = None) -> tuple[dict[str, np.ndarray], dict]:
+def decode(message: bytes, expect_kind: str | None = None, schema: Schema | None = None,
+           max_bytes: int = MAX_MESSAGE_BYTES) -> tuple[dict[str, np.ndarray], dict]:
     """Return (arrays, meta). Arrays are read-only views into `message` (compressed ones into
-    their decompressed bytes): copy to keep them."""
+    their decompressed bytes): copy to keep them. With a `schema`, the arrays must fit it;
+    without one, they may decode to `max_bytes` together."""
+    declared, meta = read_header(message, expect_kind)
+    if schema is not None:
+        schema.check(declared)
+    return decode_arrays(declared, max_bytes), meta
+
+
+def _names(names) -> str:
+    *others, last = sorted(names)
+    return f"{', '.join(others)} and {last}" if others else last
+
+
+class Declared(NamedTuple):
+    """An array as a message declares it, checked but not yet decompressed."""
+    dtype: str
+    shape: tuple[int, ...]
+    data: memoryview
+    compressed: bool
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * np.dtype(self.dtype).itemsize
+
+
+def read_header(message, expect_kind: str | None = None) -> tuple[dict[str, Declared], dict]:
+    """A message's declared arrays and its meta, every field checked, nothing decompressed."""
     if isinstance(message, np.ndarray):
         if message.dtype != np.uint8 or message.ndim != 1:
             raise WireError(f"an array message must be 1-d uint8, got {message.dtype}"
@@ -156,7 +241,17 @@ def decode(message: bytes, expect_kind: str | None = None) -> tuple[dict[str, np
     raw_arrays = body.get("arrays")
     if not isinstance(raw_arrays, dict):
         raise WireError("field 'arrays' must be a map")
-    return {name: _decode_array(name, spec) for name, spec in raw_arrays.items()}, meta
+    return {name: _declare(name, spec) for name, spec in raw_arrays.items()}, meta
+
+
+def decode_arrays(declared: dict[str, Declared], max_bytes: int = MAX_MESSAGE_BYTES
+                  ) -> dict[str, np.ndarray]:
+    """The arrays themselves, once their sizes together are known to fit `max_bytes`."""
+    total = sum(array.nbytes for array in declared.values())
+    if total > max_bytes:
+        raise WireError(f"message would decode to {total} bytes, more than its budget of "
+                        f"{max_bytes}")
+    return {name: _decode_array(name, array) for name, array in declared.items()}
 
 
 class _Truncated(Exception):
@@ -239,44 +334,59 @@ def _unpack_at(data: memoryview, position: int, depth: int):
     return mapping, position
 
 
-def _decode_array(name: str, spec) -> np.ndarray:
+def _declare(name: str, spec) -> Declared:
+    """Checks an array's declaration; a compressed one's zstd frame must declare exactly the
+    size its dtype and shape need (read from the frame header only)."""
     if not isinstance(spec, dict) or set(spec) - {"codec"} != {"dtype", "shape", "data"}:
         raise WireError(f"array {name!r} must be a map with exactly dtype, shape, data "
                         f"(and optionally codec)")
     dtype, shape, data = spec["dtype"], spec["shape"], spec["data"]
     if dtype not in ALLOWED_DTYPES:
         raise WireError(f"array {name!r} has dtype {dtype!r}, not one of {sorted(ALLOWED_DTYPES)}")
-    if (not isinstance(shape, list)
-            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
-        raise WireError(f"array {name!r} has invalid shape {shape!r}")
+    if (not isinstance(shape, list) or len(shape) > MAX_DIMENSIONS
+            or not all(isinstance(d, int) and not isinstance(d, bool)
+                       and 0 <= d <= MAX_MESSAGE_BYTES for d in shape)):
+        raise WireError(f"array {name!r} has invalid shape {_clip(shape)} (at most "
+                        f"{MAX_DIMENSIONS} sizes, each from 0 to {MAX_MESSAGE_BYTES})")
     if not isinstance(data, memoryview):
         raise WireError(f"array {name!r} data must be binary")
-    expected = math.prod(shape) * np.dtype(dtype).itemsize
-    if "codec" in spec:
-        data = _decompress(name, spec["codec"], data, expected)
-    if len(data) != expected:
-        raise WireError(f"array {name!r} of {dtype}{shape} needs {expected} bytes, "
-                        f"got {len(data)}")
-    return np.frombuffer(data, dtype=np.dtype(dtype).newbyteorder("<")).reshape(shape)
-
-
-def _decompress(name: str, codec, data: memoryview, expected: int) -> bytes:
-    """A compressed array's bytes, refused unless its frame declares exactly the size its
-    dtype and shape need (so a forged size allocates nothing), and no larger than a whole
-    message may be (so a small message cannot make the receiver allocate without bound)."""
-    if codec != CODEC:
-        raise WireError(f"array {name!r} has codec {codec!r}, not {CODEC!r}")
-    if expected > MAX_MESSAGE_BYTES:
-        raise WireError(f"array {name!r} would decompress to {expected} bytes, more than the "
-                        f"{MAX_MESSAGE_BYTES} a message may hold")
-    try:
-        declared = zstandard.frame_content_size(data)
-        if declared != expected:
+    array = Declared(dtype, tuple(shape), data, "codec" in spec)
+    if array.compressed:
+        if spec["codec"] != CODEC:
+            raise WireError(f"array {name!r} has codec {_clip(spec['codec'])}, not {CODEC!r}")
+        try:
+            declared = zstandard.frame_content_size(data)
+        except zstandard.ZstdError as error:
+            raise WireError(f"array {name!r} is not valid zstd data: {error}") from None
+        if declared != array.nbytes:
             raise WireError(f"array {name!r} declares {declared} bytes uncompressed; its "
-                            f"dtype and shape need {expected}")
-        return _decompressor().decompress(data)
-    except zstandard.ZstdError as error:
-        raise WireError(f"array {name!r} is not valid zstd data: {error}") from None
+                            f"dtype and shape need {array.nbytes}")
+    elif len(data) != array.nbytes:
+        raise WireError(f"array {name!r} of {dtype}{shape} needs {array.nbytes} bytes, "
+                        f"got {len(data)}")
+    return array
+
+
+def _clip(value) -> str:
+    """A value for an error message: one line, however large the value is."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _decode_array(name: str, array: Declared) -> np.ndarray:
+    data = array.data
+    if array.compressed:
+        try:
+            # Bounded twice: the frame was checked to declare exactly nbytes, and the output
+            # may not grow past it whatever the frame says.
+            data = _decompressor().decompress(data, max_output_size=array.nbytes,
+                                              allow_extra_data=False)
+        except zstandard.ZstdError as error:
+            raise WireError(f"array {name!r} is not valid zstd data: {error}") from None
+        if len(data) != array.nbytes:
+            raise WireError(f"array {name!r} decompressed to {len(data)} bytes, not the "
+                            f"{array.nbytes} it declares")
+    return np.frombuffer(data, np.dtype(array.dtype).newbyteorder("<")).reshape(array.shape)
 
 
 def encode_transitions(frames: np.ndarray, obs_frames: np.ndarray, next_obs_frames: np.ndarray,
@@ -299,30 +409,64 @@ def encode_transitions(frames: np.ndarray, obs_frames: np.ndarray, next_obs_fram
                   compress=("frames",))
 
 
-def decode_batch(message, out: dict[str, np.ndarray] | None = None
-                 ) -> tuple[dict[str, np.ndarray], dict]:
+def decode_batch(message, out: dict[str, np.ndarray] | None = None,
+                 max_bytes: int = MAX_MESSAGE_BYTES) -> tuple[dict[str, np.ndarray], dict]:
     """A replay batch with its stacks rebuilt: `obs` and `next_obs` [k, B, *obs_shape] from the
     distinct frames and the per-item frame indices; the other fields as sent. `out` may hold
-    arrays of the right shape to rebuild into (see BatchDecoder)."""
-    arrays, meta = decode(message, expect_kind=BATCH)
+    arrays of the right shape to rebuild into (see BatchDecoder). The arrays and the stacks
+    rebuilt from them may take `max_bytes` together."""
+    declared, meta = read_header(message, expect_kind=BATCH)
+    obs_shape, stack_bytes = _check_batch(declared, meta)
+    arrays = decode_arrays(declared, max_bytes - 2 * stack_bytes)
     frames = arrays.pop("frames")
-    obs_shape = meta.get("obs_shape")
-    if not isinstance(obs_shape, list):
-        raise WireError("batch meta needs 'obs_shape'")
     for name in ("obs_frames", "next_obs_frames"):
         index = arrays.pop(name)
         if index.size and (index.min() < 0 or index.max() >= len(frames)):
             raise WireError(f"{name!r} indexes outside the batch's {len(frames)} frames")
-        field, shape = name.replace("_frames", ""), (*index.shape[:2], *obs_shape)
-        target = None if out is None else out.get(field)
+        stacks, shape = name.replace("_frames", ""), (*index.shape[:2], *obs_shape)
+        target = None if out is None else out.get(stacks)
         if target is not None and target.shape == shape and target.dtype == frames.dtype:
             # mode="clip" (indices were checked above): with "raise" numpy buffers `out`.
             np.take(frames, index, axis=0, mode="clip",
                     out=target.reshape(*index.shape, *frames.shape[1:]))
-            arrays[field] = target
+            arrays[stacks] = target
         else:
-            arrays[field] = np.take(frames, index, axis=0).reshape(shape)
+            arrays[stacks] = np.take(frames, index, axis=0).reshape(shape)
     return arrays, meta
+
+
+def _check_batch(declared: dict[str, Declared], meta: dict) -> tuple[list[int], int]:
+    """A batch's structure, from its header: every per-item array [k, B], the stacks' frame
+    indices [k, B, stack]; returns (obs_shape, bytes of the obs stacks it rebuilds)."""
+    missing = {"frames", "obs_frames", "next_obs_frames"} - set(declared)
+    if missing:
+        raise WireError(f"a batch needs arrays {sorted(missing)}")
+    frames, index = declared["frames"], declared["obs_frames"]
+    if not frames.shape:
+        raise WireError("batch 'frames' must have a leading frame axis")
+    for name in ("obs_frames", "next_obs_frames"):
+        array = declared[name]
+        if np.dtype(array.dtype).kind not in "iu" or len(array.shape) != 3 \
+                or array.shape != index.shape:
+            raise WireError(f"batch {name!r} must be integers [k, B, stack] like 'obs_frames', "
+                            f"got {array.dtype}{list(array.shape)}")
+    for name, array in declared.items():
+        if name not in ("frames", "obs_frames", "next_obs_frames") \
+                and array.shape != index.shape[:2]:
+            raise WireError(f"batch {name!r} has shape {list(array.shape)}, not the "
+                            f"{list(index.shape[:2])} of its items")
+    slots, frame_size = math.prod(index.shape), math.prod(frames.shape[1:])
+    obs_shape = meta.get("obs_shape")
+    if (not isinstance(obs_shape, list) or len(obs_shape) > MAX_DIMENSIONS
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                       for d in obs_shape)
+            or math.prod(obs_shape) != index.shape[2] * frame_size):
+        raise WireError(f"batch meta 'obs_shape' {_clip(obs_shape)} is not {index.shape[2]} "
+                        f"frames of shape {list(frames.shape[1:])}")
+    if frames.shape[0] > 2 * slots:  # the sender sends each frame the stacks name, once
+        raise WireError(f"a batch of {2 * slots} stack frames carries {frames.shape[0]} "
+                        f"distinct frames")
+    return obs_shape, slots * frame_size * np.dtype(frames.dtype).itemsize
 
 
 class BatchDecoder:

@@ -25,18 +25,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from common.wire import Gather
+from common.wire import Field, Gather, Schema, WireError
 from replay_server.streams import STREAM_ID_LIMIT, StreamTable, UnresolvedFrames
 from replay_server.sumtree import SumTree
 
-REQUIRED_FIELDS = frozenset({"frames", "obs_frames", "next_obs_frames", "action", "reward",
-                             "discount"})
-OPTIONAL_FIELDS = frozenset({"priority"})
 PRIORITY_EPSILON = 1e-6  # keeps a zero-error transition sampleable
 
 
-class InvalidTransitions(ValueError):
-    """An insert does not match the buffer's transition spec; nothing was stored."""
+class InvalidTransitions(WireError):
+    """A message does not fit the buffer's spec (an insert, a priority update); nothing
+    changed."""
 
 
 @dataclass(frozen=True)
@@ -66,10 +64,41 @@ class ReplaySpec:
         return {**dataclasses.asdict(self), "obs_shape": list(self.obs_shape),
                 "frame_shape": list(self.frame_shape)}
 
+    def insert_schema(self) -> Schema:
+        """What an insert message carries: a chunk of m frames and n transitions naming them,
+        at most half the frame ring and the whole transition ring."""
+        rows = {name: Field(dtype, ("transitions",)) for name, dtype in (
+            ("action", "int32"), ("reward", "float32"), ("discount", "float32"),
+            ("priority", "float32"))}
+        stacks = Field("int64", ("transitions", self.stack))
+        return Schema("transitions",
+                      {"frames": Field(self.frame_dtype, ("frames", *self.frame_shape)),
+                       "obs_frames": stacks, "next_obs_frames": stacks, **rows},
+                      limits={"frames": self.frame_capacity // 2,
+                              "transitions": self.capacity},
+                      optional=frozenset({"priority"}))
+
+
+def check_values(arrays: dict[str, np.ndarray], num_actions: int) -> None:
+    """What stored data holds, whether it comes from an insert or a snapshot: actions of the
+    env, finite rewards, priorities and (float) frames, discounts in [0, 1], priorities >= 0.
+    Checks the fields `arrays` has."""
+    if "action" in arrays and ((arrays["action"] < 0) | (arrays["action"] >= num_actions)).any():
+        raise InvalidTransitions(f"'action' outside [0, {num_actions})")
+    for name in ("reward", "discount", "priority", "frames"):
+        if (name in arrays and np.issubdtype(arrays[name].dtype, np.floating)
+                and not np.isfinite(arrays[name]).all()):
+            raise InvalidTransitions(f"{name!r} holds a non-finite value")
+    if "discount" in arrays and ((arrays["discount"] < 0) | (arrays["discount"] > 1)).any():
+        raise InvalidTransitions("'discount' must lie in [0, 1]")
+    if "priority" in arrays and (arrays["priority"] < 0).any():
+        raise InvalidTransitions("'priority' must be >= 0")
+
 
 class ReplayBuffer:
     def __init__(self, spec: ReplaySpec, seed: int = 0):
         self.spec = spec
+        self.insert_schema = spec.insert_schema()
         capacity, frames, stack = spec.capacity, spec.frame_capacity, spec.stack
         # np.zeros pages memory in lazily: an empty 1M-transition buffer costs little.
         self.frames = np.zeros((frames, *spec.frame_shape), spec.frame_dtype)
@@ -109,62 +138,30 @@ class ReplayBuffer:
         """Serial of the oldest frame the ring holds once `frames_written` were written."""
         return frames_written - self.spec.frame_capacity
 
-    def validate(self, arrays: dict[str, np.ndarray], meta: dict) -> dict:
-        """Check an insert completely, before anything is stored; returns what `_commit`
-        needs. Raises InvalidTransitions naming the first problem."""
-        spec = self.spec
-        fields = set(arrays)
-        if not REQUIRED_FIELDS <= fields <= REQUIRED_FIELDS | OPTIONAL_FIELDS:
-            raise InvalidTransitions(
-                f"transitions must have fields {sorted(REQUIRED_FIELDS)} (and optionally "
-                f"{sorted(OPTIONAL_FIELDS)}), got {sorted(fields)}")
+    def check_content(self, arrays: dict[str, np.ndarray], meta: dict) -> tuple[int, int]:
+        """The checks of an insert that need nothing stored before it (a chunk may wait for
+        its predecessor only once it passed them); returns its (stream, first_frame).
+        Raises InvalidTransitions naming the first problem."""
+        try:
+            self.insert_schema.check(arrays)
+        except WireError as error:
+            raise InvalidTransitions(str(error)) from None
         stream, first = meta.get("stream"), meta.get("first_frame")
         for name, value, limit in (("stream", stream, STREAM_ID_LIMIT),
                                    ("first_frame", first, 1 << 62)):
             if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < limit:
                 raise InvalidTransitions(f"meta {name!r} must be an integer in [0, {limit}), "
                                          f"got {value!r}")
-        frames = arrays["frames"]
-        m = len(frames) if frames.ndim == 1 + len(spec.frame_shape) else -1
-        if frames.shape[1:] != spec.frame_shape or m < 0:
-            raise InvalidTransitions(f"'frames' has shape {frames.shape}, expected "
-                                     f"(m, {', '.join(map(str, spec.frame_shape))})")
-        if frames.dtype != np.dtype(spec.frame_dtype):
-            raise InvalidTransitions(f"'frames' has dtype {frames.dtype}, expected "
-                                     f"{spec.frame_dtype}")
-        if m > spec.frame_capacity // 2:
-            raise InvalidTransitions(f"a chunk of {m} frames exceeds half the frame ring "
-                                     f"({spec.frame_capacity // 2})")
-        if np.issubdtype(frames.dtype, np.floating) and not np.isfinite(frames).all():
-            raise InvalidTransitions("'frames' holds a non-finite value")
-        action = arrays["action"]
-        n = len(action) if action.ndim == 1 else -1
-        if n <= 0:
+        if not len(arrays["action"]):
             raise InvalidTransitions("'action' must be a non-empty 1-d array")
-        if n > spec.capacity:
-            raise InvalidTransitions(f"a chunk of {n} transitions exceeds the capacity "
-                                     f"{spec.capacity}")
-        expected = {"obs_frames": ((n, spec.stack), np.int64),
-                    "next_obs_frames": ((n, spec.stack), np.int64),
-                    "action": ((n,), np.int32), "reward": ((n,), np.float32),
-                    "discount": ((n,), np.float32), "priority": ((n,), np.float32)}
-        for name in fields - {"frames"}:
-            shape, dtype = expected[name]
-            if arrays[name].shape != shape:
-                raise InvalidTransitions(f"{name!r} has shape {arrays[name].shape}, "
-                                         f"expected {shape}")
-            if arrays[name].dtype != dtype:
-                raise InvalidTransitions(f"{name!r} has dtype {arrays[name].dtype}, expected "
-                                         f"{np.dtype(dtype).name}")
-        if ((action < 0) | (action >= spec.num_actions)).any():
-            raise InvalidTransitions(f"'action' outside [0, {spec.num_actions})")
-        for name in ("reward", "discount", "priority"):
-            if name in arrays and not np.isfinite(arrays[name]).all():
-                raise InvalidTransitions(f"{name!r} holds a non-finite value")
-        if ((arrays["discount"] < 0) | (arrays["discount"] > 1)).any():
-            raise InvalidTransitions("'discount' must lie in [0, 1]")
-        if "priority" in arrays and (arrays["priority"] < 0).any():
-            raise InvalidTransitions("'priority' must be >= 0")
+        check_values(arrays, self.spec.num_actions)
+        return stream, first
+
+    def validate(self, arrays: dict[str, np.ndarray], meta: dict) -> dict:
+        """Check an insert completely, before anything is stored; returns what `_commit`
+        needs. Raises InvalidTransitions naming the first problem."""
+        stream, first = self.check_content(arrays, meta)
+        m = len(arrays["frames"])
         if first < self.streams.next_number(stream):
             raise InvalidTransitions(
                 f"stream {stream} already sent frames up to {self.streams.next_number(stream)}"
@@ -299,9 +296,9 @@ class ReplayBuffer:
         keys = np.asarray(keys, np.int64).reshape(-1)
         priorities = np.asarray(priorities, np.float64).reshape(-1)
         if keys.shape != priorities.shape:
-            raise ValueError(f"{len(keys)} keys but {len(priorities)} priorities")
+            raise InvalidTransitions(f"{len(keys)} keys but {len(priorities)} priorities")
         if not np.isfinite(priorities).all() or (priorities < 0).any():
-            raise ValueError("priorities must be finite and >= 0")
+            raise InvalidTransitions("priorities must be finite and >= 0")
         current = (keys >= self.transitions_written - self.spec.capacity) & \
                   (keys < self.transitions_written)
         keys, priorities = keys[current], priorities[current]

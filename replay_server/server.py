@@ -18,6 +18,7 @@ holds a lock while it waits.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import threading
 import time
@@ -27,11 +28,13 @@ from common.config import Config
 from common.envs import EnvInfo
 from replay_server.buffer import InvalidTransitions, ReplayBuffer, ReplaySpec
 from replay_server.rate_limiter import RateLimiter
-from replay_server.snapshot import read_snapshot, write_snapshot
+from replay_server.snapshot import SnapshotError, read_snapshot, write_snapshot
 
 
 MAX_PARKED_PER_STREAM = 16
+MAX_PARKED_BYTES = 64 << 20  # all streams' parked chunks together, as sent (compressed)
 PARKED_TIMEOUT_S = 30.0
+MAX_SAMPLE_ITEMS = 1 << 20  # items one sample call returns, and one priority update names
 # Batches with up to this many bytes of frames go compressed. The seed's 2 x 32 (1.2 MB of
 # Breakout frames, ~9 KB compressed) then travels inline with the reply instead of through
 # Ray's object store, which frees ~0.05 CPUs for the learner on 2 CPUs; Ape-X's batches of
@@ -86,7 +89,15 @@ class ReplayServer:
         self.mutex = threading.Lock()
         self.sampleable = threading.Condition(self.mutex)  # notified when inserts land
         self.insertable = threading.Condition(self.mutex)  # notified when samples land
-        self.parked: dict[int, dict[int, tuple[bytes, float]]] = {}  # stream -> first -> chunk
+        # (stream, first frame) -> (message, arrival time), oldest first; and per stream
+        self.parked: collections.OrderedDict[tuple[int, int], tuple[bytes, float]] = \
+            collections.OrderedDict()
+        self.parked_per_stream: collections.Counter[int] = collections.Counter()
+        self.parked_bytes = 0
+        self.priorities_schema = wire.Schema(
+            wire.PRIORITIES, {"key": wire.Field("int64", ("items",)),
+                              "priority": wire.Field("float32", ("items",))},
+            limits={"items": MAX_SAMPLE_ITEMS})
 
     @classmethod
     def from_config(cls, config: Config, env_info: EnvInfo, shard: int = 0) -> "ReplayServer":
@@ -101,16 +112,18 @@ class ReplayServer:
 
         A sender's chunks must be stored in the order it numbered their frames, and Ray does
         not promise to run one caller's calls in order on an actor with several threads. A
-        chunk that arrives before its predecessor is parked (a copy) until the predecessor
-        is stored, then stored itself; one whose predecessor never comes is dropped after
-        PARKED_TIMEOUT_S and counted as rejected."""
+        valid chunk that arrives before its predecessor is parked (a copy of the message)
+        until the predecessor is stored, then stored itself; one whose predecessor never
+        comes is dropped after PARKED_TIMEOUT_S, or sooner when younger chunks need its place
+        in MAX_PARKED_BYTES, and counted as rejected."""
         with self.lock, self.mutex:
             self._expire_parked()
             try:
-                arrays, meta = wire.decode(message, expect_kind=wire.TRANSITIONS)
+                arrays, meta = self._decode_insert(message)
                 stream, first = meta.get("stream"), meta.get("first_frame")
                 if (isinstance(stream, int) and isinstance(first, int)
                         and first > self.buffer.streams.next_number(stream)):
+                    self.buffer.check_content(arrays, meta)
                     return self._park(stream, first, message)
                 n = self.buffer.add(arrays, meta)
             except ValueError:
@@ -121,40 +134,58 @@ class ReplayServer:
             self.sampleable.notify_all()
             return self._ack(n)
 
+    def _decode_insert(self, message) -> tuple[dict, dict]:
+        return wire.decode(message, expect_kind=wire.TRANSITIONS,
+                           schema=self.buffer.insert_schema)
+
     def _ack(self, inserted: int) -> dict:
         return {"inserted": inserted, "total_inserted": self.buffer.total_added,
                 "insert_budget": self.limiter.insert_budget()}
 
     def _park(self, stream: int, first: int, message) -> dict:
-        waiting = self.parked.setdefault(stream, {})
-        if len(waiting) >= MAX_PARKED_PER_STREAM:
+        waiting = self.parked_per_stream[stream]
+        if waiting >= MAX_PARKED_PER_STREAM:
             raise InvalidTransitions(
-                f"stream {stream}: {len(waiting)} chunks already wait for its frames from "
+                f"stream {stream}: {waiting} chunks already wait for its frames from "
                 f"{self.buffer.streams.next_number(stream)}; this one starts at {first}")
-        waiting[first] = (bytes(message), time.monotonic())
+        if len(message) > MAX_PARKED_BYTES:
+            raise InvalidTransitions(f"a chunk of {len(message)} bytes, before its predecessor, "
+                                     f"exceeds the {MAX_PARKED_BYTES} bytes a shard parks")
+        while self.parked_bytes + len(message) > MAX_PARKED_BYTES:
+            self._unpark(*next(iter(self.parked)))
+            self.rejected += 1
+        self.parked[stream, first] = (bytes(message), time.monotonic())
+        self.parked_per_stream[stream] += 1
+        self.parked_bytes += len(message)
         return {**self._ack(0), "parked": True}
 
+    def _unpark(self, stream: int, first: int) -> bytes | None:
+        entry = self.parked.pop((stream, first), None)
+        if entry is None:
+            return None
+        self.parked_bytes -= len(entry[0])
+        self.parked_per_stream[stream] -= 1
+        if not self.parked_per_stream[stream]:
+            del self.parked_per_stream[stream]
+        return entry[0]
+
     def _store_parked_successors(self, stream: int) -> int:
-        stored, waiting = 0, self.parked.get(stream, {})
-        while (entry := waiting.pop(self.buffer.streams.next_number(stream), None)):
+        stored = 0
+        while (message := self._unpark(stream, self.buffer.streams.next_number(stream))):
             try:
-                arrays, meta = wire.decode(entry[0], expect_kind=wire.TRANSITIONS)
-                stored += self.buffer.add(arrays, meta)
+                stored += self.buffer.add(*self._decode_insert(message))
             except ValueError:
                 self.rejected += 1
-        if not waiting:
-            self.parked.pop(stream, None)
         return stored
 
     def _expire_parked(self) -> None:
         deadline = time.monotonic() - PARKED_TIMEOUT_S
-        for stream in list(self.parked):
-            waiting = self.parked[stream]
-            for first in [f for f, (_, arrived) in waiting.items() if arrived < deadline]:
-                del waiting[first]
-                self.rejected += 1
-            if not waiting:
-                del self.parked[stream]
+        while self.parked:
+            key, (_, arrived) = next(iter(self.parked.items()))
+            if arrived >= deadline:
+                return
+            self._unpark(*key)
+            self.rejected += 1
 
     def insert_budget(self, at_least: int = 0, wait_s: float = 0.0) -> int:
         """Transitions that may be inserted now; if fewer than `at_least`, first waits up to
@@ -169,6 +200,9 @@ class ReplayServer:
         distinct frame once; `wire.decode_batch` rebuilds the stacks), or None if the rate
         limiter still says wait after `wait_s` seconds."""
         total = batch_size * num_batches
+        if not 0 < total <= MAX_SAMPLE_ITEMS:
+            raise ValueError(f"a sample of {num_batches} x {batch_size} items is not in "
+                             f"[1, {MAX_SAMPLE_ITEMS}]")
         if wait_s > 0:
             with self.sampleable:
                 self.sampleable.wait_for(lambda: self.limiter.can_sample(total), wait_s)
@@ -191,10 +225,8 @@ class ReplayServer:
         """New priorities from the learner; returns how many still-stored items took them."""
         with self.lock.shared(), self.mutex:
             try:
-                arrays, _ = wire.decode(message, expect_kind=wire.PRIORITIES)
-                if set(arrays) != {"key", "priority"}:
-                    raise wire.WireError(f"a priorities message has fields key and priority, "
-                                         f"got {sorted(arrays)}")
+                arrays, _ = wire.decode(message, expect_kind=wire.PRIORITIES,
+                                        schema=self.priorities_schema)
                 return self.buffer.update_priorities(arrays["key"], arrays["priority"])
             except ValueError:
                 self.rejected += 1
@@ -213,11 +245,16 @@ class ReplayServer:
         SnapshotError and leaves the current state untouched."""
         started = time.monotonic()
         buffer, extra = read_snapshot(path, self.buffer.spec)
+        counts = {"limiter_inserts": buffer.total_added, "limiter_samples": 0, "rejected": 0}
+        counts.update((key, extra[key]) for key in counts if key in extra)
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                   for v in counts.values()):
+            raise SnapshotError(f"{path}: the shard's counters {counts} are not counts")
         with self.lock, self.mutex:
             self.buffer = buffer
-            self.limiter.inserts = int(extra.get("limiter_inserts", buffer.total_added))
-            self.limiter.samples = int(extra.get("limiter_samples", 0))
-            self.rejected = int(extra.get("rejected", 0))
+            self.limiter.inserts = counts["limiter_inserts"]
+            self.limiter.samples = counts["limiter_samples"]
+            self.rejected = counts["rejected"]
             self.sampleable.notify_all()
             self.insertable.notify_all()
         return {"transitions": buffer.size, "seconds": round(time.monotonic() - started, 3)}
@@ -232,4 +269,4 @@ class ReplayServer:
                     "priority_mass": self.buffer.priority_mass(),
                     "rejected_messages": self.rejected,
                     "stale_dropped": self.buffer.stale_dropped,
-                    "parked_chunks": sum(map(len, self.parked.values()))}
+                    "parked_chunks": len(self.parked), "parked_bytes": self.parked_bytes}

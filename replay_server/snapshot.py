@@ -17,11 +17,15 @@ transition) and then one piece of frames at a time, so inserts go on while it wr
 insert about to overwrite frames the snapshot has not saved yet copies them aside first
 (`FrameSaver.rescue`), so the file is the state at the moment the snapshot began.
 `read_snapshot` checks everything (format, version, codec, checksums, tiling, the footer)
-and builds a new buffer; the running one is only replaced once that has succeeded.
+and builds a new buffer; the running one is only replaced once that has succeeded. Sizes are
+checked before anything is allocated or decompressed (each array's declared dtype, shape and
+rows against this shard's spec; each piece's size, and a compressed piece's declared size,
+against the rows it claims), and the content as strictly as an insert's.
 """
 from __future__ import annotations
 
 import collections
+import math
 import os
 import threading
 import zlib
@@ -31,7 +35,7 @@ import msgpack
 import numpy as np
 import zstandard
 
-from replay_server.buffer import ReplayBuffer, ReplaySpec
+from replay_server.buffer import InvalidTransitions, ReplayBuffer, ReplaySpec, check_values
 from replay_server.streams import StreamTable
 
 FORMAT = "dqn-replay-snapshot"
@@ -203,20 +207,8 @@ def read_snapshot(path: str | os.PathLike, spec: ReplaySpec, seed: int = 0
     if header.get("spec") != spec.to_dict():
         raise SnapshotError(f"{path} holds a shard with spec {header.get('spec')}, not this "
                             f"shard's {spec.to_dict()}")
-    declared = header.get("arrays")
-    expected_names = set(ROW_ARRAYS) | {"leaves", "frames"}
-    if not isinstance(declared, dict) or set(declared) != expected_names:
-        raise SnapshotError(f"{path}: header must declare arrays {sorted(expected_names)}")
-    arrays = {}
-    for name, info in declared.items():
-        try:
-            dtype = np.dtype(info["dtype"])
-            if dtype.hasobject or dtype.kind not in "biuf":
-                raise TypeError(dtype)
-            arrays[name] = {"first": int(info["first"]), "filled": 0, "data": np.empty(
-                (int(info["rows"]), *map(int, info["shape"])), dtype)}
-        except (KeyError, TypeError, ValueError):
-            raise SnapshotError(f"{path}: array {name!r} is declared badly: {info!r}") from None
+    buffer = ReplayBuffer(spec, seed)  # its arrays are paged in only as they are filled
+    arrays = _allocate(path, header.get("arrays"), _layout(buffer))
     decompressor = zstandard.ZstdDecompressor()
     pieces = 0
     for obj in objects:
@@ -235,69 +227,143 @@ def read_snapshot(path: str | os.PathLike, spec: ReplaySpec, seed: int = 0
         if array["filled"] != len(array["data"]):
             raise SnapshotError(f"{path}: array {name!r} has {array['filled']} of "
                                 f"{len(array['data'])} rows")
-    return _build_buffer(path, spec, seed, header["state"], arrays)
+    return _build_buffer(path, buffer, header.get("state"), arrays)
+
+
+def _layout(buffer: ReplayBuffer) -> dict[str, np.ndarray]:
+    """The arrays a snapshot holds, as the buffer keeps them: their dtypes, row shapes and
+    row counts are the most a snapshot of it may declare."""
+    return {**{name: getattr(buffer, name) for name in ROW_ARRAYS},
+            "leaves": buffer.tree.leaves, "frames": buffer.frames}
+
+
+def _allocate(path: Path, declared, layout: dict[str, np.ndarray]) -> dict:
+    """Room for each declared array, once its declaration fits the layout."""
+    if not isinstance(declared, dict) or set(declared) != set(layout):
+        raise SnapshotError(f"{path}: header must declare arrays {sorted(layout)}")
+    arrays = {}
+    for name, info in declared.items():
+        like = layout[name]
+        first, rows = (info.get("first"), info.get("rows")) if isinstance(info, dict) else (0, 0)
+        if (not isinstance(info, dict) or info.get("dtype") != like.dtype.name
+                or info.get("shape") != list(like.shape[1:])
+                or not _is_count(first) or (first and name != "frames")
+                or not _is_count(rows) or rows > len(like)):
+            raise SnapshotError(
+                f"{path}: array {name!r} is declared as {_clip(info)}; this shard stores "
+                f"{like.dtype.name}{list(like.shape[1:])} rows, at most {len(like)}")
+        arrays[name] = {"first": first, "filled": 0,
+                        "data": np.empty((rows, *like.shape[1:]), like.dtype)}
+    return arrays
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _clip(value) -> str:
+    """A value for an error message: one line, however large the value is."""
+    text = repr(value)
+    return text if len(text) <= 120 else text[:117] + "..."
 
 
 def _place_piece(path: Path, piece: dict, arrays: dict, decompressor) -> None:
     name = piece.get("array")
     if name not in arrays:
-        raise SnapshotError(f"{path}: piece of unknown array {name!r}")
+        raise SnapshotError(f"{path}: piece of unknown array {_clip(name)}")
     target = arrays[name]
-    data = piece.get("data")
-    if piece.get("start") != target["first"] + target["filled"] or not isinstance(data, bytes):
+    data, rows, filled = piece.get("data"), piece.get("rows"), target["filled"]
+    if piece.get("start") != target["first"] + filled or not isinstance(data, bytes):
         raise SnapshotError(f"{path}: piece of {name!r} out of order or malformed")
+    if not _is_count(rows) or not 0 < rows <= len(target["data"]) - filled:
+        raise SnapshotError(f"{path}: piece of {name!r} has {_clip(rows)} rows; "
+                            f"{len(target['data']) - filled} are left to fill")
+    destination = target["data"][filled:filled + rows]
     if piece.get("codec") == "zstd":
-        try:
-            data = decompressor.decompress(data)
-        except zstandard.ZstdError as error:
-            raise SnapshotError(f"{path}: piece of {name!r} does not decompress: "
-                                f"{error}") from None
+        data = _decompress(path, name, data, destination.nbytes, decompressor)
     elif piece.get("codec") != "raw":
-        raise SnapshotError(f"{path}: unknown codec {piece.get('codec')!r}")
+        raise SnapshotError(f"{path}: unknown codec {_clip(piece.get('codec'))}")
+    if len(data) != destination.nbytes:
+        raise SnapshotError(f"{path}: piece of {name!r} has {len(data)} bytes; its {rows} rows "
+                            f"need {destination.nbytes}")
     if zlib.crc32(data) != piece.get("crc32"):
         raise SnapshotError(f"{path}: checksum mismatch in a piece of {name!r}")
-    rows = piece.get("rows")
-    destination = target["data"][target["filled"]:target["filled"] + rows] \
-        if isinstance(rows, int) and rows > 0 else None
-    if destination is None or len(destination) != rows or len(data) != destination.nbytes:
-        raise SnapshotError(f"{path}: piece of {name!r} has the wrong size")
     destination.reshape(-1).view(np.uint8)[:] = np.frombuffer(data, np.uint8)
     target["filled"] += rows
 
 
-def _build_buffer(path: Path, spec: ReplaySpec, seed: int, state: dict, arrays: dict
-                  ) -> tuple[ReplayBuffer, dict]:
-    buffer = ReplayBuffer(spec, seed)
+def _decompress(path: Path, name: str, data: bytes, size: int, decompressor) -> bytes:
+    """A compressed piece's bytes, refused unless its frame declares exactly `size` (read
+    from the frame header, before anything is allocated)."""
     try:
-        frames_written = int(state["frames_written"])
-        transitions_written = int(state["transitions_written"])
+        declared = zstandard.frame_content_size(data)
+        if declared != size:
+            raise SnapshotError(f"{path}: piece of {name!r} declares {declared} bytes "
+                                f"uncompressed; its rows need {size}")
+        return decompressor.decompress(data, max_output_size=size, allow_extra_data=False)
+    except zstandard.ZstdError as error:
+        raise SnapshotError(f"{path}: piece of {name!r} does not decompress: "
+                            f"{error}") from None
+
+
+def _build_buffer(path: Path, buffer: ReplayBuffer, state, arrays: dict
+                  ) -> tuple[ReplayBuffer, dict]:
+    """`buffer` filled from the snapshot's arrays and counters, once they agree with each
+    other and hold only what an insert could have stored."""
+    spec = buffer.spec
+    try:
+        if not isinstance(state, dict) or not isinstance(state.get("extra", {}), dict):
+            raise ValueError("the state must be a map with a map 'extra'")
+        frames_written, transitions_written, scan_key, stale_dropped = (
+            _count(state, key) for key in ("frames_written", "transitions_written",
+                                           "scan_key", "stale_dropped"))
+        max_priority = state["max_priority"]
+        if not isinstance(max_priority, float) or not 0 < max_priority < math.inf:
+            raise ValueError(f"max_priority {max_priority!r} is not a positive float")
         rows = min(transitions_written, spec.capacity)
         frames = arrays["frames"]
         if (frames["first"] != max(0, frames_written - spec.frame_capacity)
                 or frames["first"] + len(frames["data"]) != frames_written
-                or any(len(arrays[name]["data"]) != rows for name in (*ROW_ARRAYS, "leaves"))):
+                or any(len(arrays[name]["data"]) != rows for name in (*ROW_ARRAYS, "leaves"))
+                or scan_key > transitions_written):
             raise ValueError("array sizes disagree with the counters")
-        for name in ("obs_slots", "next_slots"):
-            slots = arrays[name]["data"]
-            if slots.size and (slots.min() < 0 or slots.max() >= spec.frame_capacity):
-                raise ValueError(f"{name} outside the frame ring")
-        leaves = arrays["leaves"]["data"]
-        if not np.isfinite(leaves).all() or (leaves < 0).any():
-            raise ValueError("priorities must be finite and >= 0")
+        data = {name: array["data"] for name, array in arrays.items()}
+        _check_content(data, spec, frames_written)
+        streams = StreamTable.from_state(state["streams"], frames_written)
         slots = np.arange(frames["first"], frames_written) % spec.frame_capacity
         buffer.frames[slots] = frames["data"]
         for name in ROW_ARRAYS:
-            getattr(buffer, name)[:rows] = arrays[name]["data"]
+            getattr(buffer, name)[:rows] = data[name]
         all_leaves = np.zeros(spec.capacity)
-        all_leaves[:rows] = leaves
+        all_leaves[:rows] = data["leaves"]
         buffer.tree.set_all(all_leaves)
-        buffer.live = int(np.count_nonzero(leaves))
+        buffer.live = int(np.count_nonzero(data["leaves"]))
         buffer.frames_written, buffer.transitions_written = frames_written, transitions_written
-        buffer.scan_key = int(state["scan_key"])
-        buffer.max_priority = float(state["max_priority"])
-        buffer.stale_dropped = int(state["stale_dropped"])
-        buffer.streams = StreamTable.from_state(state["streams"])
+        buffer.scan_key, buffer.max_priority = scan_key, max_priority
+        buffer.stale_dropped, buffer.streams = stale_dropped, streams
         buffer.set_rng_state(state["rng"])
         return buffer, dict(state.get("extra", {}))
-    except (KeyError, TypeError, ValueError) as error:
-        raise SnapshotError(f"{path}: inconsistent snapshot state: {error}") from None
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        # InvalidTransitions (a bad value) is a ValueError; AttributeError: a list or a
+        # number where the random state has a map.
+        raise SnapshotError(f"{path}: invalid snapshot content: {error}") from None
+
+
+def _count(state: dict, key: str) -> int:
+    if not _is_count(state[key]):
+        raise ValueError(f"{key} {_clip(state[key])} is not a count")
+    return state[key]
+
+
+def _check_content(data: dict[str, np.ndarray], spec: ReplaySpec, frames_written: int) -> None:
+    """What an insert checks, and the indices only the buffer itself writes."""
+    check_values(data, spec.num_actions)
+    for name in ("obs_slots", "next_slots"):
+        slots = data[name]
+        if slots.size and (slots.min() < 0 or slots.max() >= spec.frame_capacity):
+            raise InvalidTransitions(f"{name} outside the frame ring")
+    if data["oldest_frame"].size and data["oldest_frame"].max() >= frames_written:
+        raise InvalidTransitions("oldest_frame names a frame not yet written")
+    leaves = data["leaves"]
+    if not np.isfinite(leaves).all() or (leaves < 0).any():
+        raise InvalidTransitions("priorities must be finite and >= 0")

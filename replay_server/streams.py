@@ -100,11 +100,37 @@ class StreamTable:
                 "next_numbers": [[stream, n] for stream, n in self.next_numbers.items()]}
 
     @classmethod
-    def from_state(cls, state: dict) -> "StreamTable":
+    def from_state(cls, state: dict, frames_written: int) -> "StreamTable":
+        """The table `state()` described, of a buffer that has written `frames_written`
+        frames. Raises ValueError unless it is one `add` could have built."""
         table = cls()
-        for stream, firsts, counts, globals_ in state["ranges"]:
-            table.streams[int(stream)] = [list(map(int, firsts)), list(map(int, counts)),
-                                          list(map(int, globals_))]
-        for stream, n in state["next_numbers"]:
-            table.next_numbers[int(stream)] = int(n)
+        ranges, next_numbers = state["ranges"], state["next_numbers"]
+        if not (isinstance(ranges, list) and isinstance(next_numbers, list)
+                and len(ranges) <= len(next_numbers) <= MAX_REMEMBERED_STREAMS):
+            raise ValueError("stream table: ranges and next_numbers must be lists, at most "
+                             f"{MAX_REMEMBERED_STREAMS} streams")
+        for entry in next_numbers:
+            stream, n = _integers(entry, 2)
+            table.next_numbers[stream] = n
+        for entry in ranges:
+            if not isinstance(entry, list) or len(entry) != 4 or not isinstance(entry[1], list):
+                raise ValueError(f"stream table: a range entry is {str(entry)[:60]}")
+            stream, firsts, counts, globals_ = _integers(entry[:1], 1) + [
+                _integers(column, len(entry[1])) for column in entry[1:]]
+            ends = [first + count for first, count in zip(firsts, counts)]
+            if (not 0 < len(firsts) <= MAX_RANGES_PER_STREAM or min(counts) <= 0
+                    or ends[-1] > table.next_numbers.get(stream, ends[-1])
+                    or any(end > first for end, first in zip(ends, firsts[1:]))
+                    or globals_[-1] + counts[-1] > frames_written):
+                raise ValueError(f"stream table: stream {stream}'s ranges are inconsistent")
+            table.streams[stream] = [firsts, counts, globals_]
         return table
+
+
+def _integers(values, length: int) -> list[int]:
+    """`values` if it is a list of `length` integers in [0, STREAM_ID_LIMIT)."""
+    if not (isinstance(values, list) and len(values) == length
+            and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < STREAM_ID_LIMIT
+                    for v in values)):
+        raise ValueError(f"stream table: expected {length} integers, got {str(values)[:60]}")
+    return values

@@ -196,7 +196,12 @@ def set_item(index, value):
     ({"next_obs_frames": set_item((0, 3), 10_000)}, None, "frame 10000 of stream"),
     ({}, {"stream": -1}, "meta 'stream' must be an integer"),
     ({}, {"first_frame": "zero"}, "meta 'first_frame' must be an integer"),
-    ({"action": lambda a: a[:0].copy()}, None, "non-empty 1-d"),
+    ({"action": lambda a: a[:0].copy()}, None, "'action' has shape (0,): 0 transitions"),
+    ({name: (lambda a: a[:0].copy()) for name in ("obs_frames", "next_obs_frames", "action",
+                                                   "reward", "discount")},
+     None, "non-empty 1-d"),
+    ({"frames": lambda f: np.zeros((2_000, *f.shape[1:]), f.dtype)}, None,
+     "2000 frames, more than the"),
 ])
 def test_malformed_inserts_are_refused_and_leave_the_buffer_unchanged(changes, meta_changes,
                                                                      needle):
@@ -489,3 +494,54 @@ def test_a_refused_sample_waits_for_the_insert_that_allows_it():
     assert not waiter.is_alive() and time.monotonic() - inserted_at < 5
     batch, _ = wire.decode_batch(answers[0])
     assert batch["obs"].shape[:2] == (1, 4)
+
+
+def test_an_invalid_chunk_is_refused_before_it_could_be_parked():
+    """A chunk ahead of its stream is checked for everything that needs no predecessor
+    first: an invalid one is refused (and counted), not parked."""
+    server = make_server()
+    chunks, _ = interleaved_chunks(np.random.default_rng(16), senders=1, envs=2, steps=30)
+    arrays, meta = wire.decode(chunks[2], expect_kind=wire.TRANSITIONS)
+    bad = {**arrays, "action": np.full(len(arrays["action"]), 99, np.int32)}
+    for stream in range(20):
+        with pytest.raises(wire.WireError, match=r"'action' outside \[0, 4\)"):
+            server.insert(wire.encode(wire.TRANSITIONS, bad, {**meta, "stream": stream}))
+    assert server.stats()["parked_chunks"] == 0 and server.stats()["rejected_messages"] == 20
+
+
+def test_parked_chunks_are_capped_in_bytes_oldest_expiring_first(monkeypatch):
+    import replay_server.server as server_module
+    server = make_server()
+    streams = [interleaved_chunks(np.random.default_rng(17 + s), senders=1, envs=2, steps=30)[0]
+               for s in range(4)]
+    size = max(len(chunks[1]) for chunks in streams)
+    monkeypatch.setattr(server_module, "MAX_PARKED_BYTES", 2 * size)
+    for chunks in streams:  # each stream's second chunk, ahead of its first
+        assert server.insert(chunks[1])["parked"]
+        assert server.stats()["parked_bytes"] <= 2 * size
+    stats = server.stats()
+    assert stats["parked_chunks"] == 2 and stats["rejected_messages"] == 2
+    for chunks in streams[:2]:  # the oldest were dropped: only the predecessor is stored
+        assert server.insert(chunks[0])["inserted"] == 8
+    for chunks in streams[2:]:  # the youngest are stored once their predecessor comes
+        assert server.insert(chunks[0])["inserted"] == 16
+    assert server.stats()["parked_chunks"] == 0 and server.stats()["parked_bytes"] == 0
+    monkeypatch.setattr(server_module, "MAX_PARKED_BYTES", size // 2)
+    with pytest.raises(InvalidTransitions, match="exceeds the .* bytes a shard parks"):
+        server.insert(streams[0][2])
+
+
+def test_an_insert_bomb_shaped_like_a_chunk_is_refused_before_anything_is_allocated():
+    from tests.test_wire import message_of, refusal_and_peak, zeros_frame
+    server = make_server()
+    rows = (128 << 20) // 36  # 6x6 frames: ~128 MiB in a 5 KB message
+    arrays = {"frames": ("uint8", [rows, *FRAME_SHAPE], zeros_frame(rows * 36), True),
+              **{name: (dtype, [8, *shape], bytes(8 * 8 * STACK), False) for name, dtype, shape in (
+                  ("obs_frames", "int64", [STACK]), ("next_obs_frames", "int64", [STACK]))},
+              **{name: (dtype, [8], bytes(32), False) for name, dtype in (
+                  ("action", "int32"), ("reward", "float32"), ("discount", "float32"))}}
+    message = message_of(arrays, {"stream": 1, "first_frame": 0}, kind=wire.TRANSITIONS)
+    assert len(message) < 10_000
+    refusal, peak = refusal_and_peak(lambda: server.insert(message))
+    assert f"{rows} frames, more than the" in refusal and peak < 1 << 20
+    assert server.stats()["rejected_messages"] == 1

@@ -143,3 +143,73 @@ def test_server_snapshot_and_restore_keep_the_rate_limiter(tmp_path):
     assert (fresh.limiter.inserts, fresh.limiter.samples) == (server.limiter.inserts,
                                                                server.limiter.samples)
     assert fresh.stats() == server.stats()
+
+
+def forged_snapshot(tmp_path, edit) -> str:
+    """A valid shard's snapshot with `edit(header, pieces by array name)` applied to its
+    decoded objects, every checksum still right."""
+    import io
+    import zlib
+
+    import zstandard
+    buffer, _ = filled_buffer()
+    good = tmp_path / "good.msgpack"
+    write_snapshot(buffer, good, threading.Lock())
+    objects = list(msgpack.Unpacker(io.BytesIO(good.read_bytes()), raw=False))
+    header, pieces = objects[0], objects[1:-1]
+    for piece in pieces:  # raw pieces, so an edit can change values
+        if piece["codec"] == "zstd":
+            piece.update(codec="raw", data=zstandard.ZstdDecompressor().decompress(piece["data"]))
+    edit(header, {piece["array"]: piece for piece in pieces})
+    for piece in pieces:
+        if piece["codec"] == "raw":
+            piece["crc32"] = zlib.crc32(piece["data"])
+    path = tmp_path / "forged.msgpack"
+    path.write_bytes(b"".join(msgpack.packb(o, use_bin_type=True) for o in objects))
+    return str(path)
+
+
+def set_value(name, value, dtype=None):
+    def edit(header, pieces):
+        values = np.frombuffer(pieces[name]["data"], header["arrays"][name]["dtype"]).copy()
+        values[len(values) // 2] = value
+        if dtype is not None:
+            values = values.astype(dtype)
+            header["arrays"][name]["dtype"] = dtype
+        pieces[name]["data"] = values.tobytes()
+    return edit
+
+
+def frames_bomb(header, pieces):
+    from tests.test_wire import zeros_frame
+    pieces["frames"].update(codec="zstd", data=zeros_frame(1 << 30))
+
+
+def huge_rows(header, pieces):
+    header["arrays"]["frames"]["rows"] = 10**12
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (set_value("action", 99), "invalid snapshot content: 'action' outside [0, 4)"),
+    (set_value("action", -5), "invalid snapshot content: 'action' outside [0, 4)"),
+    (set_value("reward", np.nan), "invalid snapshot content: 'reward' holds a non-finite"),
+    (set_value("discount", 7.0), "invalid snapshot content: 'discount' must lie in [0, 1]"),
+    (set_value("action", 1, dtype="float64"),
+     "array 'action' is declared as {'dtype': 'float64'"),
+    (set_value("obs_slots", 10**6), "obs_slots outside the frame ring"),
+    (set_value("oldest_frame", 10**9), "oldest_frame names a frame not yet written"),
+    (set_value("leaves", -1.0), "priorities must be finite and >= 0"),
+    (frames_bomb, "piece of 'frames' declares 1073741824 bytes uncompressed"),
+    (huge_rows, "array 'frames' is declared as"),
+])
+def test_forged_snapshots_with_valid_checksums_are_refused(tmp_path, edit, needle):
+    from tests.test_wire import refusal_and_peak
+    path = forged_snapshot(tmp_path, edit)
+    server = make_server(capacity=200, priority_exponent=0.6)
+    server.insert(make_more_chunk())
+    before = state_fingerprint(server.buffer)
+    refusal, peak = refusal_and_peak(lambda: server.restore(path), SnapshotError)
+    assert needle in refusal and "\n" not in refusal
+    assert peak < 8 << 20  # the bomb's gigabyte was never allocated
+    assert state_fingerprint(server.buffer) == before
+    assert server.insert(make_more_chunk())["inserted"] > 0  # still serving

@@ -1,4 +1,7 @@
 """The msgpack wire format: exact round trips, and a clear refusal of anything else."""
+import functools
+import tracemalloc
+
 import msgpack
 import numpy as np
 import pytest
@@ -134,7 +137,7 @@ ZEROS_4K = zstandard.ZstdCompressor().compress(bytes(4096))
     (compressed(ZEROS_4K, [16]), "declares 4096 bytes uncompressed; its dtype and shape need 16"),
     (compressed(zstandard.ZstdCompressor(write_content_size=False).compress(bytes(64)), [64]),
      "declares -1 bytes uncompressed"),
-    (compressed(ZEROS_4K, [1 << 20, 1 << 12]), "would decompress to 4294967296 bytes"),
+    (compressed(ZEROS_4K, [1 << 20, 1 << 12]), "its dtype and shape need 4294967296"),
     (b"", "not a msgpack message"),
     (b"\xc1\xff garbage", "not a msgpack message"),
     (valid_message()[:-7], "not a msgpack message"),
@@ -147,6 +150,9 @@ ZEROS_4K = zstandard.ZstdCompressor().compress(bytes(4096))
     (forged(meta="x"), "'meta' must be a map"),
     (forged(x_dtype="object"), "dtype 'object'"),
     (forged(x_shape=[2, -3]), "invalid shape"),
+    (forged(x_shape=[1] * 65), "invalid shape [1, 1,"),
+    (forged(x_shape=[0, 2**63]), "invalid shape [0, 9223372036854775808]"),
+    (forged(x_shape=[0, 2**40]), "invalid shape [0, 1099511627776]"),
     (forged(x_shape=[4, 3]), "needs 48 bytes, got 24"),
     (forged(x_data="text"), "data must be binary"),
     (forged(x_extra=1), "exactly dtype, shape, data"),
@@ -194,3 +200,121 @@ def test_msgpack_library_messages_decode_the_same():
     arrays, meta = wire.decode(msgpack.packb(body, use_bin_type=True))
     np.testing.assert_array_equal(arrays["v"], array)
     assert meta == body["meta"]
+
+
+@functools.lru_cache(maxsize=None)
+def zeros_frame(size: int) -> bytes:
+    """One zstd frame of `size` zero bytes that says so (a few KB per 100 MB), built without
+    holding them."""
+    compressor = zstandard.ZstdCompressor(level=3).compressobj(size=size)
+    zeros = bytes(1 << 20)
+    return b"".join(compressor.compress(zeros[:min(1 << 20, size - at)])
+                    for at in range(0, size, 1 << 20)) + compressor.flush()
+
+
+def message_of(arrays: dict, meta: dict | None = None, kind: str = "batch") -> bytes:
+    """A message of arrays given as {name: (dtype, shape, data, compressed)}."""
+    body = {"format": wire.FORMAT, "version": wire.VERSION, "kind": kind, "meta": meta or {},
+            "arrays": {name: {"dtype": dtype, "shape": shape, "data": data,
+                              **({"codec": "zstd"} if compressed else {})}
+                       for name, (dtype, shape, data, compressed) in arrays.items()}}
+    return msgpack.packb(body, use_bin_type=True)
+
+
+def refusal_and_peak(call, error=wire.WireError) -> tuple[str, int]:
+    """The refusal `call` raises, and the bytes allocated at the peak while it ran (numpy's
+    and zstd's output included)."""
+    tracemalloc.start()
+    try:
+        with pytest.raises(error) as refused:
+            call()
+        return str(refused.value), tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_decompression_bombs_are_refused_before_anything_is_allocated():
+    """Six arrays of 128 MiB in 25 KB, each frame declaring its size honestly: a budget or a
+    schema refuses them from the header; so does the default budget for 2.25 GiB in 3 arrays."""
+    bomb = zeros_frame(128 << 20)
+    six = message_of({f"a{i}": ("uint8", [128 << 20], bomb, True) for i in range(6)})
+    assert len(six) < 30_000
+    schema = wire.Schema("batch", {f"a{i}": wire.Field("uint8", ("n",)) for i in range(6)},
+                         limits={"n": 1 << 20})
+    huge = zeros_frame(768 << 20)
+    three = message_of({f"a{i}": ("uint8", [768 << 20], huge, True) for i in range(3)})
+    for decode, needle in [
+            (lambda: wire.decode(six, max_bytes=64 << 20),
+             "message would decode to 805306368 bytes, more than its budget of 67108864"),
+            (lambda: wire.decode(six, schema=schema),
+             "'a0' has shape (134217728,): 134217728 n, more than the 1048576 a message may"),
+            (lambda: wire.decode(three), "would decode to 2415919104 bytes")]:
+        refusal, peak = refusal_and_peak(decode)
+        assert needle in refusal and peak < 1 << 20
+
+
+def test_a_schema_names_what_does_not_fit():
+    schema = wire.Schema("pairs", {"a": wire.Field("int32", ("n", 2)),
+                                   "b": wire.Field("float32", ("n",)),
+                                   "c": wire.Field("uint8", ("n",))},
+                         limits={"n": 10}, optional=frozenset({"c"}))
+    assert schema.max_bytes == 10 * 2 * 4 + 10 * 4 + 10
+    good = {"a": np.zeros((3, 2), np.int32), "b": np.zeros(3, np.float32)}
+    schema.check(good)
+    for arrays, needle in [
+            ({"a": good["a"]}, "a pairs message must have fields a and b (and optionally c)"),
+            ({**good, "d": good["b"]}, "got ['a', 'b', 'd']"),
+            ({**good, "b": np.zeros(3)}, "'b' has dtype float64, expected float32"),
+            ({**good, "a": np.zeros((3, 3), np.int32)}, "'a' has shape (3, 3), expected (n, 2)"),
+            ({**good, "b": np.zeros(4, np.float32)}, "4 n, but another field has 3"),
+            ({"a": np.zeros((11, 2), np.int32), "b": np.zeros(11, np.float32)},
+             "11 n, more than the 10 a message may hold")]:
+        with pytest.raises(wire.WireError, match=None) as error:
+            schema.check(arrays)
+        assert needle in str(error.value)
+    message = wire.encode("pairs", {**good, "b": np.zeros(3, np.float64)})
+    with pytest.raises(wire.WireError, match="'b' has dtype float64"):
+        wire.decode(message, schema=schema)
+
+
+def batch_arrays():
+    index = np.array([[[0, 1], [1, 2]]], np.int32)
+    return {"frames": np.arange(3 * 4, dtype=np.uint8).reshape(3, 2, 2), "obs_frames": index,
+            "next_obs_frames": index, "action": np.zeros((1, 2), np.int32)}
+
+
+@pytest.mark.parametrize("changes, meta, needle", [
+    ({"frames": None}, {"obs_shape": [2, 2, 2]}, "a batch needs arrays ['frames']"),
+    ({"next_obs_frames": None}, {"obs_shape": [2, 2, 2]}, "needs arrays ['next_obs_frames']"),
+    ({}, {}, "batch meta 'obs_shape' None is not 2 frames of shape [2, 2]"),
+    ({}, {"obs_shape": ["x"]}, "batch meta 'obs_shape' ['x'] is not 2 frames"),
+    ({}, {"obs_shape": [5, 5]}, "batch meta 'obs_shape' [5, 5] is not 2 frames"),
+    ({}, {"obs_shape": [True, 8]}, "is not 2 frames"),
+    ({"obs_frames": np.zeros((1, 2, 2), np.float32)}, {"obs_shape": [2, 2, 2]},
+     "batch 'obs_frames' must be integers [k, B, stack]"),
+    ({"obs_frames": np.zeros((1, 2), np.int32)}, {"obs_shape": [2, 2, 2]},
+     "batch 'obs_frames' must be integers [k, B, stack]"),
+    ({"action": np.zeros((1, 3), np.int32)}, {"obs_shape": [2, 2, 2]},
+     "batch 'action' has shape [1, 3], not the [1, 2] of its items"),
+    ({"frames": np.zeros((9, 2, 2), np.uint8)}, {"obs_shape": [2, 2, 2]},
+     "a batch of 8 stack frames carries 9 distinct frames"),
+    ({"frames": np.zeros(3, np.uint8)}, {"obs_shape": [2, 2, 2]}, "is not 2 frames of shape []"),
+])
+def test_malformed_batches_are_refused_with_a_reason(changes, meta, needle):
+    arrays = {**batch_arrays(), **changes}
+    message = wire.encode(wire.BATCH, {k: v for k, v in arrays.items() if v is not None}, meta)
+    with pytest.raises(wire.WireError, match=None) as error:
+        wire.decode_batch(message)
+    assert needle in str(error.value)
+
+
+def test_a_batch_that_would_rebuild_too_much_is_refused_before_decompressing():
+    """Index arrays of 16M zeros (two zstd frames of a few KB) would rebuild 2 x 16M stacks of
+    a 64 KB frame: refused from the header, nothing allocated."""
+    index = zeros_frame(4 << 24)
+    message = message_of({"frames": ("uint8", [1, 1 << 16], bytes(1 << 16), False),
+                          "obs_frames": ("int32", [1, 1 << 24, 1], index, True),
+                          "next_obs_frames": ("int32", [1, 1 << 24, 1], index, True)},
+                         {"obs_shape": [1 << 16]})
+    refusal, peak = refusal_and_peak(lambda: wire.decode_batch(message))
+    assert "more than its budget" in refusal and peak < 1 << 20

@@ -19,14 +19,11 @@ import statistics
 import sys
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-from common import checkpoints  # noqa: E402
-from common.checkpoints import CheckpointError, CheckpointStore  # noqa: E402
-from common.config import (RUN_CONFIG, Config, ConfigError, OneLineErrorParser,  # noqa: E402
-                           read_run_config)
-from common.envs import EnvError, describe_env  # noqa: E402
-from common.process import native_output_hidden  # noqa: E402
+from common import checkpoints
+from common.checkpoints import CheckpointError, CheckpointStore
+from common.config import RUN_CONFIG, Config, ConfigError, OneLineErrorParser, read_run_config
+from common.envs import EnvError, describe_env
+from common.process import native_output_hidden
 
 WEIGHTS_FILE = "q_network.weights.h5"
 ATARI_FPS = 60
@@ -110,7 +107,7 @@ def load_network(policy, weights: Path | None, root: str | None) -> str:
             raise EvaluateError(f"{weights}: not weights of this run's network "
                                 f"({first_line(error)})") from None
         return str(weights)
-    import tensorflow as tf
+    from common.networks import tf
     store = CheckpointStore(root)
     with store.latest_part(checkpoints.LEARNER) as (name, folder):
         prefix = os.path.join(folder, "state")
@@ -145,6 +142,7 @@ def record_episode(config: Config, env_info, args, source, path: Path) -> dict:
     """One episode on gymnasium's wrappers, every full-colour frame written to `path`."""
     import cv2
     import gymnasium as gym
+
     from actors.policy import EpsilonGreedyPolicy
     from common.envs import is_atari, make_env
     policy = EpsilonGreedyPolicy(config, env_info, args.seed + 1)

@@ -27,16 +27,14 @@ from pathlib import Path
 
 import numpy as np
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-from common import checkpoints  # noqa: E402
-from common.checkpoints import CheckpointError, CheckpointStore  # noqa: E402
-from common.config import RUN_CONFIG, Config, config_to_json, epsilon_at, parse_args  # noqa: E402
-from common.envs import EnvError, EnvInfo, describe_env  # noqa: E402
-from common.process import native_output_hidden  # noqa: E402
+from common import checkpoints
+from common.checkpoints import CheckpointError, CheckpointStore
+from common.config import RUN_CONFIG, Config, config_to_json, epsilon_at, parse_args
+from common.env_info import EnvInfo
+from common.envs import EnvError, describe_env
+from common.process import PROCESS_ENV, native_output_hidden
 
 LEARNER_HOST = "dqn_learner_host"  # custom resource of the node that hosts learner and replay
-WORKER_ENV = {"TF_CPP_MIN_LOG_LEVEL": "2", "KERAS_BACKEND": "tensorflow"}
 POLL_WAIT_S = 5.0  # longest a progress round waits for the roles' reports
 STOP_WAIT_S = 60.0  # longest the stop waits for each stage (actors, learner, shards)
 FAILED_STOP_WAIT_S = 15.0  # the same when the run failed: a role is already not answering
@@ -103,7 +101,7 @@ def connect_ray(config: Config, num_actors_hint: int) -> str | None:
     # Workers' output (TensorFlow's start-up lines and the like) reaches the terminal only with
     # --verbose; their failures reach it through the reports and errors the launcher prints.
     kwargs = dict(logging_level=logging.INFO if config.verbose else logging.ERROR,
-                  log_to_driver=config.verbose, runtime_env={"env_vars": WORKER_ENV})
+                  log_to_driver=config.verbose, runtime_env={"env_vars": PROCESS_ENV})
     if config.address is None:
         cpus = os.cpu_count() or 1
         # Logical CPUs: every role gets a slot even where actors outnumber cores.

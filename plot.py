@@ -15,17 +15,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from importlib import resources
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from common.config import RUN_CONFIG, OneLineErrorParser  # noqa: E402
-from common.process import native_output_hidden  # noqa: E402
+from common.config import RUN_CONFIG, OneLineErrorParser
+from common.process import native_output_hidden
 
 TRAIN_RETURN = "mean_return_100"
 EVAL_MEAN, EVAL_STD = "eval/return_mean", "eval/return_std"
@@ -129,7 +126,7 @@ def scalar_of(tf, value) -> float:
 
 def import_tensorflow():
     with native_output_hidden():  # TensorFlow's start-up lines
-        import tensorflow as tf
+        from common.networks import tf
     return tf
 
 

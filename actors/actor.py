@@ -10,9 +10,17 @@ from __future__ import annotations
 import numpy as np
 
 from actors.adder import FrameAdder
+from actors.env_batch import BatchStep, EnvBatch
 from actors.policy import EpsilonGreedyPolicy
-from common.config import Config, epsilon_at, epsilon_ladder
-from common.envs import BatchStep, EnvBatch, EnvInfo
+from common.config import Config, epsilon_at
+from common.env_info import EnvInfo
+
+
+def epsilon_ladder(config: Config, env_index: int, num_envs: int) -> float:
+    """Ape-X: env `env_index` of `num_envs` (all envs of all actors) explores with a fixed
+    epsilon base^(1 + exponent * i / (N - 1)), from base down to base^(1 + exponent)."""
+    spread = env_index / (num_envs - 1) if num_envs > 1 else 0.0
+    return config.epsilon_ladder_base ** (1.0 + config.epsilon_ladder_exponent * spread)
 
 
 class Actor:

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from actors.env_batch import EnvBatch
 from actors.policy import EpsilonGreedyPolicy
 from common.config import Config
-from common.envs import EnvBatch, EnvInfo
+from common.env_info import EnvInfo
 
 
 class Evaluator:

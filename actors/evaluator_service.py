@@ -16,7 +16,7 @@ from actors.evaluator import Evaluator
 from actors.scheduling import lower_to_idle
 from common import metrics
 from common.config import Config
-from common.envs import EnvInfo
+from common.env_info import EnvInfo
 from common.networks import configure_cpu_threads
 
 EVALUATOR_SEED_OFFSET = 7_777_777

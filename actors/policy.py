@@ -5,10 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from common.config import Config
-from common.envs import EnvInfo
-from common.networks import build_q_network
-
-import tensorflow as tf  # noqa: E402  (after networks.py set the Keras backend)
+from common.env_info import EnvInfo
+from common.networks import build_q_network, tf
 
 
 class EpsilonGreedyPolicy:

@@ -28,7 +28,7 @@ from actors.actor import Actor
 from actors.scheduling import lower_to_idle, pin_to_cpus
 from common import metrics, wire
 from common.config import Config
-from common.envs import EnvInfo
+from common.env_info import EnvInfo
 from common.networks import configure_cpu_threads
 
 BUDGET_WAIT_S = 1.0  # longest an ask for insert budget waits in the shard (stop is checked)

@@ -32,8 +32,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
 import launch  # noqa: E402
 from common.checkpoints import CheckpointStore  # noqa: E402
 from common.config import PRESETS, Config  # noqa: E402

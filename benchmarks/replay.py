@@ -38,9 +38,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import wire  # noqa: E402
-from replay_server.buffer import ReplayBuffer, ReplaySpec  # noqa: E402
-from replay_server.sumtree import SumTree  # noqa: E402
+from common import wire
+from replay_server.buffer import ReplayBuffer, ReplaySpec
+from replay_server.sumtree import SumTree
 
 STACK, FRAME = 4, (84, 84)
 EPISODE_STEPS = 180  # a random agent's Breakout episode; longer episodes need fewer frames
@@ -183,7 +183,7 @@ def replay_config(capacity: int, alpha: float):
 
 
 def start_shard(capacity: int, alpha: float):
-    from common.envs import EnvInfo
+    from common.env_info import EnvInfo
     from replay_server.service import ReplayService
     info = EnvInfo("BreakoutNoFrameskip-v4", (STACK, *FRAME), "uint8", 4, 4)
     return ReplayService.options(num_cpus=1).remote(replay_config(capacity, alpha), info)

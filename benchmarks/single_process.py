@@ -31,13 +31,13 @@ import time
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import ale_py  # noqa: E402
-import gymnasium as gym  # noqa: E402
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-from gymnasium.wrappers import AtariPreprocessing, FrameStackObservation  # noqa: E402
-from keras import layers  # noqa: E402
+import ale_py
+import gymnasium as gym
+import keras
+import numpy as np
+import tensorflow as tf
+from gymnasium.wrappers import AtariPreprocessing, FrameStackObservation
+from keras import layers
 
 SEED = 42
 GAMMA = 0.99

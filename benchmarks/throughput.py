@@ -52,10 +52,9 @@ SINGLE_PROCESS_SCRIPT = ROOT / "benchmarks" / "single_process.py"
 # the TensorFlow defaults the project's modules set when imported (oneDNN on, which makes the
 # seed itself ~7% faster on this machine).
 SEED_ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
+from actors.env_batch import EnvBatch  # noqa: E402
 from common.config import PRESETS, Config  # noqa: E402
-from common.envs import EnvBatch, describe_env  # noqa: E402
+from common.envs import describe_env  # noqa: E402
 
 TARGETS = {"acting_ratio": 0.6, "learner_ratio": 0.8, "speedup_vs_seed": 6.0}
 ACTING_EPSILON = 0.1  # the seed's floor: nine envs in ten go through the network each step
@@ -233,6 +232,7 @@ def cpu_seconds() -> dict[str, float]:
 
 def snapshot(roles, progress) -> dict:
     import ray
+
     from launch import poll
     poll(roles, progress)
     shard_stats = ray.get([shard.stats.remote() for shard in roles.shards])

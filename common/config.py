@@ -295,13 +295,6 @@ def epsilon_at(config: Config, agent_steps: int) -> float:
     return max(config.epsilon_end, decayed)
 
 
-def epsilon_ladder(config: Config, env_index: int, num_envs: int) -> float:
-    """Ape-X: env `env_index` of `num_envs` (all envs of all actors) explores with a fixed
-    epsilon base^(1 + exponent * i / (N - 1)), from base down to base^(1 + exponent)."""
-    spread = env_index / (num_envs - 1) if num_envs > 1 else 0.0
-    return config.epsilon_ladder_base ** (1.0 + config.epsilon_ladder_exponent * spread)
-
-
 def importance_exponent_at(config: Config, updates: int) -> float:
     """Beta after `updates` learner updates: linear from its start value to 1."""
     progress = min(1.0, updates / config.importance_anneal_updates)

@@ -1,18 +1,11 @@
-"""The Q-network builder shared by actors and learner, so their weights always line up."""
+"""The Q-network builder shared by actors and learner, so their weights always line up; and
+the one place the project imports TensorFlow and Keras from (after `common` set their
+environment)."""
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-# TensorFlow turns its oneDNN kernels on only for CPUs with AVX-512 VNNI/BF16 or AMX; on
-# AVX2-only CPUs they are off, yet they make the actors' XLA forward pass ~10% and the learner
-# inside the running system ~20% faster there (benchmarks/throughput.py, README). Set it to 0
-# to opt out.
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
-
-import keras  # noqa: E402
-from keras import layers  # noqa: E402
+import keras
+import tensorflow as tf
+from keras import layers
 
 
 def build_q_network(obs_shape: tuple[int, ...], num_actions: int,
@@ -65,6 +58,5 @@ class DuelingCombine(layers.Layer):
 def configure_cpu_threads(num_threads: int) -> None:
     """Call before the first TensorFlow op: several processes share few cores, and TF's
     default of one pool per core each makes them fight."""
-    import tensorflow as tf
     tf.config.threading.set_intra_op_parallelism_threads(num_threads)
     tf.config.threading.set_inter_op_parallelism_threads(num_threads)

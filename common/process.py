@@ -7,6 +7,22 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterator
 
+# TensorFlow reads these when it is first imported. TensorFlow turns its oneDNN kernels on only
+# for CPUs with AVX-512 VNNI/BF16 or AMX; on AVX2-only CPUs they are off, yet make the learner
+# and the actors' forward pass faster there (see benchmarks/throughput.py); set
+# TF_ENABLE_ONEDNN_OPTS=0 to opt out.
+PROCESS_ENV = {"TF_CPP_MIN_LOG_LEVEL": "2", "KERAS_BACKEND": "tensorflow",
+               "TF_ENABLE_ONEDNN_OPTS": "1"}
+
+
+def configure_process() -> None:
+    """The environment TensorFlow and Keras read at import, where the user did not set it.
+    `common/__init__.py` calls it, so it runs before any module of this project (which takes
+    TensorFlow and Keras from `common.networks`) imports them; Ray workers get PROCESS_ENV
+    through their runtime env as well."""
+    for name, value in PROCESS_ENV.items():
+        os.environ.setdefault(name, value)
+
 
 @contextlib.contextmanager
 def native_output_hidden(hide: bool = True) -> Iterator[Callable[[], str]]:

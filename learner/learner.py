@@ -17,10 +17,8 @@ import numpy as np
 
 from common.checkpoints import CheckpointError
 from common.config import Config
-from common.envs import EnvInfo
-from common.networks import build_q_network, keras
-
-import tensorflow as tf  # noqa: E402  (after networks.py set the Keras backend)
+from common.env_info import EnvInfo
+from common.networks import build_q_network, keras, tf
 
 BATCH_FIELDS = ("obs", "action", "reward", "discount", "next_obs", "weight")
 

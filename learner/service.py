@@ -30,7 +30,7 @@ import ray
 from common import checkpoints, metrics, wire
 from common.checkpoints import CheckpointStore
 from common.config import Config, importance_exponent_at
-from common.envs import EnvInfo
+from common.env_info import EnvInfo
 from learner.learner import DQNLearner, tf
 
 PREFETCH_BATCHES = 2  # sample calls in flight

@@ -25,11 +25,10 @@ import time
 
 from common import wire
 from common.config import Config
-from common.envs import EnvInfo
+from common.env_info import EnvInfo
 from replay_server.buffer import InvalidTransitions, ReplayBuffer, ReplaySpec
 from replay_server.rate_limiter import RateLimiter
 from replay_server.snapshot import SnapshotError, read_snapshot, write_snapshot
-
 
 MAX_PARKED_PER_STREAM = 16
 MAX_PARKED_BYTES = 64 << 20  # all streams' parked chunks together, as sent (compressed)

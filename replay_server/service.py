@@ -21,7 +21,7 @@ import ray
 from common import checkpoints, metrics, wire
 from common.checkpoints import CheckpointStore
 from common.config import Config
-from common.envs import EnvInfo
+from common.env_info import EnvInfo
 from replay_server.server import ReplayServer
 
 # Actors' asks for insert budget wait in a group of their own, one thread per waiting ask;

@@ -12,6 +12,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 def ray_address():
     """Address of a local Ray that `launch.py --address` joins; metrics report every 0.5 s."""
     import ray
+
     from launch import LEARNER_HOST
     context = ray.init(num_cpus=6, resources={LEARNER_HOST: 1}, include_dashboard=False,
                        _node_ip_address="127.0.0.1",

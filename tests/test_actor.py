@@ -3,9 +3,10 @@ import numpy as np
 import pytest
 
 from actors.actor import Actor
+from actors.env_batch import EnvBatch
 from common import wire
 from common.config import PRESETS
-from common.envs import EnvBatch, describe_env
+from common.envs import describe_env
 from replay_server.buffer import ReplayBuffer, ReplaySpec
 
 

@@ -1,9 +1,9 @@
 """cluster.yaml is a config `ray up` accepts (Ray's own validation, offline) and it keeps the
 promises the launcher and the README rely on."""
 import copy
-import tomllib
 
 import pytest
+import tomllib
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 

@@ -5,8 +5,15 @@ from pathlib import Path
 
 import pytest
 
-from common.config import (PRESETS, Config, ConfigError, epsilon_at, epsilon_ladder,
-                           importance_exponent_at, parse_args)
+from actors.actor import epsilon_ladder
+from common.config import (
+    PRESETS,
+    Config,
+    ConfigError,
+    epsilon_at,
+    importance_exponent_at,
+    parse_args,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 

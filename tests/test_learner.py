@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from common.config import PRESETS
-from common.envs import EnvInfo
+from common.env_info import EnvInfo
 from common.networks import build_q_network
 from learner.learner import DQNLearner
 

@@ -9,7 +9,7 @@ import pytest
 
 from common import wire
 from common.config import PRESETS
-from common.envs import EnvInfo
+from common.env_info import EnvInfo
 from replay_server.buffer import InvalidTransitions, ReplayBuffer, ReplaySpec
 from replay_server.rate_limiter import RateLimiter
 from replay_server.server import ReplayServer
@@ -545,3 +545,18 @@ def test_an_insert_bomb_shaped_like_a_chunk_is_refused_before_anything_is_alloca
     refusal, peak = refusal_and_peak(lambda: server.insert(message))
     assert f"{rows} frames, more than the" in refusal and peak < 1 << 20
     assert server.stats()["rejected_messages"] == 1
+
+
+def test_the_replay_service_loads_no_tensorflow_emulator_or_gymnasium():
+    """A replay process holds frames, not models or games: its modules import none of them
+    (checked in a fresh interpreter, as a Ray worker starts)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+    probe = ("import sys, replay_server.service, replay_server.server, replay_server.snapshot;"
+             "print(sorted({'tensorflow', 'keras', 'ale_py', 'gymnasium'} & set(sys.modules)))")
+    result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

@@ -9,8 +9,14 @@ import pytest
 from common import wire
 from replay_server import snapshot as snapshot_module
 from replay_server.snapshot import SnapshotError, read_snapshot, write_snapshot
-from tests.test_replay import (insert_all, interleaved_chunks, make_buffer, make_server,
-                               sampled_items, state_fingerprint)
+from tests.test_replay import (
+    insert_all,
+    interleaved_chunks,
+    make_buffer,
+    make_server,
+    sampled_items,
+    state_fingerprint,
+)
 
 
 def filled_buffer(capacity=200, seed=0):

@@ -167,6 +167,7 @@ def test_apex_breakout_runs_end_to_end_with_shards_and_checkpoints(ray_address, 
 
 def test_a_malformed_insert_is_refused_and_the_replay_service_keeps_serving(ray_address):
     import ray
+
     from replay_server.service import ReplayService
     info = describe_env("CartPole-v1")
     replay = ReplayService.remote(PRESETS["cartpole"], info)

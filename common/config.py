@@ -59,8 +59,8 @@ class Config:
                     "observation env such as CartPole-v1. Action count comes from the env.")
     seed: int = knob(42, "Base random seed for envs, exploration and network initialisation.")
     max_seconds: float | None = knob(
-        None, "Stop after this many seconds of this sitting (a resumed run counts afresh; "
-              "default: no limit).", rule=POSITIVE)
+        None, "Stop after this many seconds of this sitting (a resumed sitting counts afresh "
+              "and has no limit unless given again; default: no limit).", rule=POSITIVE)
     total_agent_steps: int | None = knob(
         None, "Stop once the run has taken this many agent steps, summed over actors and "
               "sittings (default: no limit).", rule=POSITIVE)
@@ -419,7 +419,8 @@ def _resumed(parser: argparse.ArgumentParser, argv: list[str], run_dir: str) -> 
                      f"evaluation can")
     try:
         saved = read_run_config(run_dir)
-        return saved.replace(**given, logdir=run_dir)
+        # A sitting's time limit is that sitting's: the next one runs until its own (if any).
+        return saved.replace(**{"max_seconds": None, **given}, logdir=run_dir)
     except ConfigError as error:
         parser.error(str(error))
 

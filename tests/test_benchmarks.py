@@ -76,3 +76,32 @@ def test_recovery_benchmark_quick_mode_prints_its_figures(ray_address):
     assert 0 < figures["shard_transitions_at_last_checkpoint"] <= 2_000
     assert set(figures["targets_met"]) == {"actor_back_s", "shard_back_s", "learner_back_s",
                                            "checkpoint_s"}
+
+
+def test_learning_benchmark_trains_resumes_evaluates_and_plots(ray_address, tmp_path):
+    """CartPole at a few thousand agent steps: one sitting stopped by --max-seconds short of
+    the goal, then the same command resumes it to the goal, plays the final evaluations
+    (without and with sticky actions) and writes the curve."""
+    run_dir = tmp_path / "run"
+
+    def learning(*flags) -> dict:
+        result = subprocess.run(
+            [sys.executable, "benchmarks/learning.py", str(run_dir), "--preset", "cartpole",
+             "--agent-steps", "4000", "--final-episodes", "2", *flags], cwd=ROOT,
+            capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return json.loads(result.stdout.strip().splitlines()[-1])
+
+    first = learning("--max-seconds", "1", "--address", ray_address, "--num-actors", "2",
+                     "--eval-every-s", "1")
+    assert not first["done"] and "final_eval" not in first, first
+    second = learning("--address", ray_address)
+    assert second["done"] and second["agent_steps"] >= 4000, second
+    assert json.loads((run_dir / "summary.json").read_text())["sitting"] == 2, second
+    finals = second["final_eval"]
+    assert finals["no_sticky"]["episodes"] == finals["sticky_0.25"]["episodes"] == 2
+    assert finals["sticky_0.25"]["sticky_actions"] == 0.25
+    saved = json.loads((run_dir / "learning.json").read_text())
+    steps = saved["curve"]["train"]["agent_steps"]
+    assert steps == sorted(steps) and steps[-1] >= 4000 - 1_000, steps
+    assert (run_dir / "curve.png").stat().st_size > 10_000

@@ -195,6 +195,8 @@ def test_resume_takes_the_saved_config_and_only_flags_that_may_change(tmp_path, 
     assert resumed == saved.replace(max_seconds=90.0, num_actors=3, total_agent_steps=5000,
                                     resume=run_dir, logdir=run_dir)
     assert parse_args(["--resume", run_dir]).gamma == 0.95
+    # The first sitting's time limit was that sitting's; the run's step limit carries on.
+    assert parse_args(["--resume", run_dir]).max_seconds is None
     for flag in (["--gamma", "0.9"], ["--preset", "seed"], ["--replay-capacity", "10"]):
         with pytest.raises(SystemExit) as exit_info:
             parse_args(["--resume", run_dir, *flag])

@@ -69,14 +69,20 @@ def launches():
             run.process.wait()
 
 
-def role_pids(role: str) -> list[int]:
-    """Processes of Ray actors of class `role` (Ray titles them `ray::<Class>...`)."""
-    return [p.pid for p in psutil.process_iter(["cmdline"])
-            if " ".join(p.info["cmdline"] or []).startswith(f"ray::{role}")]
+def role_pids(role: str, gcs_address: str) -> list[int]:
+    """Processes of Ray actors of class `role` (Ray titles them `ray::<Class>...`) in the Ray
+    cluster at `gcs_address` only (workers are children of their node's raylet, which names
+    its cluster): never another Ray's on this machine, such as a user's training run."""
+    raylets = {p.pid for p in psutil.process_iter(["name", "cmdline"])
+               if p.info["name"] == "raylet"
+               and f"--gcs-address={gcs_address} " in " ".join(p.info["cmdline"] or []) + " "}
+    return [p.pid for p in psutil.process_iter(["cmdline", "ppid"])
+            if p.info["ppid"] in raylets
+            and " ".join(p.info["cmdline"] or []).startswith(f"ray::{role}")]
 
 
-def kill_one(role: str) -> int:
-    pid = role_pids(role)[0]
+def kill_one(role: str, gcs_address: str) -> int:
+    pid = role_pids(role, gcs_address)[0]
     os.kill(pid, signal.SIGKILL)
     return pid
 
@@ -91,8 +97,9 @@ def test_killed_actor_shard_and_learner_come_back_and_the_run_ends_ok(ray_addres
                  "--checkpoint-dir", f"file://{tmp_path}/checkpoints")
     run.wait_for(lambda: "checkpoint" in run.text() and run.weights_at_least(2), "checkpoint")
     for role in ("ActorService", "ReplayService", "LearnerService"):
-        killed = kill_one(role)
-        run.wait_for(lambda: role_pids(role) and killed not in role_pids(role), f"new {role}")
+        killed = kill_one(role, ray_address)
+        run.wait_for(lambda: role_pids(role, ray_address)
+                     and killed not in role_pids(role, ray_address), f"new {role}")
         lines = len(run.progress())
         version = run.progress()[-1][2]
         # Serving again: all actors answer and the learner publishes newer weights.
@@ -194,7 +201,8 @@ def test_a_lost_worker_node_costs_only_its_actors_time(tmp_path, launches):
                        "--max-seconds", 300)
         run.wait_for(lambda: run.weights_at_least(2), "weights v2", timeout_s=180)
         raylets = {node.all_processes["raylet"][0].process.pid: node for node in workers}
-        hosts = {psutil.Process(pid).ppid() for pid in role_pids("ActorService")}
+        hosts = {psutil.Process(pid).ppid()
+                 for pid in role_pids("ActorService", cluster.address)}
         lost = next(raylets[pid] for pid in hosts if pid in raylets)
         cluster.remove_node(lost)
         lines = len(run.progress())
@@ -219,7 +227,7 @@ def test_a_learner_that_stays_away_fails_the_run_with_what_it_has(ray_address, t
                    "--logdir", tmp_path / "run", "--report-every-s", 1, "--role-timeout-s", 5,
                    "--checkpoint-every-s", 3, "--max-seconds", 300)
     run.wait_for(lambda: "checkpoint" in run.text() and run.weights_at_least(2), "checkpoint")
-    frozen = role_pids("LearnerService")[0]
+    frozen = role_pids("LearnerService", ray_address)[0]
     os.kill(frozen, signal.SIGSTOP)
     try:
         run.process.wait(timeout=150)
@@ -271,7 +279,7 @@ def test_a_second_signal_while_stopping_aborts(ray_address, tmp_path, launches):
     run = launches(ray_address, tmp_path, "--preset", "cartpole", "--num-actors", 2,
                    "--logdir", tmp_path / "run", "--report-every-s", 1, "--max-seconds", 300)
     run.wait_for(lambda: run.weights_at_least(2), "weights v2")
-    frozen = role_pids("LearnerService")[0]
+    frozen = role_pids("LearnerService", ray_address)[0]
     os.kill(frozen, signal.SIGSTOP)
     try:
         run.process.send_signal(signal.SIGTERM)

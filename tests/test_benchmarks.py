@@ -105,3 +105,12 @@ def test_learning_benchmark_trains_resumes_evaluates_and_plots(ray_address, tmp_
     steps = saved["curve"]["train"]["agent_steps"]
     assert steps == sorted(steps) and steps[-1] >= 4000 - 1_000, steps
     assert (run_dir / "curve.png").stat().st_size > 10_000
+
+
+def test_soak_benchmark_quick_mode_prints_its_figures(ray_address):
+    figures = quick_figures("soak.py", ray_address, timeout=300)
+    assert figures["quick"] is True
+    assert {"learner", "replay", "actor", "evaluator"} <= set(figures["rss_mb"])
+    assert all(sizes["at_full"] > 50 and sizes["end"] > 50
+               for sizes in figures["rss_mb"].values())
+    assert figures["agent_steps_per_s_last"] > 0 and figures["updates"] > 0

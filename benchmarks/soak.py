@@ -14,7 +14,8 @@ the evaluator) every few seconds. Ends with one JSON line:
   and their ratio;
 - restarts: role restarts during the run (a restart resets a role's memory: a soak with
   restarts says nothing about growth).
-`--quick` (90 s, a tiny replay, 8 envs an actor) checks that the script works; its figures mean nothing.
+`--quick` (90 s, a tiny replay, 8 envs an actor) checks that the script works; its figures
+mean nothing.
 """
 from __future__ import annotations
 

@@ -1,10 +1,12 @@
-"""The Ray side of `InsertPacer`: a replay shard's actor handle behind the small interface
-that plain class is given, and Ray's error for a dead actor turned into its own."""
+"""The Ray side of `InsertPacer` and `WeightClient`: a replay shard's and the learner's actor
+handles behind the small interfaces those plain classes are given, and Ray's errors for a dead
+actor turned into theirs."""
 from __future__ import annotations
 
 import ray
 
 from actors.insert_pacer import ReplayLost
+from actors.weight_client import SourceLost
 from common import wire
 
 
@@ -28,3 +30,27 @@ class RayReplay:
 
     def ask_budget(self, transitions: int, wait_s: float) -> int:
         return self.result(self.shard.insert_budget.remote(transitions, wait_s))
+
+
+class RayWeightSource:
+    """A `WeightSource` over a `LearnerService` handle: its `latest_weights` answers with a
+    reference to the weights, fetched only when there is news."""
+
+    def __init__(self, learner):
+        self.learner = learner
+
+    def query(self, known_version: int, wait_s: float, known_life: str | None):
+        return self.learner.latest_weights.remote(known_version, wait_s, known_life)
+
+    def ready(self, handle, timeout: float | None) -> bool:
+        return bool(ray.wait([handle], timeout=timeout)[0])
+
+    def fetch(self, handle):
+        try:
+            answer = ray.get(handle)
+            if answer is None:
+                return None
+            version, ref, life = answer
+            return version, ray.get(ref), life
+        except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError) as error:
+            raise SourceLost(str(error)) from error

@@ -2,10 +2,10 @@
 
 Each chunk goes to the replay shard through an `InsertPacer` (a bounded number of
 unacknowledged sends, none beyond the shard's insert budget; it also estimates the global agent
-step the epsilon schedule runs on), which reaches Ray through `actors.remotes.RayReplay`.
-Every `weight_refresh_env_frames` emulator frames per env (or after each chunk) it checks,
-without waiting, its open weight query (a long poll the learner answers when it publishes a
-newer version) and fetches that one object when one came.
+step the epsilon schedule runs on). Every `weight_refresh_env_frames` emulator frames per env
+(or after each chunk) a `WeightClient` checks, without waiting, its open weight query (a long
+poll the learner answers when it publishes a newer version) and loads the weights when some
+came. Both reach Ray through the thin wrappers in `actors.remotes`.
 The loop starts in `__init__`, so a restarted actor process resumes playing on its own (with
 new env seeds and a new frame stream, so replay never mixes its old and new frames). When the
 replay shard dies under it, the pacer drops what was in flight and the actor goes on as a new
@@ -17,6 +17,7 @@ a local machine, while the thread that answers the launcher stays at normal prio
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import secrets
 import threading
@@ -26,14 +27,14 @@ import ray
 
 from actors.actor import Actor
 from actors.insert_pacer import InsertPacer
-from actors.remotes import RayReplay
+from actors.remotes import RayReplay, RayWeightSource
 from actors.scheduling import lower_to_idle, pin_to_cpus
+from actors.weight_client import SourceLost, WeightClient
 from common import metrics
 from common.config import Config
 from common.env_info import EnvInfo
 from common.networks import configure_cpu_threads
 
-WEIGHTS_WAIT_S = 10.0  # how long the learner holds a weight query open for a new version
 EPISODE_BACKLOG = 10_000
 
 
@@ -51,12 +52,11 @@ class ActorService:
         self.replay, self.learner = ray.get_actor(replay_name), ray.get_actor(learner_name)
         self.actor: Actor | None = None
         self.pacer: InsertPacer | None = None
+        self.weights: WeightClient | None = None
         self.steps_per_refresh = -(-config.weight_refresh_env_frames // env_info.frame_skip)
         self.steps_since_refresh = 0
         self.metrics = metrics.for_role(metrics.ACTOR, actor_index)
         self.episodes: collections.deque = collections.deque(maxlen=EPISODE_BACKLOG)
-        self.weights_query = None
-        self.learner_life = None  # the learner process the weights came from
         self.life = secrets.token_hex(4)  # a restarted process reports a new one
         self.error: str | None = None
         self.start_error: Exception | None = None
@@ -83,6 +83,7 @@ class ActorService:
                                      self.config.replay_shards, self.stop_event,
                                      agent_steps=lambda: actor.agent_steps,
                                      new_stream=actor.new_stream)
+            self.weights = WeightClient(RayWeightSource(self.learner), self._set_weights)
             self._refresh_weights(wait=True)
         except Exception as error:  # raised by __init__: the actor fails to start
             self.start_error = error
@@ -125,23 +126,12 @@ class ActorService:
         return True
 
     def _refresh_weights(self, wait: bool = False):
-        """Check the open weight query (a long poll the learner answers when a newer version
-        is out), open the next one, and load the weights it brought, if any."""
-        if self.weights_query is None:
-            self.weights_query = self.learner.latest_weights.remote(
-                self.actor.policy.weight_version, 0.0 if wait else WEIGHTS_WAIT_S,
-                self.learner_life)
-        ready, _ = ray.wait([self.weights_query], timeout=None if wait else 0)
-        if ready:
-            self.weights_query = None
-            try:
-                answer = ray.get(ready[0])
-                if answer is not None:
-                    version, ref, self.learner_life = answer
-                    self.actor.policy.set_weights(ray.get(ref), version)
-                    self.metrics[metrics.ACTOR_WEIGHT_VERSION].set(version)
-            except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError):
-                pass  # the learner died: Ray restarts it, and the next query waits for it
+        with contextlib.suppress(SourceLost):  # Ray restarts the learner; the next query waits
+            self.weights.update(wait)
+
+    def _set_weights(self, weights: list, version: int):
+        self.actor.policy.set_weights(weights, version)
+        self.metrics[metrics.ACTOR_WEIGHT_VERSION].set(version)
 
     def __repr__(self) -> str:  # the dashboard's Repr column and the log lines' prefix
         return f"dqn-actor-{self.index}"

@@ -1,5 +1,6 @@
-"""The evaluator as a Ray actor: a thin shell over `Evaluator` that fetches the learner's
-latest weights for each evaluation the launcher asks for.
+"""The evaluator as a Ray actor: a thin shell over `Evaluator` that brings its weights up to
+the learner's latest for each evaluation the launcher asks for (a `WeightClient`: weights are
+fetched only when the learner published a new version or is a new process).
 
 Its playing threads (emulators, forward pass) run at the actors' CPU priority, so an
 evaluation takes CPU the learner leaves over, never the learner's.
@@ -13,7 +14,9 @@ import time
 import ray
 
 from actors.evaluator import Evaluator
+from actors.remotes import RayWeightSource
 from actors.scheduling import lower_to_idle
+from actors.weight_client import WeightClient
 from common import metrics
 from common.config import Config
 from common.env_info import EnvInfo
@@ -29,11 +32,12 @@ class EvaluatorService:
         if config.actor_cpu_priority == "idle":
             lower_to_idle()  # this thread runs every call, and starts the playing threads
         self.config = config
-        self.learner = ray.get_actor(learner_name)
         seed = config.seed + EVALUATOR_SEED_OFFSET  # other games than any actor's
         if ray.get_runtime_context().was_current_actor_reconstructed:
             seed = secrets.randbelow(1 << 31)  # as a restarted actor does
         self.evaluator = Evaluator(config, env_info, config.eval_episodes, seed)
+        self.weights = WeightClient(RayWeightSource(ray.get_actor(learner_name)),
+                                    self.evaluator.policy.set_weights)
         self.metrics = metrics.for_role(metrics.EVALUATOR)
         self.life = secrets.token_hex(4)
 
@@ -41,12 +45,11 @@ class EvaluatorService:
         """Plays one evaluation with the learner's newest weights: their version and the
         episodes' raw scores."""
         started = time.monotonic()
-        version, ref, _life = ray.get(self.learner.latest_weights.remote(-1, 0.0, None))
-        self.evaluator.policy.set_weights(ray.get(ref), version)
+        self.weights.update(wait=True)  # a learner that died fails this evaluation
         returns = self.evaluator.play(self.config.eval_epsilon)
         mean = sum(returns) / len(returns)
         self.metrics[metrics.EVAL_RETURN_MEAN].set(mean)
-        return {"weight_version": version, "returns": returns, "life": self.life,
+        return {"weight_version": self.weights.version, "returns": returns, "life": self.life,
                 "seconds": round(time.monotonic() - started, 2), "pid": os.getpid()}
 
     def __repr__(self) -> str:  # the dashboard's Repr column and the log lines' prefix

@@ -1,18 +1,18 @@
 """The learner as a Ray actor: a thin shell that feeds `DQNLearner` from the replay shards.
 
-Two threads run inside it: a prefetcher keeps sample calls in flight (each waits in the
-shard, up to SAMPLE_WAIT_S, until the rate limiter lets it through: no polling) and decodes
-batches (stacks rebuilt from the distinct frames) into a small queue, and the trainer takes them,
-steps, sends the new |TD| priorities back to the shard each batch came from without waiting,
-and every `weight_publish_updates` updates puts the weights into the object store once
-(`ray.put`) under a new version number. Actors ask `latest_weights(their_version, wait_s,
-learner_life)`, a long poll that answers when a newer version is out or the learner is a new
-process (restored from a checkpoint, with an older version), or after `wait_s`, and fetch that
-one object: one query and one fetch per version, however often an actor checks its query. The
-actor is threaded (max_concurrency > 1) so stats answer while it trains, and the long polls
-wait in a concurrency group of their own so they never hold up the rest. A checkpoint
-(`checkpoint`) saves the whole training state between two updates; a new process of this
-actor starts from the latest one.
+Two threads run inside it: a `BatchPrefetcher` keeps sample calls in flight (each waits in
+the shard until the rate limiter lets it through: no polling; `RayShards` makes them Ray
+calls) and decodes batches into a small queue, and the trainer takes them, steps, sends the
+new |TD| priorities back to the shard each batch came from without waiting, and every
+`weight_publish_updates` updates puts the weights into the object store once (`ray.put`)
+under a new version number. Actors' `WeightClient`s ask `latest_weights(their_version,
+wait_s, learner_life)`, a long poll that answers when a newer version is out or the learner is
+a new process (restored from a checkpoint, with an older version), or after `wait_s`, and
+fetch that one object: one query and one fetch per version, however often an actor checks its
+query. The actor is threaded (max_concurrency > 1) so stats answer while it trains, and the
+long polls wait in a concurrency group of their own so they never hold up the rest. A
+checkpoint (`checkpoint`) saves the whole training state between two updates; a new process
+of this actor starts from the latest one.
 """
 from __future__ import annotations
 
@@ -32,81 +32,35 @@ from common.checkpoints import CheckpointStore
 from common.config import Config, importance_exponent_at
 from common.env_info import EnvInfo
 from learner.learner import DQNLearner, tf
+from learner.prefetcher import BatchPrefetcher, ShardLost
 
-PREFETCH_BATCHES = 2  # sample calls in flight
 # The long polls' concurrency group: one thread per waiting query. Past this many actors the
 # extra queries queue, and answer as soon as the next publish frees the threads.
 WEIGHTS_GROUP, WEIGHTS_QUERY_THREADS = "weights", 64
-SAMPLE_WAIT_S = 1.0  # longest a sample call waits in the shard for the rate limiter
-SHARD_RETRY_S = 1.0  # pause before asking a shard that died again (calls queue while it restarts)
 
 
 class DivergedError(RuntimeError):
     """The loss is no longer finite: training stops, keeping the last good state."""
 
 
-class BatchPrefetcher:
-    """Keeps `depth` sample calls in flight over the shards and decoded batches in a queue.
+class RayShards:
+    """A `ShardSet` over `ReplayService` handles."""
 
-    Each call goes to one shard, chosen in proportion to the shards' priority mass (their
-    size under uniform replay) as last reported, so items are drawn in proportion to their
-    priority over all shards. A batch from one shard carries weights normalised within it,
-    which is what per-shard sampling needs: the shard's share cancels in the normalisation.
-    """
+    def __init__(self, shards: list):
+        self.shards, self.num_shards = shards, len(shards)
 
-    def __init__(self, shards: list, batch_size: int, batches_per_call: int, beta,
-                 stop: threading.Event, depth: int = PREFETCH_BATCHES, seed: int = 0):
-        self.shards, self.beta, self.stop, self.depth = shards, beta, stop, depth
-        self.sample_shape = (batch_size, batches_per_call)
-        self.mass = np.ones(len(shards))
-        self.rng = np.random.default_rng(seed)
-        self.ready: queue.Queue = queue.Queue(maxsize=depth)
-        # Batches live in the queue (depth), in training (1) and in decoding (1).
-        self.decode = wire.BatchDecoder(ring=depth + 2)
-        self.error: str | None = None
-        self.thread = threading.Thread(target=self._run, name="prefetch", daemon=True)
-        self.thread.start()
+    def sample(self, shard: int, batch_size: int, num_batches: int, beta: float,
+               wait_s: float):
+        return self.shards[shard].sample.remote(batch_size, num_batches, beta, wait_s)
 
-    def get(self, timeout: float) -> tuple[int, dict]:
-        """(shard, batch) of the next decoded batch."""
-        return self.ready.get(timeout=timeout)
+    def ready(self, handles: list, num: int, timeout: float | None) -> list:
+        return ray.wait(handles, num_returns=num, timeout=timeout)[0]
 
-    def _call(self, pending: dict) -> None:
-        total = self.mass.sum()
-        shard = int(self.rng.choice(len(self.shards),
-                                    p=self.mass / total if total > 0 else None))
-        pending[self.shards[shard].sample.remote(*self.sample_shape, self.beta(),
-                                                 SAMPLE_WAIT_S)] = shard
-
-    def _run(self):
+    def result(self, handle):
         try:
-            pending: dict = {}
-            for _ in range(self.depth):
-                self._call(pending)
-            while not self.stop.is_set():
-                done, _ = ray.wait(list(pending), num_returns=1, timeout=0.1)
-                for ref in done:
-                    shard = pending.pop(ref)
-                    try:
-                        message = ray.get(ref)
-                    except ray.exceptions.RayActorError:  # the shard died; Ray restarts it
-                        message = None
-                        time.sleep(SHARD_RETRY_S)
-                    if message is not None:  # None: still refused after SAMPLE_WAIT_S
-                        batch, meta = self.decode(message)
-                        self.mass[shard] = meta["priority_mass"]
-                        self._put((shard, batch))
-                    self._call(pending)
-        except Exception:
-            self.error = traceback.format_exc()
-
-    def _put(self, item):
-        while not self.stop.is_set():
-            try:
-                self.ready.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                continue
+            return ray.get(handle)
+        except ray.exceptions.RayActorError as error:
+            raise ShardLost(str(error)) from error
 
 
 @ray.remote(concurrency_groups={WEIGHTS_GROUP: WEIGHTS_QUERY_THREADS, "checkpoint": 1})
@@ -140,7 +94,7 @@ class LearnerService:
         self.stop_event = threading.Event()
         self.shards = [ray.get_actor(name) for name in shard_names]
         self.prefetcher = BatchPrefetcher(
-            self.shards, config.batch_size, config.learner_batches_per_call,
+            RayShards(self.shards), config.batch_size, config.learner_batches_per_call,
             lambda: importance_exponent_at(config, self.learner.updates), self.stop_event,
             seed=config.seed)
         self.trainer = threading.Thread(target=self._train, name="train", daemon=True)

@@ -1,6 +1,7 @@
 """Synthetic env streams for replay tests: stacks built like gymnasium's FrameStackObservation
 (an episode starts with its first frame repeated), random episode lengths, every frame
-distinct, and a record of exactly what the actor saw at each step."""
+distinct, and a record of exactly what the actor saw at each step; and random CartPole-shaped
+insert messages to fill a shard."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -8,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from actors.adder import FrameAdder
+from common import wire
 
 FRAME_SHAPE = (6, 6)
 STACK = 4
@@ -87,3 +89,12 @@ def play(envs: SyntheticEnvs, adder: FrameAdder, steps: int, record: dict) -> li
         while (chunk := adder.take_chunk()) is not None:
             chunks.append(chunk[0])
     return chunks
+
+
+def cartpole_chunk(stream: int, count: int, rng) -> np.ndarray:
+    """An insert message of `count` random CartPole transitions (as `wire.for_ray` sends it)."""
+    frames = rng.normal(size=(count + 1, 4)).astype(np.float32)
+    refs = np.arange(count)[:, None]
+    return wire.for_ray(wire.encode_transitions(
+        frames, refs, refs + 1, rng.integers(0, 2, count), rng.normal(size=count),
+        np.full(count, 0.99), stream=stream, first_frame=0))

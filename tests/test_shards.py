@@ -10,17 +10,10 @@ import ray
 
 from common.config import PRESETS
 from common.envs import describe_env
-from learner.service import BatchPrefetcher, LearnerService
+from learner.prefetcher import BatchPrefetcher
+from learner.service import LearnerService, RayShards
 from replay_server.service import ReplayService
-
-
-def cartpole_chunk(stream: int, count: int, rng) -> np.ndarray:
-    from common import wire
-    frames = rng.normal(size=(count + 1, 4)).astype(np.float32)
-    refs = np.arange(count)[:, None]
-    return wire.for_ray(wire.encode_transitions(
-        frames, refs, refs + 1, rng.integers(0, 2, count), rng.normal(size=count),
-        np.full(count, 0.99), stream=stream, first_frame=0))
+from tests.synthetic import cartpole_chunk
 
 
 def start_shards(config, sizes):
@@ -43,7 +36,7 @@ def open_config(**changes):
 def test_batches_come_from_shards_in_proportion_to_their_mass(ray_address):
     shards, _, _ = start_shards(open_config(), [300, 100])
     stop = threading.Event()
-    prefetcher = BatchPrefetcher(shards, 16, 1, lambda: 0.4, stop, depth=4)
+    prefetcher = BatchPrefetcher(RayShards(shards), 16, 1, lambda: 0.4, stop, depth=4)
     counts = np.zeros(2)
     try:
         deadline = time.monotonic() + 60

@@ -818,8 +818,8 @@ def run(config: Config, env_info: EnvInfo, roles: Roles, logdir: Path, store: Ch
                 next_checkpoint = time.monotonic() + config.checkpoint_every_s
             if limit_reached(config, progress, now - started):
                 break
-    except Stop as stop:
-        name = "Ctrl-C" if str(stop) == "SIGINT" else str(stop)
+    except KeyboardInterrupt as stop:  # Stop, or a Ray call that re-raised it as a plain one
+        name = str(stop) if str(stop) in ("SIGTERM", "SIGHUP") else "Ctrl-C"
         print(f"\n{name}: stopping the roles ({name} again aborts)", flush=True)
     except RunFailed as failure:
         status, reason = "failed", str(failure)

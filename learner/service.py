@@ -116,12 +116,10 @@ class LearnerService:
                     syncs_before = self.learner.target_syncs
                     result = self.learner.step(batch)
                     if not math.isfinite(result["loss"]):
-                        self.diverged = True
-                        raise DivergedError(f"the loss became {result['loss']} at update "
-                                       f"{self.learner.updates}; these weights are neither "
-                                       f"published nor saved (the latest checkpoint is the "
-                                       f"last good state)")
+                        self._diverge(f"the loss became {result['loss']}")
                     if self.learner.updates % self.config.weight_publish_updates == 0:
+                        if not self.learner.state_finite(online_only=True):
+                            self._diverge("the weights became non-finite")
                         self._publish()
                 self.last_loss, self.last_q_mean = result["loss"], result["q_mean"]
                 if self.config.priority_exponent > 0:  # fire and forget: never wait on replay

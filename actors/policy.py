@@ -16,8 +16,7 @@ class EpsilonGreedyPolicy:
         self.model = build_q_network(env_info.obs_shape, env_info.num_actions,
                                      config.mlp_hidden_units, config.dueling)
         # Called on the envs that act greedily: any batch size, so one trace and no XLA
-        # (which compiles per shape; with oneDNN on, XLA and plain graphs run this forward
-        # pass equally fast here: 0.40-0.44 against 0.39-0.41 CPU-ms a state at batch 64).
+        # (which compiles per shape, and with oneDNN on runs this forward pass no faster).
         self.q_values = tf.function(
             lambda obs: self.model(obs, training=False), jit_compile=False,
             input_signature=[tf.TensorSpec((None, *env_info.obs_shape),

@@ -10,10 +10,8 @@ own threads (which answer the launcher) at normal priority.
 
 Threads inherit their creator's CPU affinity too. An actor's emulator thread and its acting
 thread (which runs the forward pass) take turns on the same data, so pinning both to one CPU
-keeps that data in one core's caches; left free, the scheduler moves them between cores
-(2 actors on 2 CPUs, alternating 15 s windows in one run: pinned 1,275 against free 1,215
-agent steps/s, 1.35 against 1.39 CPU-ms per step in the actors; in a full run the learner's
-pace is unchanged, 17.6 against 17.5 updates/s).
+keeps that data in one core's caches; left free, the scheduler moves them between cores and
+each step costs the actors a little more CPU (the A/B run is in benchmarks/RESULTS.md).
 """
 from __future__ import annotations
 

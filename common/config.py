@@ -208,8 +208,8 @@ class Config:
 
     # Data flow between roles.
     chunk_transitions: int = knob(
-        128, "Transitions an actor sends to replay per call (fewer calls, less Ray work: 128 "
-             "against 64 gave ~1.06x the acting agent steps/s on 2 CPUs).", rule=POSITIVE)
+        128, "Transitions an actor sends to replay per call (fewer, larger calls cost Ray "
+             "less work per transition).", rule=POSITIVE)
     max_inflight_chunks: int = knob(2, "Unacknowledged sends per actor before it waits.",
         rule=POSITIVE)
     weight_publish_updates: int = knob(
@@ -226,8 +226,8 @@ class Config:
                            "project's CPU benchmark, and on GPUs).")
     learner_batches_per_call: int = knob(
         2, "Batches per replay call, trained one after the other in one compiled call: "
-           "amortizes the per-call cost (2 is about a tenth faster than 1 for the Nature CNN on 2 "
-           "CPUs). Sync and publish periods must be multiples of it.", rule=POSITIVE)
+           "amortizes the per-call cost of replay and of the compiled step. Sync and publish "
+           "periods must be multiples of it.", rule=POSITIVE)
 
     def __post_init__(self):
         for f in dataclasses.fields(self):

@@ -7,9 +7,9 @@ The file is a sequence of msgpack maps:
     piece   {"array": name, "start": int, "rows": int, "codec": "zstd" | "raw",
              "crc32": int (of the raw bytes), "data": bin}          (repeated)
     footer  {"end": true, "pieces": int}
-Pieces of each array tile its rows [first, first + rows) in order. Frames compress well
-(zstd level 1: about 250x on Breakout, at GB/s), index arrays less so; each piece is stored
-compressed only where that pays. The file is written to `<path>.tmp`, fsynced and renamed,
+Pieces of each array tile its rows [first, first + rows) in order. Atari frames (mostly
+background) compress very well at zstd's fastest level, index arrays less so; each piece is
+stored compressed only where that pays. The file is written to `<path>.tmp`, fsynced and renamed,
 so a crash leaves the previous snapshot intact.
 
 `write_snapshot` holds the replay's lock only to copy the row arrays (tens of bytes per

@@ -25,8 +25,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from common import checkpoints
 from common.checkpoints import CheckpointError, CheckpointStore
 from common.config import RUN_CONFIG, Config, config_to_json, epsilon_at, parse_args
@@ -189,14 +187,13 @@ def missing_room(config: Config, num_actors: int) -> str | None:
     return None
 
 
-TRANSITION_BYTES = 32  # a transition's own fields beside its frame: action, reward, links
-
-
 def check_replay_fits_memory(config: Config, env_info: EnvInfo) -> None:
-    """On this machine, replay (one stored frame a transition) must fit in its memory."""
+    """On this machine, the replay shards must fit in its memory."""
     import psutil
-    frame = math.prod(env_info.frame_shape) * np.dtype(env_info.obs_dtype).itemsize
-    needed = config.replay_shards * config.replay_capacity * (frame + TRANSITION_BYTES)
+
+    from replay_server.buffer import ReplaySpec
+    spec = ReplaySpec.for_env(config.replay_capacity, env_info, config.priority_exponent)
+    needed = config.replay_shards * spec.nbytes
     total = psutil.virtual_memory().total
     if needed > 0.8 * total:
         fail(f"--replay-capacity {config.replay_capacity:,} x {config.replay_shards} shard(s) "

@@ -21,6 +21,7 @@ learner's target is `reward + discount * max_a Q_target(next_obs, a)` without sp
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,6 +60,16 @@ class ReplaySpec:
         # One frame per transition plus a little for episode starts (an episode of L steps
         # brings L + 1 frames), and room for a chunk in flight.
         return self.capacity + self.capacity // 256 + 64 * self.stack
+
+    @property
+    def nbytes(self) -> int:
+        """Memory of a shard of this spec once its pages are touched: the frame ring, the
+        transition rings (`ReplayBuffer.__init__` allocates them) and the sum-tree."""
+        frame = math.prod(self.frame_shape) * np.dtype(self.frame_dtype).itemsize
+        slots = 2 * self.stack * np.dtype(np.int32).itemsize  # obs_slots, next_slots
+        fields = np.dtype(np.int64).itemsize + 3 * 4  # oldest_frame; action, reward, discount
+        tree = 2 * (1 << max(0, (self.capacity - 1).bit_length())) * 8  # SumTree.nodes
+        return self.frame_capacity * frame + self.capacity * (slots + fields) + tree
 
     def to_dict(self) -> dict:
         return {**dataclasses.asdict(self), "obs_shape": list(self.obs_shape),

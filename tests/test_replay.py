@@ -560,3 +560,13 @@ def test_the_replay_service_loads_no_tensorflow_emulator_or_gymnasium():
                             text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_a_specs_nbytes_is_what_its_buffer_allocates():
+    """The launcher checks replay against the machine's memory with `ReplaySpec.nbytes`: it
+    must count every array the buffer holds."""
+    for capacity, priority in [(1_000, 0.0), (4_097, 0.6)]:
+        spec = ReplaySpec(capacity=capacity, priority_exponent=priority, **SPEC)
+        buffer = ReplayBuffer(spec)
+        arrays = [value for value in vars(buffer).values() if isinstance(value, np.ndarray)]
+        assert spec.nbytes == sum(a.nbytes for a in arrays) + buffer.tree.nodes.nbytes

@@ -95,10 +95,10 @@ class Config:
         60.0, "Seconds to wait for the cluster to have room for every role (CPUs for the "
               "learner, shards and actors; a node with the learner's GPUs) before giving up "
               "with one line. Raise it on an autoscaling cluster, whose nodes take minutes.",
-                  rule=NONNEGATIVE)
+        rule=NONNEGATIVE)
     learner_gpus: float | None = knob(
         None, "GPUs for the learner (default: 1 if the cluster has a GPU, else 0 = CPU).",
-            rule=NONNEGATIVE)
+        rule=NONNEGATIVE)
     dashboard_host: str = knob(
         "127.0.0.1", "Interface the local Ray dashboard listens on (0.0.0.0 exposes it, and "
                      "with it the power to run code on this machine, to the network).")
@@ -109,7 +109,7 @@ class Config:
         None, "The run directory: config.json, checkpoints, TensorBoard events, final weights "
               "and summary.json (default: runs/<preset>-<time>).")
     report_every_s: float = knob(5.0, "Seconds between progress lines and TensorBoard points.",
-        rule=POSITIVE)
+                                 rule=POSITIVE)
     verbose: bool = knob(False, "Also show the workers' output (TensorFlow, ALE and Ray "
                                 "start-up lines) and Ray's own info; by default a run prints "
                                 "its header, progress, checkpoints, failures and summary.")
@@ -125,7 +125,7 @@ class Config:
     role_timeout_s: float = knob(
         600.0, "Seconds the learner or a replay shard may stay silent (not back from a "
                "restart) before the run gives up: it stops the rest and writes what it has.",
-                   rule=POSITIVE)
+        rule=POSITIVE)
     checkpoint_dir: str | None = knob(
         None, "Where checkpoints go: a local path, or a URI such as s3://bucket/run or "
               "gs://bucket/run so they outlive the node (default: <run directory>/checkpoints).")
@@ -134,14 +134,14 @@ class Config:
     eval_every_s: float = knob(
         300.0, "Seconds between evaluations of the latest weights: --eval-episodes whole "
                "episodes at --eval-epsilon, reported as eval/return_mean (0: no evaluator).",
-                   rule=NONNEGATIVE)
+        rule=NONNEGATIVE)
     eval_episodes: int = knob(10, "Episodes per evaluation, played side by side.", rule=POSITIVE)
     eval_epsilon: float = knob(0.05, "Epsilon of evaluation play (Nature DQN's 0.05).", rule=UNIT)
 
     # Q-learning.
     gamma: float = knob(0.99, "Discount factor.", rule=UNIT)
     n_step: int = knob(1, "Steps summed into each transition's return before bootstrapping.",
-        rule=POSITIVE)
+                       rule=POSITIVE)
     batch_size: int = knob(32, "Transitions per learner update.", rule=POSITIVE)
     learning_rate: float = knob(0.00025, "Adam learning rate.", rule=POSITIVE)
     grad_clip_norm: float = knob(1.0, "Gradient norm clip (per variable: Keras clipnorm, "
@@ -150,7 +150,7 @@ class Config:
                                          "instead of each variable's (the seed).")
     target_sync_updates: int = knob(
         2500, "Updates between target-network syncs (seed: 10,000 agent steps / 4 per update).",
-            rule=POSITIVE)
+        rule=POSITIVE)
     double_dqn: bool = knob(False, "Double DQN target: the online network picks the next "
                                    "action, the target network values it.")
     dueling: bool = knob(False, "Dueling head: Q = V + A - mean(A).")
@@ -164,20 +164,20 @@ class Config:
     epsilon_end: float = knob(0.1, "Epsilon after the decay.", rule=UNIT)
     epsilon_decay_agent_steps: int = knob(
         1_000_000, "Agent steps, counted from the first, over which epsilon falls linearly.",
-            rule=POSITIVE)
+        rule=POSITIVE)
     random_agent_steps: int = knob(
         50_000, "Agent steps at the start whose actions are uniformly random whatever epsilon is.",
-            rule=NONNEGATIVE)
+        rule=NONNEGATIVE)
     epsilon_ladder_base: float | None = knob(
         None, "Ape-X exploration instead of the schedule: env i of all N envs of all actors "
               "keeps epsilon base^(1 + exponent * i / (N - 1)) (Ape-X: 0.4; default: off).",
-                  rule=UNIT_OPEN)
+        rule=UNIT_OPEN)
     epsilon_ladder_exponent: float = knob(7.0, "The exponent of the epsilon ladder.",
-        rule=NONNEGATIVE)
+                                          rule=NONNEGATIVE)
 
     # Environment.
     max_episode_agent_steps: int = knob(10_000, "Agent steps after which an episode is truncated.",
-        rule=POSITIVE)
+                                        rule=POSITIVE)
     frame_stack: int = knob(4, "Atari frames stacked into one observation.", rule=POSITIVE)
 
     # Replay and its rate limiter (Reverb's SampleToInsertRatio semantics).
@@ -186,10 +186,10 @@ class Config:
                                  "learner samples all of them.", rule=POSITIVE)
     priority_exponent: float = knob(
         0.0, "Prioritized replay exponent alpha: P(i) ~ priority_i^alpha (0 = uniform).",
-            rule=NONNEGATIVE)
+        rule=NONNEGATIVE)
     importance_exponent: float = knob(
         0.4, "Importance-sampling exponent beta at the first update; it rises linearly to 1.",
-            rule=UNIT)
+        rule=UNIT)
     importance_anneal_updates: int = knob(
         1_000_000, "Updates over which beta rises to 1.", rule=POSITIVE)
     initial_priority: str = knob(
@@ -197,21 +197,21 @@ class Config:
                "n-step TD error under the actor's network, as in Ape-X).",
         choices=("max", "actor"))
     min_replay_size: int = knob(32, "Transitions stored before the learner may sample.",
-        rule=NONNEGATIVE)
+                                rule=NONNEGATIVE)
     samples_per_insert: float = knob(
         8.0, "Sampled transitions per inserted one (seed: batch 32 every 4 agent steps = 8). "
              "The learner waits when it runs ahead, actors wait when they do.", rule=POSITIVE)
     samples_per_insert_tolerance: float | None = knob(
         None, "How far, in sampled transitions, the ratio may drift before a side waits "
               "(default: 2 x chunk_transitions x samples_per_insert + one learner call's samples).",
-                  rule=POSITIVE)
+        rule=POSITIVE)
 
     # Data flow between roles.
     chunk_transitions: int = knob(
         128, "Transitions an actor sends to replay per call (fewer, larger calls cost Ray "
              "less work per transition).", rule=POSITIVE)
     max_inflight_chunks: int = knob(2, "Unacknowledged sends per actor before it waits.",
-        rule=POSITIVE)
+                                    rule=POSITIVE)
     weight_publish_updates: int = knob(
         50, "Updates between weight publishes; actors pick up each new version.", rule=POSITIVE)
     weight_refresh_env_frames: int = knob(

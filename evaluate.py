@@ -127,26 +127,13 @@ def first_line(error: Exception) -> str:
 
 # --- Playing ---------------------------------------------------------------------------------
 
-def score_episodes(config: Config, env_info, args, source) -> tuple[list[float], str]:
-    from actors.evaluator import Evaluator
-    evaluator = Evaluator(config, env_info, args.episodes, args.seed,
-                          repeat_action_probability=args.sticky_actions, num_threads=0)
-    loaded = load_network(evaluator.policy, *source)
-    try:
-        return evaluator.play(args.epsilon), loaded
-    finally:
-        evaluator.close()
-
-
-def record_episode(config: Config, env_info, args, source, path: Path) -> dict:
-    """One episode on gymnasium's wrappers, every full-colour frame written to `path`."""
+def record_episode(config: Config, policy, args, path: Path) -> dict:
+    """One episode of `policy` on gymnasium's wrappers, every full-colour frame written to
+    `path`."""
     import cv2
     import gymnasium as gym
 
-    from actors.policy import EpsilonGreedyPolicy
     from common.envs import is_atari, make_env
-    policy = EpsilonGreedyPolicy(config, env_info, args.seed + 1)
-    load_network(policy, *source)
     video = {"writer": None, "frames": 0}
 
     def on_frame(rgb):
@@ -184,16 +171,23 @@ def record_episode(config: Config, env_info, args, source, path: Path) -> dict:
 
 
 def evaluate(args: argparse.Namespace) -> dict:
+    from actors.evaluator import Evaluator
     config, *source = resolve_source(args.source)
     env_info = describe_env(config.env, config.max_episode_agent_steps, config.frame_stack)
-    returns, loaded = score_episodes(config, env_info, args, source)
-    report = {"source": str(args.source), "weights": loaded, "env": config.env,
-              "episodes": len(returns), "epsilon": args.epsilon,
-              "sticky_actions": args.sticky_actions, "seed": args.seed,
-              "mean": statistics.fmean(returns), "std": statistics.pstdev(returns),
-              "min": min(returns), "max": max(returns), "returns": returns}
-    if args.video is not None:
-        report.update(record_episode(config, env_info, args, source, args.video))
+    evaluator = Evaluator(config, env_info, args.episodes, args.seed,
+                          repeat_action_probability=args.sticky_actions, num_threads=0)
+    try:
+        loaded = load_network(evaluator.policy, *source)  # once, for the scores and the video
+        returns = evaluator.play(args.epsilon)
+        report = {"source": str(args.source), "weights": loaded, "env": config.env,
+                  "episodes": len(returns), "epsilon": args.epsilon,
+                  "sticky_actions": args.sticky_actions, "seed": args.seed,
+                  "mean": statistics.fmean(returns), "std": statistics.pstdev(returns),
+                  "min": min(returns), "max": max(returns), "returns": returns}
+        if args.video is not None:
+            report.update(record_episode(config, evaluator.policy, args, args.video))
+    finally:
+        evaluator.close()
     return report
 
 

@@ -26,13 +26,16 @@ class Evaluator:
                              repeat_action_probability=repeat_action_probability)
         self.seed = seed
         self.evaluations = 0
-        self.last_seed = seed  # the envs' seed at the latest call
+
+    @property
+    def last_seed(self) -> int:
+        """The envs' seed at the latest call: every evaluation starts new games."""
+        return self.seed + 7_919 * self.evaluations
 
     def play(self, epsilon: float) -> list[float]:
         """One episode in each env, with new starts at every call; their raw game scores
         (unclipped), in env order."""
         self.evaluations += 1
-        self.last_seed = self.seed + 7_919 * self.evaluations
         obs = self.envs.reset(seed=self.last_seed)
         scores: list[float | None] = [None] * self.envs.num_envs
         while any(score is None for score in scores):

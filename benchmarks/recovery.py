@@ -38,16 +38,31 @@ from common.config import PRESETS, Config  # noqa: E402
 from common.envs import describe_env  # noqa: E402
 
 TARGETS_S = {"actor_back_s": 30, "shard_back_s": 60, "learner_back_s": 60, "checkpoint_s": 10}
+WAIT_S = 240.0  # longest wait for any one step, well past its target
 
 
-def wait_until(condition, what: str, timeout_s: float = 600.0, every_s: float = 0.2) -> float:
-    """Seconds until `condition()` held."""
+def wait_until(condition, what: str, roles, timeout_s: float = WAIT_S,
+               every_s: float = 0.2) -> float:
+    """Seconds until `condition()` held; past `timeout_s`, ends the script with what every
+    role last said."""
     started = time.monotonic()
     while not condition():
         if time.monotonic() - started > timeout_s:
-            raise SystemExit(f"recovery.py: no {what} within {timeout_s:.0f} s")
+            print(f"recovery.py: no {what} within {timeout_s:.0f} s; the roles now:\n"
+                  f"{roles_now(roles)}", file=sys.stderr, flush=True)
+            raise SystemExit(1)
         time.sleep(every_s)
     return time.monotonic() - started
+
+
+def roles_now(roles) -> str:
+    """Each role's latest report or stats (None: it did not answer within 5 s)."""
+    answers = launch.wait_all([*(actor.report.remote() for actor in roles.actors),
+                               roles.learner.stats.remote(),
+                               *(shard.stats.remote() for shard in roles.shards)], 5.0)
+    names = [*(f"actor {i}" for i in range(len(roles.actors))), "learner",
+             *(f"shard {i}" for i in range(len(roles.shards)))]
+    return "\n".join(f"  {name}: {answer}" for name, answer in zip(names, answers))
 
 
 def kill(pid: int) -> float:
@@ -72,7 +87,7 @@ def measure(config: Config, store: CheckpointStore) -> dict:
         return (stats(learner) or {}).get("updates", -1)
 
     wait_until(lambda: (stats(shard) or {}).get("size", 0) >= config.min_replay_size
-               and updates() > 0, "full replay and training")
+               and updates() > 0, "full replay and training", roles)
     print(f"replay holds {stats(shard)['size']:,} transitions; training", flush=True)
 
     # A checkpoint while everything runs.
@@ -94,7 +109,7 @@ def measure(config: Config, store: CheckpointStore) -> dict:
         report = launch.wait_all([roles.actors[0].report.remote()], 1.0)[0]
         return report is not None and report["life"] != old["life"] and report["agent_steps"] > 0
 
-    wait_until(actor_back, "actor back")
+    wait_until(actor_back, "actor back", roles)
     results["actor_back_s"] = round(time.monotonic() - killed, 1)
     print(f"actor back in {results['actor_back_s']} s", flush=True)
 
@@ -108,7 +123,7 @@ def measure(config: Config, store: CheckpointStore) -> dict:
                 and now["total_inserted"] > now["restored_total_inserted"]
                 and now["total_sampled"] > now["restored_total_sampled"])
 
-    wait_until(shard_back, "shard back")
+    wait_until(shard_back, "shard back", roles)
     results["shard_back_s"] = round(time.monotonic() - killed, 1)
     results["shard_transitions_at_last_checkpoint"] = at_checkpoint["size"]
     results["shard_transitions_lost"] = (before_kill["total_inserted"]
@@ -124,7 +139,7 @@ def measure(config: Config, store: CheckpointStore) -> dict:
         return now is not None and now["life"] != old["life"] \
             and now["updates"] > now["restored_updates"]
 
-    wait_until(learner_back, "learner back")
+    wait_until(learner_back, "learner back", roles)
     results["learner_back_s"] = round(time.monotonic() - killed, 1)
     print(f"learner back in {results['learner_back_s']} s", flush=True)
 
@@ -136,10 +151,10 @@ def measure(config: Config, store: CheckpointStore) -> dict:
     time.sleep(1.0)
     started = time.monotonic()
     roles = launch.place_roles(config, env_info, config.num_actors, store.root)
-    launch.wait_until_serving(roles)
+    launch.wait_until_serving(roles, WAIT_S)
     restored = stats(roles.learner)["restored_updates"]
     wait_until(lambda: (stats(roles.learner) or {}).get("updates", -1) > restored,
-               "training after resume")
+               "training after resume", roles)
     results["resume_s"] = round(time.monotonic() - started, 1)
     launch.stop_roles(roles)
     return results

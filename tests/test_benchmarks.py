@@ -5,17 +5,29 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import ROOT
 
 
 def quick_figures(script: str, ray_address: str, *flags, cwd=ROOT, timeout=600,
                   env=None) -> dict:
     """The JSON line a benchmark script ends with, run in its quick mode on the test Ray."""
-    result = subprocess.run(
-        [sys.executable, f"benchmarks/{script}", "--quick", "--address", ray_address,
-         *flags], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+    try:
+        result = subprocess.run(
+            [sys.executable, f"benchmarks/{script}", "--quick", "--address", ray_address,
+             *flags], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired as expired:  # say where it was
+        pytest.fail(f"{script} ran past {timeout} s; its output so far:\n"
+                    f"{tail(expired.stdout)}\n{tail(expired.stderr)}")
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def tail(output: bytes | str | None) -> str:
+    if isinstance(output, bytes):
+        output = output.decode(errors="replace")
+    return (output or "")[-3000:]
 
 
 def test_replay_benchmark_quick_mode_prints_its_figures(ray_address):

@@ -9,6 +9,9 @@ the evaluator) every few seconds. Ends with one JSON line:
 - rss_mb: {role: {"at_full": MB when replay first reported full, "end": MB at the end}};
 - rss_growth_pct_after_full: {role: growth from then to the end, %} (target: < 5 for every
   role; an actor's figure is the largest over the actors);
+- anon_mb, anon_growth_pct_after_full, shmem_mb: the two parts of that RSS, the process's
+  private heap (where a leak shows) and the pages of Ray's shared object store it has mapped
+  by reading objects from it (weights, batches: not its own memory);
 - agent_steps_per_s_first / _last: the rate over the first `--window-s` from the first
   progress line (start-up excluded) and over the last (target: within 10% of each other),
   and their ratio;
@@ -62,18 +65,32 @@ def role_processes(launcher: psutil.Process, gcs_address: str | None) -> dict[st
     return found
 
 
-def rss_mb(processes: dict[str, list]) -> dict[str, float]:
-    """Resident MB per role (an actor's: the largest actor's)."""
+def resident_mb(pid: int) -> dict[str, float]:
+    """A process's resident MB, and its parts: `anon`, its private heap (what a leak grows),
+    and `shmem`, the shared memory it has touched (Ray's object store, mapped into every
+    worker: each object read maps pages of it, which count in the reader's RSS)."""
+    fields = {}
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            name, _, value = line.partition(":")
+            if name in ("VmRSS", "RssAnon", "RssShmem"):
+                fields[name] = int(value.split()[0]) / 1024  # kB
+    return {"rss": fields["VmRSS"], "anon": fields["RssAnon"], "shmem": fields["RssShmem"]}
+
+
+def rss_mb(processes: dict[str, list]) -> dict[str, dict[str, float]]:
+    """Resident MB per role, and its parts (an actor's: the largest actor's)."""
     sizes = {}
     for role, group in processes.items():
         values = []
         for process in group:
             try:
-                values.append(process.memory_info().rss / 2**20)
-            except psutil.Error:
+                values.append(resident_mb(process.pid))
+            except (OSError, KeyError):  # gone, or a zombie
                 pass
         if values:
-            sizes[role] = round(max(values), 1)
+            largest = max(values, key=lambda parts: parts["rss"])
+            sizes[role] = {part: round(mb, 1) for part, mb in largest.items()}
     return sizes
 
 
@@ -136,13 +153,22 @@ def main() -> int:
     start_s, end_s = points[0][0], points[-1][0]  # from the first progress line: no start-up
     first = rate_between(points, start_s, start_s + args.window_s)
     final = rate_between(points, end_s - args.window_s, end_s)
-    growth = {role: round(100 * (last[role] - at_full[role]) / at_full[role], 2)
-              for role in at_full if role in last}
+    def growth(part: str) -> dict[str, float]:
+        return {role: round(100 * (last[role][part] - at_full[role][part])
+                            / at_full[role][part], 2)
+                for role in at_full if role in last and at_full[role][part] > 0}
     print(json.dumps({
         "seconds": args.seconds, "replay_capacity": args.replay_capacity,
         "quick": args.quick,
-        "rss_mb": {role: {"at_full": at_full[role], "end": last.get(role)} for role in at_full},
-        "rss_growth_pct_after_full": growth,
+        "rss_mb": {role: {"at_full": at_full[role]["rss"], "end": last[role]["rss"]}
+                   for role in at_full if role in last},
+        "rss_growth_pct_after_full": growth("rss"),
+        # The parts of each role's RSS: its private heap and the object store pages it maps.
+        "anon_mb": {role: {"at_full": at_full[role]["anon"], "end": last[role]["anon"]}
+                    for role in at_full if role in last},
+        "anon_growth_pct_after_full": growth("anon"),
+        "shmem_mb": {role: {"at_full": at_full[role]["shmem"], "end": last[role]["shmem"]}
+                     for role in at_full if role in last},
         "agent_steps_per_s_first": round(first, 1), "agent_steps_per_s_last": round(final, 1),
         "last_to_first": round(final / first, 3) if first else None,
         "restarts": summary["restarts"], "agent_steps": summary["agent_steps"],

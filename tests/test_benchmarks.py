@@ -125,4 +125,10 @@ def test_soak_benchmark_quick_mode_prints_its_figures(ray_address):
     assert {"learner", "replay", "actor", "evaluator"} <= set(figures["rss_mb"])
     assert all(sizes["at_full"] > 50 and sizes["end"] > 50
                for sizes in figures["rss_mb"].values())
+    # RSS in its parts (private heap, mapped object store pages): neither exceeds the whole.
+    for role, sizes in figures["rss_mb"].items():
+        for when in ("at_full", "end"):
+            heap, shared = figures["anon_mb"][role][when], figures["shmem_mb"][role][when]
+            assert 0 < heap and 0 <= shared and heap + shared <= sizes[when], (role, when)
+    assert set(figures["anon_growth_pct_after_full"]) == set(figures["rss_growth_pct_after_full"])
     assert figures["agent_steps_per_s_last"] > 0 and figures["updates"] > 0

@@ -90,9 +90,19 @@ def keep_token_private() -> None:
             path.chmod(0o600)
 
 
+def keep_local_ray_on_loopback() -> None:
+    """A local Ray's ports (GCS, raylet, workers, metrics export) on 127.0.0.1 alone. Ray 2.60
+    has no switch for that: it binds them to the machine's address, and does so to loopback
+    only where it assumes a laptop (macOS, Windows), which this variable makes it assume.
+    It is read when Ray is imported, so it is set before; the workers inherit it."""
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+
+
 def connect_ray(config: Config, num_actors_hint: int) -> str | None:
     """Start or join Ray. Returns the dashboard URL when this process started Ray (and so
     stops it), else None."""
+    if config.address is None:
+        keep_local_ray_on_loopback()
     import ray
     if ray.is_initialized():
         return None

@@ -4,8 +4,11 @@ from pathlib import Path
 
 import pytest
 
+from launch import keep_local_ray_on_loopback
+
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+keep_local_ray_on_loopback()  # every Ray the tests start, as a local launch.py run's
 
 
 @pytest.fixture(scope="session")
@@ -15,7 +18,6 @@ def ray_address():
 
     from launch import LEARNER_HOST
     context = ray.init(num_cpus=6, resources={LEARNER_HOST: 1}, include_dashboard=False,
-                       _node_ip_address="127.0.0.1",
                        _system_config={"metrics_report_interval_ms": 500})
     yield context.address_info["gcs_address"]
     ray.shutdown()

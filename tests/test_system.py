@@ -1,4 +1,5 @@
 """The whole system on real Ray, real ale-py and real Keras, driven through `launch.py`."""
+import contextlib
 import json
 import re
 import signal
@@ -230,6 +231,35 @@ def test_a_run_the_cluster_cannot_hold_ends_with_one_line_within_the_timeout(ray
         assert result.stderr.strip() == ("launch.py: error: cannot place the run within "
                                          f"--placement-timeout-s 3: {named}")
         assert time.monotonic() - started < 30 and not (tmp_path / "run").exists()
+
+
+def test_a_local_run_listens_on_loopback_only(tmp_path):
+    """`python launch.py` on a laptop: every port its own Ray opens (GCS, raylet, workers,
+    dashboard, metrics export) listens on 127.0.0.1, none on the machine's network address."""
+    import psutil
+    process = subprocess.Popen(
+        [sys.executable, "launch.py", "--preset", "cartpole", "--num-actors", "2",
+         "--max-seconds", "60", "--report-every-s", "2", "--logdir", str(tmp_path)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first_line = process.stdout.readline()  # the header: every role is serving
+        assert "dashboard 127.0.0.1:" in first_line, process.stderr.read()[-2000:]
+        listening = set()
+        for child in psutil.Process(process.pid).children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                listening |= {(conn.laddr.ip, conn.laddr.port, child.name())
+                              for conn in child.net_connections(kind="inet")
+                              if conn.status == psutil.CONN_LISTEN}
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.communicate(timeout=90)
+        finally:
+            process.kill()
+    assert len(listening) >= 5, listening  # GCS, raylet, a worker, dashboard, metrics
+    exposed = {entry for entry in listening
+               if entry[0] not in ("127.0.0.1", "::ffff:127.0.0.1", "::1")}
+    assert not exposed, exposed
 
 
 def test_ray_refuses_a_client_without_the_token_and_auth_cannot_be_switched_off_by_accident(

@@ -1,8 +1,8 @@
 """Draw the learning curves of runs: `python plot.py RUNDIR [RUNDIR ...] [-o curve.png]`.
 
 Reads the TensorBoard events `launch.py` writes into each run directory and draws one PNG with
-two panels: the return against agent steps (left) and against wall-clock hours since the run's
-first event (right). Each run shows its training return (mean of the last 100 training
+two panels: the return against agent steps (left) and against hours of training (right: wall
+clock, less the gaps between resumed sittings). Each run shows its training return (mean of the last 100 training
 episodes) as a line and, when an evaluator logged them, its evaluation returns as markers with
 a +-1 std band. On Breakout the left panel also shows Dopamine's published DQN curve
 (common/data/dopamine_dqn_breakout.json; `--no-reference` leaves it out). Prints one line per
@@ -44,9 +44,10 @@ def fail(message: str) -> None:
 def read_curves(run_dir: str | Path) -> dict:
     """A run's curves from its event files: `train_steps`, `train_hours`, `train_return`,
     `eval_steps`, `eval_hours`, `eval_mean`, `eval_std` (numpy arrays in logging order; the eval
-    ones empty when nothing was evaluated), `agent_steps` (the latest logged), `hours` (wall
-    clock from the first event to the last), and `name`, `preset`, `env`, `finished` (whether
-    summary.json exists). Hours count from the run's first event, across resumed sittings.
+    ones empty when nothing was evaluated), `agent_steps` (the latest logged), `hours` (the
+    run's training time), and `name`, `preset`, `env`, `finished` (whether summary.json
+    exists). Hours are training time: wall clock from the run's first event, less the gaps
+    between resumed sittings (each sitting writes its own event file).
     Raises RunDirError when the directory holds no readable events or no training return."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -54,8 +55,7 @@ def read_curves(run_dir: str | Path) -> dict:
     files = sorted(run_dir.glob(EVENT_FILES))
     if not files:
         raise RunDirError(f"{run_dir}: not a run directory (no {EVENT_FILES} files in it)")
-    scalars, first_wall, last_wall, last_step = read_scalars(
-        files, {TRAIN_RETURN, EVAL_MEAN, EVAL_STD})
+    scalars, sittings, last_step = read_scalars(files, {TRAIN_RETURN, EVAL_MEAN, EVAL_STD})
     train = scalars.get(TRAIN_RETURN)
     if not train:
         raise RunDirError(f"{run_dir}: no training return ({TRAIN_RETURN}) logged yet")
@@ -64,29 +64,34 @@ def read_curves(run_dir: str | Path) -> dict:
     return {
         **run_identity(run_dir),
         "train_steps": np.array([step for step, _, _ in train], dtype=np.int64),
-        "train_hours": hours_since(first_wall, train),
+        "train_hours": training_hours(sittings, train),
         "train_return": np.array([value for _, _, value in train]),
         "eval_steps": np.array([step for step, _, _ in evals], dtype=np.int64),
-        "eval_hours": hours_since(first_wall, evals),
+        "eval_hours": training_hours(sittings, evals),
         "eval_mean": np.array([value for _, _, value in evals]),
         "eval_std": np.array([stds.get(step, 0.0) for step, _, _ in evals]),
         "agent_steps": last_step,
-        "hours": (last_wall - first_wall) / 3600,
+        "hours": sum(last - first for first, last in sittings) / 3600,
     }
 
 
-def hours_since(start_wall: float, rows: list) -> np.ndarray:
-    return np.array([(wall - start_wall) / 3600 for _, wall, _ in rows])
+def training_hours(sittings: list[tuple[float, float]], rows: list) -> np.ndarray:
+    """Hours of training up to each row's wall time: the time inside the sittings' spans
+    (first and last event of each), so the hours between two sittings do not count."""
+    return np.array([sum(max(0.0, min(wall, last) - first) for first, last in sittings) / 3600
+                     for _, wall, _ in rows])
 
 
-def read_scalars(files: list[Path], tags: set[str]) -> tuple[dict, float, float, int]:
-    """{tag: [(step, wall_time, value), ...] in wall-clock order} for `tags`, the first and
-    last wall times of any event and the step of the latest summary, over a run's files."""
+def read_scalars(files: list[Path], tags: set[str]) -> tuple[dict, list, int]:
+    """{tag: [(step, wall_time, value), ...] in wall-clock order} for `tags`, each file's
+    (first, last) event wall time in wall-clock order (a sitting's span) and the step of the
+    latest summary, over a run's files."""
     from google.protobuf.message import DecodeError
     tf = import_tensorflow()
     scalars: dict[str, list] = {}
-    walls, latest = [], (float("-inf"), 0)
+    sittings, latest = [], (float("-inf"), 0)
     for path in files:
+        walls = []
         try:
             for event in events_in(tf, path):
                 walls.append(event.wall_time)
@@ -100,9 +105,11 @@ def read_scalars(files: list[Path], tags: set[str]) -> tuple[dict, float, float,
             reason = getattr(error, "message", None) or str(error) or "undecodable"
             raise RunDirError(f"{path}: not a readable TensorBoard event file "
                               f"({type(error).__name__}: {reason.splitlines()[0]})") from None
+        if walls:
+            sittings.append((min(walls), max(walls)))
     for rows in scalars.values():
         rows.sort(key=lambda row: row[1])  # a resumed sitting's file sorts by name, not time
-    return scalars, min(walls, default=0.0), max(walls, default=0.0), latest[1]
+    return scalars, sorted(sittings), latest[1]
 
 
 def events_in(tf, path: Path):
@@ -167,7 +174,7 @@ def draw(runs: list[dict], out: Path, title: str, reference: dict | None) -> Non
         draw_reference(by_steps, reference, max(run["agent_steps"] for run in runs))
     by_steps.set_xlabel("agent steps")
     by_steps.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x / 1e6:g}M"))
-    by_hours.set_xlabel("wall-clock hours since the run's first event")
+    by_hours.set_xlabel("hours of training (gaps between resumed sittings left out)")
     by_steps.set_ylabel("episode return")
     by_steps.legend(fontsize="small", loc="upper left")  # the right panel's lines are the same
     for axes in (by_steps, by_hours):
@@ -199,7 +206,7 @@ def draw_reference(axes, reference: dict, max_steps: int) -> None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = OneLineErrorParser(
         prog="plot.py", description="Draw the learning curves of launch.py runs into one PNG: "
-        "return against agent steps (left) and against wall-clock hours (right).")
+        "return against agent steps (left) and against hours of training (right).")
     parser.add_argument("run_dirs", nargs="+", metavar="RUNDIR",
                         help="a run directory (launch.py --logdir), finished or still running")
     parser.add_argument("-o", "--output", default="curve.png", type=Path, metavar="PNG",

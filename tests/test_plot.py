@@ -128,3 +128,41 @@ def test_bad_run_dir_is_one_line_and_exit_2(tmp_path, make, problem):
     assert line.startswith("plot.py: error: ") and problem in line, line
     assert str(run_dir) in line
     assert not (tmp_path / "curve.png").exists()
+
+
+def write_events_at(path, rows: list[tuple[float, int, dict]]) -> None:
+    """An event file whose events carry the given wall times: rows of (wall time, agent steps,
+    {tag: value}), as a sitting hours apart from the previous one leaves them."""
+    import tensorflow as tf
+    Event, Summary = tf.compat.v1.Event, tf.compat.v1.Summary
+    with tf.io.TFRecordWriter(str(path)) as writer:
+        writer.write(Event(wall_time=rows[0][0], file_version="brain.Event:2")
+                     .SerializeToString())
+        for wall, step, figures in rows:
+            values = [Summary.Value(tag=tag, simple_value=value)
+                      for tag, value in figures.items()]
+            writer.write(Event(wall_time=wall, step=step, summary=Summary(value=values))
+                         .SerializeToString())
+
+
+def test_hours_are_training_time_without_the_gaps_between_sittings(tmp_path):
+    """A first sitting of an hour, ten hours of nothing, a second sitting of half an hour:
+    1.5 hours of training, the second sitting's rows counted from 1.0."""
+    from plot import read_curves
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps(config_to_json(PRESETS["seed"])))
+    start, hour = 1_700_000_000.0, 3600.0
+    write_events_at(run / "events.out.tfevents.1.host.1.0.v2",
+                    [(start + i * hour / 4, 1000 * i, {"mean_return_100": 1.0 * i})
+                     for i in range(5)])
+    resumed = start + 11 * hour
+    write_events_at(run / "events.out.tfevents.2.host.2.0.v2",
+                    [(resumed + i * hour / 4, 5000 + 1000 * i, {"mean_return_100": 5.0 + i,
+                                                                "eval/return_mean": 9.0})
+                     for i in range(3)])
+    curves = read_curves(run)
+    assert curves["hours"] == pytest.approx(1.5)
+    np.testing.assert_allclose(curves["train_hours"],
+                               [0, 0.25, 0.5, 0.75, 1.0, 1.0, 1.25, 1.5], atol=1e-6)
+    np.testing.assert_allclose(curves["eval_hours"], [1.0, 1.25, 1.5], atol=1e-6)

@@ -16,6 +16,8 @@ import contextlib
 import threading
 from typing import Callable, Hashable, Protocol
 
+from common.records import InsertAck
+
 BUDGET_WAIT_S = 1.0  # longest an ask for insert budget waits in the shard (stop is checked)
 FLUSH_WAIT_S = 10.0  # how long the last acknowledgements are waited for at stop
 
@@ -35,8 +37,8 @@ class ReplayLink(Protocol):
         """The handles whose acknowledgement came, waiting up to `timeout` s (None: for
         ever) until `num` of them did."""
 
-    def result(self, handle) -> dict:
-        """The acknowledgement of a ready insert: `total_inserted` and `insert_budget`."""
+    def result(self, handle) -> InsertAck:
+        """The acknowledgement of a ready insert."""
 
     def ask_budget(self, transitions: int, wait_s: float) -> int:
         """The shard's insert budget, once it reaches `transitions` or after `wait_s` s."""
@@ -107,11 +109,11 @@ class InsertPacer:
             return
         for handle in [handle for handle in handles if handle in done]:
             ack = self.replay.result(handle)
-            if ack["total_inserted"] > self.global_steps_base:
-                self.global_steps_base = ack["total_inserted"]
+            if ack.total_inserted > self.global_steps_base:
+                self.global_steps_base = ack.total_inserted
                 self.local_steps_at_base = self.agent_steps()
         self.inflight = [item for item in self.inflight if item[0] not in done]
-        self.budget = ack["insert_budget"] - self._pending()
+        self.budget = ack.insert_budget - self._pending()
 
     def _replay_lost(self) -> None:
         """What was in flight is lost, and the restored shard has not seen this stream's

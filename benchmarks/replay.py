@@ -211,10 +211,10 @@ def insert_client_class():
                     time.sleep(max(0.0, due - time.perf_counter()))
                 if len(pending) >= inflight:
                     done, pending = ray.wait(pending, num_returns=1)
-                    acked += sum(ack["inserted"] for ack in ray.get(done))
+                    acked += sum(ack.inserted for ack in ray.get(done))
                 pending.append(self.replay.insert.remote(wire.for_ray(
                     self.stream.message(self.chunk, self.priority))))
-            acked += sum(ack["inserted"] for ack in ray.get(pending))
+            acked += sum(ack.inserted for ack in ray.get(pending))
             return acked / (time.perf_counter() - started)
 
     return InsertClient

@@ -26,6 +26,7 @@ import time
 from common import wire
 from common.config import Config
 from common.env_info import EnvInfo
+from common.records import InsertAck
 from replay_server.buffer import InvalidTransitions, ReplayBuffer, ReplaySpec
 from replay_server.rate_limiter import RateLimiter
 from replay_server.snapshot import SnapshotError, read_snapshot, write_snapshot
@@ -106,7 +107,7 @@ class ReplayServer:
                               config.rate_tolerance)
         return cls(buffer, limiter, shard)
 
-    def insert(self, message: bytes) -> dict:
+    def insert(self, message: bytes) -> InsertAck:
         """Store a chunk of transitions. Returns the totals an actor paces itself by.
 
         A sender's chunks must be stored in the order it numbered their frames, and Ray does
@@ -137,11 +138,10 @@ class ReplayServer:
         return wire.decode(message, expect_kind=wire.TRANSITIONS,
                            schema=self.buffer.insert_schema)
 
-    def _ack(self, inserted: int) -> dict:
-        return {"inserted": inserted, "total_inserted": self.buffer.total_added,
-                "insert_budget": self.limiter.insert_budget()}
+    def _ack(self, inserted: int, parked: bool = False) -> InsertAck:
+        return InsertAck(inserted, self.buffer.total_added, self.limiter.insert_budget(), parked)
 
-    def _park(self, stream: int, first: int, message) -> dict:
+    def _park(self, stream: int, first: int, message) -> InsertAck:
         waiting = self.parked_per_stream[stream]
         if waiting >= MAX_PARKED_PER_STREAM:
             raise InvalidTransitions(
@@ -156,7 +156,7 @@ class ReplayServer:
         self.parked[stream, first] = (bytes(message), time.monotonic())
         self.parked_per_stream[stream] += 1
         self.parked_bytes += len(message)
-        return {**self._ack(0), "parked": True}
+        return self._ack(0, parked=True)
 
     def _unpark(self, stream: int, first: int) -> bytes | None:
         entry = self.parked.pop((stream, first), None)

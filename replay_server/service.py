@@ -22,6 +22,7 @@ from common import checkpoints, metrics, wire
 from common.checkpoints import CheckpointStore
 from common.config import Config
 from common.env_info import EnvInfo
+from common.records import InsertAck
 from replay_server.server import ReplayServer
 
 # Actors' asks for insert budget wait in a group of their own, one thread per waiting ask;
@@ -50,13 +51,13 @@ class ReplayService:
                                      "restored_total_sampled": restored["total_sampled"]}
         self.metrics = metrics.for_role(metrics.REPLAY, shard)
 
-    def insert(self, message: bytes) -> dict:
+    def insert(self, message: bytes) -> InsertAck:
         try:
             result = self.server.insert(message)
         except ValueError:
             self.metrics[metrics.REPLAY_REJECTED].inc()
             raise
-        self.metrics[metrics.REPLAY_INSERTS].inc(result["inserted"])
+        self.metrics[metrics.REPLAY_INSERTS].inc(result.inserted)
         self.metrics[metrics.REPLAY_SIZE].set(self.server.buffer.size)
         return result
 

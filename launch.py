@@ -31,6 +31,8 @@ from common.config import RUN_CONFIG, Config, config_to_json, epsilon_at, parse_
 from common.env_info import EnvInfo
 from common.envs import EnvError, describe_env
 from common.process import PROCESS_ENV, native_output_hidden
+from learner.records import LearnerStats
+from replay_server.records import ReplayServiceStats
 
 LEARNER_HOST = "dqn_learner_host"  # custom resource of the node that hosts learner and replay
 POLL_WAIT_S = 5.0  # longest a progress round waits for the roles' reports
@@ -257,13 +259,16 @@ def place_roles(config: Config, env_info: EnvInfo, num_actors: int,
     return Roles(shards, learner, actors, gpus, evaluator)
 
 
-def wait_until_serving(roles: Roles, timeout_s: float = 600.0) -> list[dict]:
+def wait_until_serving(roles: Roles, timeout_s: float = 600.0
+                       ) -> tuple[LearnerStats, list[ReplayServiceStats]]:
     """The learner's and the shards' first stats, once their constructors (and restores) are
     done; a constructor's error ends the launch with its one line."""
     import ray
     try:
-        return ray.get([roles.learner.stats.remote(),
-                        *[shard.stats.remote() for shard in roles.shards]], timeout=timeout_s)
+        learner, *shards = ray.get([roles.learner.stats.remote(),
+                                    *[shard.stats.remote() for shard in roles.shards]],
+                                   timeout=timeout_s)
+        return learner, shards
     except ray.exceptions.GetTimeoutError:
         fail(f"the learner and the replay shards did not start within {timeout_s:.0f} s")
     except ray.exceptions.RayError as error:
@@ -316,8 +321,10 @@ class Progress:
     agent_steps_before: int = 0  # steps of actor lives that ended, and of earlier sittings
     returns: collections.deque = field(default_factory=lambda: collections.deque(maxlen=100))
     episodes: int = 0
-    learner: dict = field(default_factory=dict)
-    replay: dict = field(default_factory=dict)
+    learner: LearnerStats | None = None  # its latest stats
+    learner_answered: float | None = None  # when it last answered (time.monotonic)
+    replay: ReplayTotals | None = None  # all shards' latest stats, summed
+    replay_answered: float | None = None  # when all shards last answered (time.monotonic)
     restarts: dict = field(default_factory=lambda: dict.fromkeys(ROLE_KINDS, 0))
     lives: dict = field(default_factory=dict)  # (kind, index) -> the life token it last reported
     actor_versions: dict = field(default_factory=dict)  # live actor index -> its weights' version
@@ -340,9 +347,16 @@ class Progress:
     @property
     def policy_lag(self) -> int:
         """Weight versions the oldest live actor is behind the learner."""
-        if not self.actor_versions or not self.learner:
+        if not self.actor_versions or self.learner is None:
             return 0
-        return max(self.learner["weight_version"] - min(self.actor_versions.values()), 0)
+        return max(self.learner.weight_version - min(self.actor_versions.values()), 0)
+
+    def latest(self) -> tuple[LearnerStats, ReplayTotals]:
+        """The learner's and the replay's latest figures: a run takes their first before its
+        first round (`wait_until_serving`)."""
+        if self.learner is None or self.replay is None:
+            raise RuntimeError("the learner and the replay shards have not reported yet")
+        return self.learner, self.replay
 
     @property
     def mean_return_100(self) -> float | None:
@@ -422,11 +436,18 @@ def valid_evals(evals) -> bool:
         valid(record) for record in evals.values())
 
 
-def replay_totals(shard_stats: list[dict]) -> dict:
-    inserted = sum(stats["total_inserted"] for stats in shard_stats)
-    sampled = sum(stats["total_sampled"] for stats in shard_stats)
-    return {"size": sum(stats["size"] for stats in shard_stats),
-            "samples_per_insert": sampled / inserted if inserted else 0.0}
+@dataclass(frozen=True)
+class ReplayTotals:
+    """What the launcher shows of the replay shards, all together."""
+    size: int
+    samples_per_insert: float
+
+    @classmethod
+    def of(cls, shard_stats: list[ReplayServiceStats]) -> "ReplayTotals":
+        inserted = sum(stats.total_inserted for stats in shard_stats)
+        sampled = sum(stats.total_sampled for stats in shard_stats)
+        return cls(sum(stats.size for stats in shard_stats),
+                   sampled / inserted if inserted else 0.0)
 
 
 def poll(roles: Roles, progress: Progress, wait_s: float = POLL_WAIT_S,
@@ -451,24 +472,25 @@ def poll(roles: Roles, progress: Progress, wait_s: float = POLL_WAIT_S,
                                  *[shard.stats.remote() for shard in roles.shards]], wait_s)
     now = time.monotonic()
     if learner is not None:
-        if progress.new_life("learner", 0, learner["life"]):
+        if progress.new_life("learner", 0, learner.life):
             print(f"the learner's process died; Ray restarted it from "
-                  f"{learner['restored_from'] or 'scratch (no checkpoint yet)'}",
+                  f"{learner.restored_from or 'scratch (no checkpoint yet)'}",
                   file=sys.stderr, flush=True)
-        progress.learner = {**learner, "answered": now}
-        if learner["error"]:
-            error = learner["error"].strip()
+        progress.learner, progress.learner_answered = learner, now
+        if learner.error:
+            error = learner.error.strip()
             raise RunFailed(f"the learner failed:{chr(10) if chr(10) in error else ' '}{error}")
-    elif now - progress.learner.get("answered", now) > silence_s:
+    elif progress.learner_answered is not None and now - progress.learner_answered > silence_s:
         raise RunFailed(f"the learner has not answered for {silence_s:g} s")
     for index, stats in enumerate(shards):
-        if stats is not None and progress.new_life("replay", index, stats["life"]):
+        if stats is not None and progress.new_life("replay", index, stats.life):
             print(f"replay shard {index}'s process died; Ray restarted it from "
-                  f"{stats['restored_from'] or 'empty (no checkpoint yet)'}", file=sys.stderr,
+                  f"{stats.restored_from or 'empty (no checkpoint yet)'}", file=sys.stderr,
                   flush=True)
-    if all(stats is not None for stats in shards):
-        progress.replay = {**replay_totals(shards), "answered": now}
-    elif now - progress.replay.get("answered", now) > silence_s:
+    answered = [stats for stats in shards if stats is not None]
+    if len(answered) == len(shards):
+        progress.replay, progress.replay_answered = ReplayTotals.of(answered), now
+    elif progress.replay_answered is not None and now - progress.replay_answered > silence_s:
         raise RunFailed(f"a replay shard has not answered for {silence_s:g} s")
 
 
@@ -520,10 +542,10 @@ class ProgressLog:
         self._sample(progress)
 
     def _sample(self, progress: Progress) -> None:
-        now, learner = time.monotonic(), progress.learner
-        if self.window and learner["updates"] < self.window[-1][2]:
+        now, (learner, _) = time.monotonic(), progress.latest()
+        if self.window and learner.updates < self.window[-1][2]:
             self.window.clear()  # a learner restored from a checkpoint counts from there
-        self.window.append((now, progress.agent_steps, learner["updates"], learner["starved_s"]))
+        self.window.append((now, progress.agent_steps, learner.updates, learner.starved_s))
         while len(self.window) > 2 and now - self.window[1][0] >= RATE_WINDOW_S:
             self.window.popleft()
 
@@ -540,13 +562,12 @@ class ProgressLog:
         """The figures of this round as a progress line and TensorBoard scalars, with the
         episodes finished since the last call and `evaluation` if one finished."""
         self._sample(progress)
-        steps, learner = progress.agent_steps, progress.learner
+        steps, (learner, replay) = progress.agent_steps, progress.latest()
         figures = {**self.rates(),
-                   "replay_size": progress.replay["size"], "episodes": progress.episodes,
-                   "weight_version": learner["weight_version"],
-                   "target_syncs": learner["target_syncs"], "loss": learner["loss"],
-                   "q_mean": learner["q_mean"],
-                   "samples_per_insert": progress.replay["samples_per_insert"],
+                   "replay_size": replay.size, "episodes": progress.episodes,
+                   "weight_version": learner.weight_version,
+                   "target_syncs": learner.target_syncs, "loss": learner.loss,
+                   "q_mean": learner.q_mean, "samples_per_insert": replay.samples_per_insert,
                    "live_actors": progress.live_actors, "policy_lag": progress.policy_lag}
         figures["env_frames_per_s"] = figures["agent_steps_per_s"] * progress.frame_skip
         if progress.mean_return_100 is not None:
@@ -767,18 +788,18 @@ def main(argv: list[str] | None = None) -> int:
         roles_config = config.replace(
             seed=config.seed + SITTING_SEED_STRIDE * (progress.sitting - 1))
         roles = place_roles(roles_config, env_info, config.num_actors, store.root)
-        learner, *shards = wait_until_serving(roles)
+        learner, shards = wait_until_serving(roles)
         check_checkpoints_reachable(store, learner)
-        progress.learner = {**learner, "answered": time.monotonic()}
-        progress.replay = {**replay_totals(shards), "answered": time.monotonic()}
+        progress.learner, progress.learner_answered = learner, time.monotonic()
+        progress.replay, progress.replay_answered = ReplayTotals.of(shards), time.monotonic()
         progress.agent_steps_at_start, progress.updates_at_start = (progress.agent_steps,
-                                                                    learner["updates"])
+                                                                    learner.updates)
         if not config.resume:
             logdir.mkdir(parents=True, exist_ok=True)
             write_atomically(logdir / RUN_CONFIG,
                              (json.dumps(run_record(config), indent=2) + "\n").encode())
         device = "GPU" if roles.learner_gpus else "CPU"
-        resumed = (f" | resumed from {learner['restored_from']} at "
+        resumed = (f" | resumed from {learner.restored_from} at "
                    f"{progress.agent_steps:,} agent steps" if config.resume else "")
         print(f"{config.preset}: {config.env} | {config.num_actors} actors x "
               f"{config.envs_per_actor} envs | {config.replay_shards} replay shard(s) | learner "
@@ -796,13 +817,13 @@ def main(argv: list[str] | None = None) -> int:
             ray.shutdown()
 
 
-def check_checkpoints_reachable(store: CheckpointStore, learner: dict) -> None:
+def check_checkpoints_reachable(store: CheckpointStore, learner: LearnerStats) -> None:
     """A local checkpoint directory is written by the learner's machine and committed by this
     one: they must be the same machine (the head of cluster.yaml is both)."""
     import ray
-    if store.local and learner["node_ip"] != ray.util.get_node_ip_address():
+    if store.local and learner.node_ip != ray.util.get_node_ip_address():
         fail(f"--checkpoint-dir {store.root} is a local path, but the learner runs on another "
-             f"machine ({learner['node_ip']}): run launch.py on the learner's node, or give an "
+             f"machine ({learner.node_ip}): run launch.py on the learner's node, or give an "
              f"s3:// or gs:// URI")
 
 
@@ -877,14 +898,16 @@ def stop_and_collect(roles: Roles, progress: Progress, wait_s: float = STOP_WAIT
     if learner is not None:
         progress.learner = learner
     shards = wait_all([shard.stats.remote() for shard in roles.shards], wait_s)
-    if all(stats is not None for stats in shards):
-        progress.replay = replay_totals(shards)
+    answered = [stats for stats in shards if stats is not None]
+    if len(answered) == len(shards):
+        progress.replay = ReplayTotals.of(answered)
 
 
 def make_summary(config: Config, env_info: EnvInfo, progress: Progress, elapsed_s: float,
                  num_actors: int) -> dict:
     """This sitting's rates; totals over the whole run (all sittings)."""
-    steps, updates = progress.agent_steps, progress.learner["updates"]
+    (learner, replay), steps = progress.latest(), progress.agent_steps
+    updates = learner.updates
     sitting_steps = steps - progress.agent_steps_at_start
     sitting_updates = updates - progress.updates_at_start
     return {
@@ -892,17 +915,15 @@ def make_summary(config: Config, env_info: EnvInfo, progress: Progress, elapsed_
         "run_seconds": round(progress.elapsed_before_s + elapsed_s, 2),
         "sitting": progress.sitting,
         "num_actors": num_actors, "envs_per_actor": config.envs_per_actor,
-        "learner_device": progress.learner["device"],
+        "learner_device": learner.device,
         "agent_steps": steps, "env_frames": steps * env_info.frame_skip, "updates": updates,
-        "weight_version": progress.learner["weight_version"],
-        "target_syncs": progress.learner["target_syncs"],
+        "weight_version": learner.weight_version, "target_syncs": learner.target_syncs,
         "episodes": progress.episodes, "mean_return_100": progress.mean_return_100,
         "agent_steps_per_s": round(sitting_steps / elapsed_s, 2),
         "env_frames_per_s": round(sitting_steps * env_info.frame_skip / elapsed_s, 2),
         "updates_per_s": round(sitting_updates / elapsed_s, 2),
-        "learner_starved_s": round(progress.learner["starved_s"], 2),
-        "replay_size": progress.replay["size"],
-        "samples_per_insert": round(progress.replay["samples_per_insert"], 3),
+        "learner_starved_s": round(learner.starved_s, 2), "replay_size": replay.size,
+        "samples_per_insert": round(replay.samples_per_insert, 3),
         "restarts": progress.restarts,
         # What rebuilds the network for the weights file, without guessing.
         "network": network_description(config, env_info),

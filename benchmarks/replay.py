@@ -267,7 +267,7 @@ def measure_samples(pool_ref, seconds: float, capacity: int, n_step: int) -> dic
     shard = start_shard(capacity, alpha=0.6)
     client = insert_client_class()
     fillers = [client.remote(shard, stream, pool_ref, CHUNK, True, n_step) for stream in (1, 2)]
-    while ray.get(shard.stats.remote())["total_inserted"] < capacity:  # both rings full
+    while ray.get(shard.stats.remote()).total_inserted < capacity:  # both rings full
         ray.get([f.run.remote(2.0) for f in fillers])
     inserter = client.remote(shard, 3, pool_ref, 256, True, n_step)
     learner = learner_client_class().remote(shard)
@@ -275,7 +275,7 @@ def measure_samples(pool_ref, seconds: float, capacity: int, n_step: int) -> dic
     ray.get(learner.run.remote(WARM_UP_S))  # first batches fault in fresh memory everywhere
     batches = ray.get(learner.run.remote(seconds))
     insert_rate = ray.get(insert_ref)
-    size = ray.get(shard.stats.remote())["size"]
+    size = ray.get(shard.stats.remote()).size
     for actor in (*fillers, inserter, learner, shard):
         ray.kill(actor)
     return {"batches_per_s": round(batches, 1), "inserts_per_s_meanwhile": round(insert_rate),

@@ -189,7 +189,8 @@ def run_roles(config: Config, num_actors: int, seconds: float, warm_up_s: float,
             poll(roles, progress)
             running = len(progress.actor_steps) == num_actors and min(
                 progress.actor_steps.values()) > 0
-            if running and (not training or progress.learner.get("updates", 0) > 0):
+            learner = progress.learner
+            if running and (not training or (learner is not None and learner.updates > 0)):
                 break
             if time.monotonic() > deadline:
                 raise RuntimeError("the roles did not start within 300 s")
@@ -236,11 +237,13 @@ def snapshot(roles, progress) -> dict:
     from launch import poll
     poll(roles, progress)
     shard_stats = ray.get([shard.stats.remote() for shard in roles.shards])
+    learner = progress.learner
+    if learner is None:
+        raise RuntimeError("the learner has not answered yet")
     return {"time": time.monotonic(), "agent_steps": progress.agent_steps,
-            "updates": progress.learner["updates"],
-            "starved_s": progress.learner["starved_s"],
-            "inserted": sum(stats["total_inserted"] for stats in shard_stats),
-            "sampled": sum(stats["total_sampled"] for stats in shard_stats),
+            "updates": learner.updates, "starved_s": learner.starved_s,
+            "inserted": sum(stats.total_inserted for stats in shard_stats),
+            "sampled": sum(stats.total_sampled for stats in shard_stats),
             "cpu": cpu_seconds()}
 
 

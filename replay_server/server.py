@@ -29,6 +29,7 @@ from common.env_info import EnvInfo
 from common.records import InsertAck
 from replay_server.buffer import InvalidTransitions, ReplayBuffer, ReplaySpec
 from replay_server.rate_limiter import RateLimiter
+from replay_server.records import ReplayStats
 from replay_server.snapshot import SnapshotError, read_snapshot, write_snapshot
 
 MAX_PARKED_PER_STREAM = 16
@@ -258,14 +259,12 @@ class ReplayServer:
             self.insertable.notify_all()
         return {"transitions": buffer.size, "seconds": round(time.monotonic() - started, 3)}
 
-    def stats(self) -> dict:
+    def stats(self) -> ReplayStats:
         with self.lock.shared(), self.mutex:
-            return {"shard": self.shard, "size": self.buffer.size,
-                    "capacity": self.buffer.capacity,
-                    "total_inserted": self.buffer.total_added,
-                    "total_sampled": self.limiter.samples,
-                    "samples_per_insert": self.limiter.observed_samples_per_insert(),
-                    "priority_mass": self.buffer.priority_mass(),
-                    "rejected_messages": self.rejected,
-                    "stale_dropped": self.buffer.stale_dropped,
-                    "parked_chunks": len(self.parked), "parked_bytes": self.parked_bytes}
+            return ReplayStats(
+                shard=self.shard, size=self.buffer.size, capacity=self.buffer.capacity,
+                total_inserted=self.buffer.total_added, total_sampled=self.limiter.samples,
+                samples_per_insert=self.limiter.observed_samples_per_insert(),
+                priority_mass=self.buffer.priority_mass(), rejected_messages=self.rejected,
+                stale_dropped=self.buffer.stale_dropped, parked_chunks=len(self.parked),
+                parked_bytes=self.parked_bytes)

@@ -12,6 +12,7 @@ serving.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import secrets
 
@@ -23,6 +24,7 @@ from common.checkpoints import CheckpointStore
 from common.config import Config
 from common.env_info import EnvInfo
 from common.records import InsertAck
+from replay_server.records import ReplayServiceStats
 from replay_server.server import ReplayServer
 
 # Actors' asks for insert budget wait in a group of their own, one thread per waiting ask;
@@ -38,8 +40,8 @@ class ReplayService:
         when there is one (a resumed run, or this process restarted after a crash)."""
         self.server = ReplayServer.from_config(config, env_info, shard)
         self.life = secrets.token_hex(4)  # a restarted process reports a new one
-        self.restored_from = None
-        self.restored = {"restored_total_inserted": 0, "restored_total_sampled": 0}
+        self.restored_from: str | None = None
+        self.restored_inserted = self.restored_sampled = 0
         if checkpoint_root is not None:
             with CheckpointStore(checkpoint_root).latest_part(
                     checkpoints.shard_part(shard)) as latest:
@@ -47,8 +49,8 @@ class ReplayService:
                     self.restored_from, path = latest
                     self.server.restore(path)
                     restored = self.server.stats()
-                    self.restored = {"restored_total_inserted": restored["total_inserted"],
-                                     "restored_total_sampled": restored["total_sampled"]}
+                    self.restored_inserted = restored.total_inserted
+                    self.restored_sampled = restored.total_sampled
         self.metrics = metrics.for_role(metrics.REPLAY, shard)
 
     def insert(self, message: bytes) -> InsertAck:
@@ -85,9 +87,11 @@ class ReplayService:
             self.metrics[metrics.REPLAY_REJECTED].inc()
             raise
 
-    def stats(self) -> dict:
-        return {**self.server.stats(), **self.restored, "life": self.life,
-                "restored_from": self.restored_from, "pid": os.getpid()}
+    def stats(self) -> ReplayServiceStats:
+        return ReplayServiceStats(
+            **dataclasses.asdict(self.server.stats()), life=self.life, pid=os.getpid(),
+            restored_from=self.restored_from, restored_total_inserted=self.restored_inserted,
+            restored_total_sampled=self.restored_sampled)
 
     def __repr__(self) -> str:  # the dashboard's Repr column and the log lines' prefix
         return f"dqn-replay-{self.server.shard}"

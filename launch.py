@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from actors.records import ActorReport
 from common import checkpoints
 from common.checkpoints import CheckpointError, CheckpointStore
 from common.config import RUN_CONFIG, Config, config_to_json, epsilon_at, parse_args
@@ -371,13 +372,13 @@ class Progress:
         self.restarts[kind] += 1
         return True
 
-    def absorb_actor(self, index: int, report: dict) -> bool:
+    def absorb_actor(self, index: int, report: ActorReport) -> bool:
         """Takes an actor's report in; whether it came from a restarted process."""
-        restarted = self.new_life("actors", index, report["life"])
+        restarted = self.new_life("actors", index, report.life)
         if restarted:  # it counts from zero again
             self.agent_steps_before += self.actor_steps.get(index, 0)
-        self.actor_steps[index] = report["agent_steps"]
-        for ret, _length in report["episodes"]:
+        self.actor_steps[index] = report.agent_steps
+        for ret, _length in report.episodes:
             self.returns.append(ret)
             self.new_returns.append(ret)
             self.episodes += 1
@@ -464,9 +465,9 @@ def poll(roles: Roles, progress: Progress, wait_s: float = POLL_WAIT_S,
         if progress.absorb_actor(index, report):
             print(f"actor {index}'s process died; Ray restarted it", file=sys.stderr,
                   flush=True)
-        progress.actor_versions[index] = report["weight_version"]
-        if report["error"]:  # its loop died with the process alive: restart the process
-            print(f"actor {index} failed; restarting it:\n{report['error']}", file=sys.stderr)
+        progress.actor_versions[index] = report.weight_version
+        if report.error:  # its loop died with the process alive: restart the process
+            print(f"actor {index} failed; restarting it:\n{report.error}", file=sys.stderr)
             ray.kill(roles.actors[index], no_restart=False)
     learner, *shards = wait_all([roles.learner.stats.remote(),
                                  *[shard.stats.remote() for shard in roles.shards]], wait_s)
@@ -881,7 +882,8 @@ def limit_reached(config: Config, progress: Progress, sitting_s: float) -> bool:
     return False
 
 
-def stop_in_order(roles: Roles, wait_s: float) -> tuple[list, dict | None]:
+def stop_in_order(roles: Roles, wait_s: float
+                  ) -> tuple[list[ActorReport | None], LearnerStats | None]:
     """Stop in data-flow order: actors first, so the learner sees no new data, then the
     learner; each wait is bounded by `wait_s`, and a role that does not answer is skipped.
     Returns the actors' last reports and the learner's last stats (None where silent)."""

@@ -34,6 +34,7 @@ from typing import TypeVar
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import launch  # noqa: E402
+from actors.records import ActorReport  # noqa: E402
 from common.checkpoints import CheckpointStore  # noqa: E402
 from common.config import PRESETS, Config  # noqa: E402
 from common.envs import describe_env  # noqa: E402
@@ -74,6 +75,10 @@ def kill(pid: int) -> float:
     return time.monotonic()
 
 
+def actor_report(actor, wait_s: float) -> ActorReport | None:
+    return launch.wait_all([actor.report.remote()], wait_s)[0]
+
+
 def learner_stats(learner) -> LearnerStats | None:
     return launch.wait_all([learner.stats.remote()], 1.0)[0]
 
@@ -82,14 +87,14 @@ def shard_stats(shard) -> ReplayServiceStats | None:
     return launch.wait_all([shard.stats.remote()], 1.0)[0]
 
 
-Stats = TypeVar("Stats", LearnerStats, ReplayServiceStats)
+Report = TypeVar("Report", ActorReport, LearnerStats, ReplayServiceStats)
 
 
-def serving(stats: Stats | None) -> Stats:
-    """The stats of a role the benchmark needs an answer from now."""
-    if stats is None:
-        raise SystemExit("recovery.py: a role did not answer within 1 s")
-    return stats
+def serving(report: Report | None, wait_s: float = 1.0) -> Report:
+    """The report of a role the benchmark needs an answer from now."""
+    if report is None:
+        raise SystemExit(f"recovery.py: a role did not answer within {wait_s:g} s")
+    return report
 
 
 def measure(config: Config, store: CheckpointStore) -> dict:
@@ -122,12 +127,12 @@ def measure(config: Config, store: CheckpointStore) -> dict:
     at_checkpoint = serving(shard_stats(shard))
 
     # An actor.
-    old = launch.wait_all([roles.actors[0].report.remote()], 60.0)[0]
-    killed = kill(old["pid"])
+    old_actor = serving(actor_report(roles.actors[0], 60.0), 60.0)
+    killed = kill(old_actor.pid)
 
     def actor_back() -> bool:
-        report = launch.wait_all([roles.actors[0].report.remote()], 1.0)[0]
-        return report is not None and report["life"] != old["life"] and report["agent_steps"] > 0
+        report = actor_report(roles.actors[0], 1.0)
+        return report is not None and report.life != old_actor.life and report.agent_steps > 0
 
     wait_until(actor_back, "actor back", roles)
     results["actor_back_s"] = round(time.monotonic() - killed, 1)

@@ -82,10 +82,11 @@ class FrameAdder:
         predecessor (`continues`: the previous stack slid by one) or earlier in itself."""
         frames = np.asarray(obs, dtype=self.frame_dtype).reshape(self.stack, *self.frame_shape)
         keys = [frame.tobytes() for frame in frames]
-        previous, previous_refs = self.last_frames[env], self.last_refs[env]
+        previous = self.last_frames[env] if continues else None  # the stack this one slides
+        previous_refs = self.last_refs[env] or ()  # set with last_frames
         refs: list[int] = []
         for j, key in enumerate(keys):
-            if continues and j + 1 < self.stack and key == previous[j + 1]:
+            if previous is not None and j + 1 < self.stack and key == previous[j + 1]:
                 refs.append(previous_refs[j + 1])
             elif j > 0 and key == keys[j - 1]:
                 refs.append(refs[-1])  # padding at an episode start repeats a frame
@@ -165,7 +166,7 @@ class FrameAdder:
 
     # --- Chunks ---------------------------------------------------------------------------
 
-    def take_chunk(self) -> tuple[bytes, int] | None:
+    def take_chunk(self) -> tuple[memoryview, int] | None:
         """(insert message, transition count) once `chunk_transitions` are complete. The
         message carries every frame registered since the last chunk, so later chunks can
         name them."""

@@ -17,6 +17,7 @@ import threading
 from typing import Callable, Hashable, Protocol
 
 from common.records import InsertAck
+from common.wire import Message
 
 BUDGET_WAIT_S = 1.0  # longest an ask for insert budget waits in the shard (stop is checked)
 FLUSH_WAIT_S = 10.0  # how long the last acknowledgements are waited for at stop
@@ -30,7 +31,7 @@ class ReplayLink(Protocol):
     """What the pacer needs of a replay shard. `result` and `ask_budget` raise `ReplayLost`
     when the shard died."""
 
-    def send(self, message: bytes) -> Hashable:
+    def send(self, message: Message) -> Hashable:
         """Start an insert; returns a handle to its acknowledgement."""
 
     def ready(self, handles: list, num: int, timeout: float | None) -> list:
@@ -64,7 +65,7 @@ class InsertPacer:
         return (self.global_steps_base * self.num_shards
                 + self.agent_steps() - self.local_steps_at_base)
 
-    def send(self, message: bytes, transitions: int) -> bool:
+    def send(self, message: Message, transitions: int) -> bool:
         """Send one chunk once the in-flight bound and the budget allow. False when it was not
         sent: the actor is stopping, or the shard died (then the actor goes on as a new
         stream, and the next ask for budget waits for the shard to be back)."""

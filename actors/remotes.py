@@ -19,7 +19,7 @@ class RayReplay:
     def __init__(self, shard):
         self.shard = shard
 
-    def send(self, message: bytes):
+    def send(self, message: wire.Message) -> ray.ObjectRef:
         return self.shard.insert.remote(wire.for_ray(message))
 
     def ready(self, handles: list, num: int, timeout: float | None) -> list:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -127,6 +128,14 @@ class InsertPlan:
         return len(self.keep) - self.stored
 
 
+def _meta_count(meta: dict, name: str, limit: int) -> int:
+    value = meta.get(name)
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < limit:
+        raise InvalidTransitions(f"meta {name!r} must be an integer in [0, {limit}), "
+                                 f"got {value!r}")
+    return value
+
+
 class ReplayBuffer:
     def __init__(self, spec: ReplaySpec, seed: int = 0):
         self.spec = spec
@@ -149,7 +158,8 @@ class ReplayBuffer:
         self.stale_dropped = 0  # transitions refused for naming frames already evicted
         self.max_priority = 1.0
         self.rng = np.random.default_rng(seed)
-        self.snapshot_hook = None  # called with (first, last) global frames about to be lost
+        # Called with (first, last) global frames about to be lost.
+        self.snapshot_hook: Callable[[int, int], None] | None = None
 
     # --- Inserting ------------------------------------------------------------------------
 
@@ -178,12 +188,8 @@ class ReplayBuffer:
             self.insert_schema.check(arrays)
         except WireError as error:
             raise InvalidTransitions(str(error)) from None
-        stream, first = meta.get("stream"), meta.get("first_frame")
-        for name, value, limit in (("stream", stream, STREAM_ID_LIMIT),
-                                   ("first_frame", first, 1 << 62)):
-            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < limit:
-                raise InvalidTransitions(f"meta {name!r} must be an integer in [0, {limit}), "
-                                         f"got {value!r}")
+        stream = _meta_count(meta, "stream", STREAM_ID_LIMIT)
+        first = _meta_count(meta, "first_frame", 1 << 62)
         if not len(arrays["action"]):
             raise InvalidTransitions("'action' must be a non-empty 1-d array")
         check_values(arrays, self.spec.num_actions)

@@ -48,13 +48,13 @@ class SharedExclusiveLock:
     """Held by many at once (`with lock.shared():`) or by one alone (`with lock:`). A waiting
     exclusive holder goes first, so a stream of samples cannot starve inserts."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._condition = threading.Condition()
         self._shared = 0
         self._exclusive = False
         self._waiting = 0
 
-    def __enter__(self):
+    def __enter__(self) -> "SharedExclusiveLock":
         with self._condition:
             self._waiting += 1
             self._condition.wait_for(lambda: not self._exclusive and not self._shared)
@@ -62,7 +62,7 @@ class SharedExclusiveLock:
             self._exclusive = True
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         with self._condition:
             self._exclusive = False
             self._condition.notify_all()
@@ -108,7 +108,7 @@ class ReplayServer:
                               config.rate_tolerance)
         return cls(buffer, limiter, shard)
 
-    def insert(self, message: bytes) -> InsertAck:
+    def insert(self, message: wire.Message) -> InsertAck:
         """Store a chunk of transitions. Returns the totals an actor paces itself by.
 
         A sender's chunks must be stored in the order it numbered their frames, and Ray does
@@ -130,19 +130,20 @@ class ReplayServer:
             except ValueError:
                 self.rejected += 1
                 raise
+            assert isinstance(stream, int)  # add() checked it
             n += self._store_parked_successors(stream)
             self.limiter.record_insert(n)
             self.sampleable.notify_all()
             return self._ack(n)
 
-    def _decode_insert(self, message) -> tuple[dict, dict]:
+    def _decode_insert(self, message: wire.Message) -> tuple[dict, dict]:
         return wire.decode(message, expect_kind=wire.TRANSITIONS,
                            schema=self.buffer.insert_schema)
 
     def _ack(self, inserted: int, parked: bool = False) -> InsertAck:
         return InsertAck(inserted, self.buffer.total_added, self.limiter.insert_budget(), parked)
 
-    def _park(self, stream: int, first: int, message) -> InsertAck:
+    def _park(self, stream: int, first: int, message: wire.Message) -> InsertAck:
         waiting = self.parked_per_stream[stream]
         if waiting >= MAX_PARKED_PER_STREAM:
             raise InvalidTransitions(
@@ -195,7 +196,7 @@ class ReplayServer:
             return self.limiter.insert_budget()
 
     def sample(self, batch_size: int, num_batches: int = 1, beta: float = 0.0,
-               wait_s: float = 0.0) -> bytes | None:
+               wait_s: float = 0.0) -> memoryview | None:
         """`num_batches` batches [num_batches, batch_size, ...] in one wire message (each
         distinct frame once; `wire.decode_batch` rebuilds the stacks), or None if the rate
         limiter still says wait after `wait_s` seconds."""
@@ -221,7 +222,7 @@ class ReplayServer:
             small = batch["frames"].nbytes <= COMPRESS_BATCH_BYTES
             return wire.encode(wire.BATCH, batch, meta, compress=("frames",) if small else ())
 
-    def update_priorities(self, message: bytes) -> int:
+    def update_priorities(self, message: wire.Message) -> int:
         """New priorities from the learner; returns how many still-stored items took them."""
         with self.lock.shared(), self.mutex:
             try:

@@ -32,7 +32,9 @@ from replay_server.server import ReplayServer
 BUDGET_GROUP, BUDGET_ASK_THREADS = "budget", 64
 
 
-@ray.remote(concurrency_groups={"sample": 2, "snapshot": 1, BUDGET_GROUP: BUDGET_ASK_THREADS})
+# (The ignore: Ray's typed overloads of `ray.remote` leave out `concurrency_groups`.)
+@ray.remote(  # type: ignore[call-overload]
+    concurrency_groups={"sample": 2, "snapshot": 1, BUDGET_GROUP: BUDGET_ASK_THREADS})
 class ReplayService:
     def __init__(self, config: Config, env_info: EnvInfo, shard: int = 0,
                  checkpoint_root: str | None = None):
@@ -53,7 +55,7 @@ class ReplayService:
                     self.restored_sampled = restored.total_sampled
         self.metrics = metrics.for_role(metrics.REPLAY, shard)
 
-    def insert(self, message: bytes) -> InsertAck:
+    def insert(self, message: wire.Message) -> InsertAck:
         try:
             result = self.server.insert(message)
         except ValueError:
@@ -80,7 +82,7 @@ class ReplayService:
             self.server.limiter.observed_samples_per_insert())
         return wire.for_ray(message)
 
-    def update_priorities(self, message: bytes) -> int:
+    def update_priorities(self, message: wire.Message) -> int:
         try:
             return self.server.update_priorities(message)
         except ValueError:

@@ -381,7 +381,7 @@ def test_streams_whose_frames_have_left_the_ring_are_forgotten():
     later = play(SyntheticEnvs(2, rng, id_base=9_000_000), adder, 400, {})
     insert_all(buffer, later)  # one sender alone pushes the others' frames out
     assert list(buffer.streams.streams) == [adder.stream]
-    assert len(buffer.streams.streams[adder.stream][0]) <= 64
+    assert len(buffer.streams.streams[adder.stream].first_numbers) <= 64
 
 
 def test_chunks_arriving_out_of_order_are_stored_in_order():

@@ -64,7 +64,9 @@ class RayShards:
             raise ShardLost(str(error)) from error
 
 
-@ray.remote(concurrency_groups={WEIGHTS_GROUP: WEIGHTS_QUERY_THREADS, "checkpoint": 1})
+# (The ignore: Ray's typed overloads of `ray.remote` leave out `concurrency_groups`.)
+@ray.remote(  # type: ignore[call-overload]
+    concurrency_groups={WEIGHTS_GROUP: WEIGHTS_QUERY_THREADS, "checkpoint": 1})
 class LearnerService:
     def __init__(self, config: Config, env_info: EnvInfo, shard_names: list[str],
                  checkpoint_root: str | None = None):
@@ -77,7 +79,8 @@ class LearnerService:
         self.life = secrets.token_hex(4)  # a restarted process reports a new one
         self.learner = DQNLearner(config, env_info)
         self.version = 0
-        self.restored_from, self.restored_updates = None, 0
+        self.restored_from: str | None = None  # the checkpoint it started from
+        self.restored_updates = 0
         if checkpoint_root is not None:
             self._restore_latest(CheckpointStore(checkpoint_root))
         # Training and saving take turns, so a checkpoint is one consistent state.

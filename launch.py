@@ -24,6 +24,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, NoReturn
 
 from actors.records import ActorReport
 from common import checkpoints
@@ -44,7 +45,7 @@ RATE_WINDOW_S = 30.0  # the progress line's rates are over about this many secon
 SITTING_SEED_STRIDE = 1_000_003  # each resumed sitting's actors play from other seeds
 
 
-def fail(message: str) -> None:
+def fail(message: str) -> NoReturn:
     print(f"launch.py: error: {message}", file=sys.stderr)
     raise SystemExit(2)
 
@@ -111,8 +112,9 @@ def connect_ray(config: Config, num_actors_hint: int) -> str | None:
         return None
     # Workers' output (TensorFlow's start-up lines and the like) reaches the terminal only with
     # --verbose; their failures reach it through the reports and errors the launcher prints.
-    kwargs = dict(logging_level=logging.INFO if config.verbose else logging.ERROR,
-                  log_to_driver=config.verbose, runtime_env={"env_vars": PROCESS_ENV})
+    kwargs: dict[str, Any] = dict(
+        logging_level=logging.INFO if config.verbose else logging.ERROR,
+        log_to_driver=config.verbose, runtime_env={"env_vars": PROCESS_ENV})
     if config.address is None:
         cpus = os.cpu_count() or 1
         # Logical CPUs: every role gets a slot even where actors outnumber cores.
@@ -159,16 +161,27 @@ def machine_layout(config: Config, cpus: int, local: bool) -> Config:
     return config.replace(num_actors=num_actors, actor_threads=threads, pin_actor_cpus=pin)
 
 
+def actor_count(config: Config) -> int:
+    """The actors of a config that `machine_layout` laid out (it always sets them)."""
+    if config.num_actors is None:
+        raise ValueError("the config's actors are not laid out yet (see machine_layout)")
+    return config.num_actors
+
+
+# A Ray actor handle: its methods' `.remote` calls are untyped to mypy.
+Handle = Any
+
+
 @dataclass
 class Roles:
-    shards: list
-    learner: object
-    actors: list
+    shards: list[Handle]
+    learner: Handle
+    actors: list[Handle]
     learner_gpus: float
-    evaluator: object | None = None
+    evaluator: Handle | None = None
 
     @property
-    def all(self) -> list:
+    def all(self) -> list[Handle]:
         return [*self.actors, self.learner, *self.shards,
                 *([self.evaluator] if self.evaluator else [])]
 
@@ -243,20 +256,23 @@ def place_roles(config: Config, env_info: EnvInfo, num_actors: int,
     # Names show on the dashboard's Actors page and prefix the roles' log lines; roles find
     # each other by them.
     shard_names = [f"dqn-replay-{i}" for i in range(config.replay_shards)]
-    shards = [ReplayService.options(name=name, num_cpus=1, resources=shard_host,
-                                    max_restarts=-1).remote(config, env_info, i, checkpoint_root)
-              for i, name in enumerate(shard_names)]
-    learner = LearnerService.options(
+    # (The ignores: mypy types a class under @ray.remote as the class itself, without the
+    # `options` of the ActorClass that Ray makes of it.)
+    shards = [ReplayService.options(  # type: ignore[attr-defined]
+        name=name, num_cpus=1, resources=shard_host, max_restarts=-1,
+    ).remote(config, env_info, i, checkpoint_root) for i, name in enumerate(shard_names)]
+    learner = LearnerService.options(  # type: ignore[attr-defined]
         name="dqn-learner", num_cpus=1, num_gpus=gpus,
         resources={LEARNER_HOST: 0.5} if on_host else {}, max_concurrency=4, max_restarts=-1,
     ).remote(config, env_info, shard_names, checkpoint_root)
-    actors = [ActorService.options(name=f"dqn-actor-{i}", num_cpus=1, max_concurrency=3,
-                                   max_restarts=-1).remote(
-        config, env_info, i, num_actors, shard_names[i % len(shards)], "dqn-learner")
+    actors = [ActorService.options(  # type: ignore[attr-defined]
+        name=f"dqn-actor-{i}", num_cpus=1, max_concurrency=3, max_restarts=-1,
+    ).remote(config, env_info, i, num_actors, shard_names[i % len(shards)], "dqn-learner")
         for i in range(num_actors)]
     # Evaluations are short bursts between long pauses: no CPU slot of its own.
-    evaluator = (EvaluatorService.options(name="dqn-evaluator", num_cpus=0, max_restarts=-1)
-                 .remote(config, env_info, "dqn-learner") if config.eval_every_s > 0 else None)
+    evaluator = (EvaluatorService.options(  # type: ignore[attr-defined]
+        name="dqn-evaluator", num_cpus=0, max_restarts=-1,
+    ).remote(config, env_info, "dqn-learner") if config.eval_every_s > 0 else None)
     return Roles(shards, learner, actors, gpus, evaluator)
 
 
@@ -311,6 +327,9 @@ def wait_all(refs: list, timeout_s: float) -> list:
 
 class RunFailed(Exception):
     """The run cannot go on; the message is the one-line reason."""
+
+
+ROLE_KINDS = ("actors", "replay", "learner", "evaluator")
 
 
 @dataclass
@@ -401,22 +420,18 @@ class Progress:
         value is not what `state()` writes."""
         counts = [state.get(name) for name in ("agent_steps", "episodes", "sitting")]
         returns, restarts = state.get("returns"), state.get("restarts")
-        valid = (all(type(n) is int and n >= 0 for n in counts)
-                 and isinstance(returns, list) and len(returns) <= 100
-                 and all(type(r) in (int, float) and math.isfinite(r) for r in returns)
-                 and isinstance(restarts, dict) and set(restarts) == set(ROLE_KINDS)
-                 and all(type(n) is int and n >= 0 for n in restarts.values())
-                 and type(state.get("elapsed_s")) in (int, float) and state["elapsed_s"] >= 0
-                 and valid_evals(state.get("evals", {})))
-        if not valid:
+        if not (all(type(n) is int and n >= 0 for n in counts)
+                and isinstance(returns, list) and len(returns) <= 100
+                and all(type(r) in (int, float) and math.isfinite(r) for r in returns)
+                and isinstance(restarts, dict) and set(restarts) == set(ROLE_KINDS)
+                and all(type(n) is int and n >= 0 for n in restarts.values())
+                and type(state.get("elapsed_s")) in (int, float) and state["elapsed_s"] >= 0
+                and valid_evals(state.get("evals", {}))):
             raise CheckpointError(f"{where}: not the launcher progress of this project")
         return cls(frame_skip=frame_skip, agent_steps_before=state["agent_steps"],
                    returns=collections.deque(returns, maxlen=100), episodes=state["episodes"],
                    restarts=dict(restarts), elapsed_before_s=float(state["elapsed_s"]),
                    sitting=state["sitting"] + 1, evals=state.get("evals", {}))
-
-
-ROLE_KINDS = ("actors", "replay", "learner", "evaluator")
 
 
 def eval_record(result: dict, agent_steps: int) -> dict:
@@ -678,10 +693,11 @@ def write_checkpoint(roles: Roles, progress: Progress, store: CheckpointStore, k
     return name
 
 
-def load_resume_point(config: Config, frame_skip: int) -> tuple[CheckpointStore, Progress]:
-    """The checkpoint a resumed run carries on from, checked before anything starts."""
+def load_resume_point(config: Config, run_dir: Path,
+                      frame_skip: int) -> tuple[CheckpointStore, Progress]:
+    """The checkpoint the run in `run_dir` carries on from, checked before anything starts."""
     try:
-        store = CheckpointStore(checkpoint_root(config, Path(config.resume)))
+        store = CheckpointStore(checkpoint_root(config, run_dir))
         name = store.latest()
         if name is None:
             fail(f"{store.describe('')} holds no checkpoint to resume from")
@@ -767,7 +783,7 @@ def main(argv: list[str] | None = None) -> int:
         fail(str(error))
     logdir = Path(config.resume) if config.resume else resolve_logdir(config)
     if config.resume:
-        store, progress = load_resume_point(config, env_info.frame_skip)
+        store, progress = load_resume_point(config, logdir, env_info.frame_skip)
     else:
         store, progress = new_run_store(config, logdir), Progress(env_info.frame_skip)
     secure_ray_environment(config)
@@ -775,7 +791,7 @@ def main(argv: list[str] | None = None) -> int:
         check_replay_fits_memory(config, env_info)
     local_cpus = os.cpu_count() or 1
     dashboard_url = connect_ray(
-        config, machine_layout(config, local_cpus, local=True).num_actors)
+        config, actor_count(machine_layout(config, local_cpus, local=True)))
     started_ray = dashboard_url is not None
     stop_on_signals()  # after Ray's start, which installs a SIGTERM handler of its own
     import ray
@@ -783,12 +799,12 @@ def main(argv: list[str] | None = None) -> int:
         cpus = local_cpus if started_ray else int(ray.cluster_resources().get("CPU", 1))
         config = machine_layout(config, cpus, local=started_ray)
         # A local Ray cannot grow: what does not fit now never will.
-        wait_for_room(config, config.num_actors,
+        wait_for_room(config, actor_count(config),
                       0.0 if started_ray else config.placement_timeout_s)
         # Each sitting's actors play new games; the saved config keeps the base seed.
         roles_config = config.replace(
             seed=config.seed + SITTING_SEED_STRIDE * (progress.sitting - 1))
-        roles = place_roles(roles_config, env_info, config.num_actors, store.root)
+        roles = place_roles(roles_config, env_info, actor_count(config), store.root)
         learner, shards = wait_until_serving(roles)
         check_checkpoints_reachable(store, learner)
         progress.learner, progress.learner_answered = learner, time.monotonic()
@@ -874,8 +890,9 @@ def limit_reached(config: Config, progress: Progress, sitting_s: float) -> bool:
         return True
     if config.total_agent_steps is not None and progress.agent_steps >= config.total_agent_steps:
         return True
+    mean = progress.mean_return_100
     if (config.target_mean_return is not None and len(progress.returns) == 100
-            and progress.mean_return_100 >= config.target_mean_return):
+            and mean is not None and mean >= config.target_mean_return):
         print(f"mean return of the last 100 episodes reached {config.target_mean_return}",
               flush=True)
         return True

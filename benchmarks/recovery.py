@@ -100,7 +100,7 @@ def serving(report: Report | None, wait_s: float = 1.0) -> Report:
 def measure(config: Config, store: CheckpointStore) -> dict:
     import ray
     env_info = describe_env(config.env, config.max_episode_agent_steps, config.frame_stack)
-    roles = launch.place_roles(config, env_info, config.num_actors, store.root)
+    roles = launch.place_roles(config, env_info, launch.actor_count(config), store.root)
     progress = launch.Progress(env_info.frame_skip)
     learner, shard = roles.learner, roles.shards[0]
     results: dict = {}
@@ -121,6 +121,8 @@ def measure(config: Config, store: CheckpointStore) -> dict:
     name = launch.write_checkpoint(roles, progress, store, config.keep_checkpoints, 0.0)
     results["checkpoint_s"] = round(time.monotonic() - started, 2)
     results["checkpoint_updates_during"] = updates(learner) - before
+    if name is None:
+        raise SystemExit("recovery.py: the checkpoint was not written")
     folder = Path(store.path(name))
     results["checkpoint_mb"] = round(sum(f.stat().st_size for f in folder.rglob("*")
                                          if f.is_file()) / 1e6, 1)
@@ -175,7 +177,7 @@ def measure(config: Config, store: CheckpointStore) -> dict:
         ray.kill(handle, no_restart=True)
     time.sleep(1.0)
     started = time.monotonic()
-    roles = launch.place_roles(config, env_info, config.num_actors, store.root)
+    roles = launch.place_roles(config, env_info, launch.actor_count(config), store.root)
     launch.wait_until_serving(roles, WAIT_S)
     restored = serving(learner_stats(roles.learner)).restored_updates
     wait_until(lambda: updates(roles.learner) > restored, "training after resume", roles)
@@ -197,7 +199,7 @@ def main() -> None:
     config = launch.machine_layout(base, os.cpu_count() or 1, local=True)
     with tempfile.TemporaryDirectory(prefix="dqn-recovery-") as tmp:
         store = CheckpointStore(os.path.join(tmp, "checkpoints"))
-        launch.connect_ray(config, config.num_actors)
+        launch.connect_ray(config, launch.actor_count(config))
         try:
             results = measure(config, store)
         finally:

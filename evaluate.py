@@ -108,8 +108,12 @@ def load_network(policy, weights: Path | None, root: str | None) -> str:
                                 f"({first_line(error)})") from None
         return str(weights)
     from common.networks import tf
+    assert root is not None  # resolve_source gives weights or a checkpoint root
     store = CheckpointStore(root)
-    with store.latest_part(checkpoints.LEARNER) as (name, folder):
+    with store.latest_part(checkpoints.LEARNER) as latest:
+        if latest is None:
+            raise EvaluateError(f"{store.describe('')}: no checkpoint any more")
+        name, folder = latest
         prefix = os.path.join(folder, "state")
         try:
             tf.train.Checkpoint(online=policy.model).read(prefix).expect_partial() \
@@ -134,19 +138,21 @@ def record_episode(config: Config, policy, args, path: Path) -> dict:
     import gymnasium as gym
 
     from common.envs import is_atari, make_env
-    video = {"writer": None, "frames": 0}
+    writer: cv2.VideoWriter | None = None  # opened at the first frame, which gives the size
+    frames = 0
 
     def on_frame(rgb):
+        nonlocal writer, frames
         scale = max(1, math.ceil(VIDEO_MIN_HEIGHT / rgb.shape[0]))
         frame = cv2.resize(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), None, fx=scale, fy=scale,
                            interpolation=cv2.INTER_NEAREST)
-        if video["writer"] is None:
-            video["writer"] = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps,
-                                              (frame.shape[1], frame.shape[0]))
-            if not video["writer"].isOpened():
+        if writer is None:
+            writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps,
+                                     (frame.shape[1], frame.shape[0]))
+            if not writer.isOpened():
                 raise EvaluateError(f"--video {path}: OpenCV cannot write an mp4 here")
-        video["writer"].write(frame)
-        video["frames"] += 1
+        writer.write(frame)
+        frames += 1
 
     env = make_env(config.env, config.max_episode_agent_steps, config.frame_stack,
                    repeat_action_probability=args.sticky_actions, on_frame=on_frame)
@@ -164,20 +170,20 @@ def record_episode(config: Config, policy, args, path: Path) -> dict:
         raise EvaluateError(f"--video for {config.env}: {first_line(error)}") from None
     finally:
         env.close()
-        if video["writer"] is not None:
-            video["writer"].release()
-    return {"video": str(path), "video_return": score, "video_frames": video["frames"],
+        if writer is not None:
+            writer.release()
+    return {"video": str(path), "video_return": score, "video_frames": frames,
             "video_fps": fps}
 
 
 def evaluate(args: argparse.Namespace) -> dict:
     from actors.evaluator import Evaluator
-    config, *source = resolve_source(args.source)
+    config, weights, root = resolve_source(args.source)
     env_info = describe_env(config.env, config.max_episode_agent_steps, config.frame_stack)
     evaluator = Evaluator(config, env_info, args.episodes, args.seed,
                           repeat_action_probability=args.sticky_actions, num_threads=0)
     try:
-        loaded = load_network(evaluator.policy, *source)  # once, for the scores and the video
+        loaded = load_network(evaluator.policy, weights, root)  # once: scores and video
         returns = evaluator.play(args.epsilon)
         report = {"source": str(args.source), "weights": loaded, "env": config.env,
                   "episodes": len(returns), "epsilon": args.epsilon,

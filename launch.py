@@ -24,13 +24,17 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, NoReturn
 
+from actors.records import ActorReport
 from common import checkpoints
 from common.checkpoints import CheckpointError, CheckpointStore
 from common.config import RUN_CONFIG, Config, config_to_json, epsilon_at, parse_args
 from common.env_info import EnvInfo
 from common.envs import EnvError, describe_env
 from common.process import PROCESS_ENV, native_output_hidden
+from learner.records import LearnerStats
+from replay_server.records import ReplayServiceStats
 
 LEARNER_HOST = "dqn_learner_host"  # custom resource of the node that hosts learner and replay
 POLL_WAIT_S = 5.0  # longest a progress round waits for the roles' reports
@@ -41,7 +45,7 @@ RATE_WINDOW_S = 30.0  # the progress line's rates are over about this many secon
 SITTING_SEED_STRIDE = 1_000_003  # each resumed sitting's actors play from other seeds
 
 
-def fail(message: str) -> None:
+def fail(message: str) -> NoReturn:
     print(f"launch.py: error: {message}", file=sys.stderr)
     raise SystemExit(2)
 
@@ -108,8 +112,9 @@ def connect_ray(config: Config, num_actors_hint: int) -> str | None:
         return None
     # Workers' output (TensorFlow's start-up lines and the like) reaches the terminal only with
     # --verbose; their failures reach it through the reports and errors the launcher prints.
-    kwargs = dict(logging_level=logging.INFO if config.verbose else logging.ERROR,
-                  log_to_driver=config.verbose, runtime_env={"env_vars": PROCESS_ENV})
+    kwargs: dict[str, Any] = dict(
+        logging_level=logging.INFO if config.verbose else logging.ERROR,
+        log_to_driver=config.verbose, runtime_env={"env_vars": PROCESS_ENV})
     if config.address is None:
         cpus = os.cpu_count() or 1
         # Logical CPUs: every role gets a slot even where actors outnumber cores.
@@ -156,16 +161,27 @@ def machine_layout(config: Config, cpus: int, local: bool) -> Config:
     return config.replace(num_actors=num_actors, actor_threads=threads, pin_actor_cpus=pin)
 
 
+def actor_count(config: Config) -> int:
+    """The actors of a config that `machine_layout` laid out (it always sets them)."""
+    if config.num_actors is None:
+        raise ValueError("the config's actors are not laid out yet (see machine_layout)")
+    return config.num_actors
+
+
+# A Ray actor handle: its methods' `.remote` calls are untyped to mypy.
+Handle = Any
+
+
 @dataclass
 class Roles:
-    shards: list
-    learner: object
-    actors: list
+    shards: list[Handle]
+    learner: Handle
+    actors: list[Handle]
     learner_gpus: float
-    evaluator: object | None = None
+    evaluator: Handle | None = None
 
     @property
-    def all(self) -> list:
+    def all(self) -> list[Handle]:
         return [*self.actors, self.learner, *self.shards,
                 *([self.evaluator] if self.evaluator else [])]
 
@@ -240,30 +256,36 @@ def place_roles(config: Config, env_info: EnvInfo, num_actors: int,
     # Names show on the dashboard's Actors page and prefix the roles' log lines; roles find
     # each other by them.
     shard_names = [f"dqn-replay-{i}" for i in range(config.replay_shards)]
-    shards = [ReplayService.options(name=name, num_cpus=1, resources=shard_host,
-                                    max_restarts=-1).remote(config, env_info, i, checkpoint_root)
-              for i, name in enumerate(shard_names)]
-    learner = LearnerService.options(
+    # (The ignores: mypy types a class under @ray.remote as the class itself, without the
+    # `options` of the ActorClass that Ray makes of it.)
+    shards = [ReplayService.options(  # type: ignore[attr-defined]
+        name=name, num_cpus=1, resources=shard_host, max_restarts=-1,
+    ).remote(config, env_info, i, checkpoint_root) for i, name in enumerate(shard_names)]
+    learner = LearnerService.options(  # type: ignore[attr-defined]
         name="dqn-learner", num_cpus=1, num_gpus=gpus,
         resources={LEARNER_HOST: 0.5} if on_host else {}, max_concurrency=4, max_restarts=-1,
     ).remote(config, env_info, shard_names, checkpoint_root)
-    actors = [ActorService.options(name=f"dqn-actor-{i}", num_cpus=1, max_concurrency=3,
-                                   max_restarts=-1).remote(
-        config, env_info, i, num_actors, shard_names[i % len(shards)], "dqn-learner")
+    actors = [ActorService.options(  # type: ignore[attr-defined]
+        name=f"dqn-actor-{i}", num_cpus=1, max_concurrency=3, max_restarts=-1,
+    ).remote(config, env_info, i, num_actors, shard_names[i % len(shards)], "dqn-learner")
         for i in range(num_actors)]
     # Evaluations are short bursts between long pauses: no CPU slot of its own.
-    evaluator = (EvaluatorService.options(name="dqn-evaluator", num_cpus=0, max_restarts=-1)
-                 .remote(config, env_info, "dqn-learner") if config.eval_every_s > 0 else None)
+    evaluator = (EvaluatorService.options(  # type: ignore[attr-defined]
+        name="dqn-evaluator", num_cpus=0, max_restarts=-1,
+    ).remote(config, env_info, "dqn-learner") if config.eval_every_s > 0 else None)
     return Roles(shards, learner, actors, gpus, evaluator)
 
 
-def wait_until_serving(roles: Roles, timeout_s: float = 600.0) -> list[dict]:
+def wait_until_serving(roles: Roles, timeout_s: float = 600.0
+                       ) -> tuple[LearnerStats, list[ReplayServiceStats]]:
     """The learner's and the shards' first stats, once their constructors (and restores) are
     done; a constructor's error ends the launch with its one line."""
     import ray
     try:
-        return ray.get([roles.learner.stats.remote(),
-                        *[shard.stats.remote() for shard in roles.shards]], timeout=timeout_s)
+        learner, *shards = ray.get([roles.learner.stats.remote(),
+                                    *[shard.stats.remote() for shard in roles.shards]],
+                                   timeout=timeout_s)
+        return learner, shards
     except ray.exceptions.GetTimeoutError:
         fail(f"the learner and the replay shards did not start within {timeout_s:.0f} s")
     except ray.exceptions.RayError as error:
@@ -307,6 +329,9 @@ class RunFailed(Exception):
     """The run cannot go on; the message is the one-line reason."""
 
 
+ROLE_KINDS = ("actors", "replay", "learner", "evaluator")
+
+
 @dataclass
 class Progress:
     """Totals the launcher keeps from the roles' reports, and carries across restarts and
@@ -316,8 +341,10 @@ class Progress:
     agent_steps_before: int = 0  # steps of actor lives that ended, and of earlier sittings
     returns: collections.deque = field(default_factory=lambda: collections.deque(maxlen=100))
     episodes: int = 0
-    learner: dict = field(default_factory=dict)
-    replay: dict = field(default_factory=dict)
+    learner: LearnerStats | None = None  # its latest stats
+    learner_answered: float | None = None  # when it last answered (time.monotonic)
+    replay: ReplayTotals | None = None  # all shards' latest stats, summed
+    replay_answered: float | None = None  # when all shards last answered (time.monotonic)
     restarts: dict = field(default_factory=lambda: dict.fromkeys(ROLE_KINDS, 0))
     lives: dict = field(default_factory=dict)  # (kind, index) -> the life token it last reported
     actor_versions: dict = field(default_factory=dict)  # live actor index -> its weights' version
@@ -340,9 +367,16 @@ class Progress:
     @property
     def policy_lag(self) -> int:
         """Weight versions the oldest live actor is behind the learner."""
-        if not self.actor_versions or not self.learner:
+        if not self.actor_versions or self.learner is None:
             return 0
-        return max(self.learner["weight_version"] - min(self.actor_versions.values()), 0)
+        return max(self.learner.weight_version - min(self.actor_versions.values()), 0)
+
+    def latest(self) -> tuple[LearnerStats, ReplayTotals]:
+        """The learner's and the replay's latest figures: a run takes their first before its
+        first round (`wait_until_serving`)."""
+        if self.learner is None or self.replay is None:
+            raise RuntimeError("the learner and the replay shards have not reported yet")
+        return self.learner, self.replay
 
     @property
     def mean_return_100(self) -> float | None:
@@ -357,13 +391,13 @@ class Progress:
         self.restarts[kind] += 1
         return True
 
-    def absorb_actor(self, index: int, report: dict) -> bool:
+    def absorb_actor(self, index: int, report: ActorReport) -> bool:
         """Takes an actor's report in; whether it came from a restarted process."""
-        restarted = self.new_life("actors", index, report["life"])
+        restarted = self.new_life("actors", index, report.life)
         if restarted:  # it counts from zero again
             self.agent_steps_before += self.actor_steps.get(index, 0)
-        self.actor_steps[index] = report["agent_steps"]
-        for ret, _length in report["episodes"]:
+        self.actor_steps[index] = report.agent_steps
+        for ret, _length in report.episodes:
             self.returns.append(ret)
             self.new_returns.append(ret)
             self.episodes += 1
@@ -386,22 +420,18 @@ class Progress:
         value is not what `state()` writes."""
         counts = [state.get(name) for name in ("agent_steps", "episodes", "sitting")]
         returns, restarts = state.get("returns"), state.get("restarts")
-        valid = (all(type(n) is int and n >= 0 for n in counts)
-                 and isinstance(returns, list) and len(returns) <= 100
-                 and all(type(r) in (int, float) and math.isfinite(r) for r in returns)
-                 and isinstance(restarts, dict) and set(restarts) == set(ROLE_KINDS)
-                 and all(type(n) is int and n >= 0 for n in restarts.values())
-                 and type(state.get("elapsed_s")) in (int, float) and state["elapsed_s"] >= 0
-                 and valid_evals(state.get("evals", {})))
-        if not valid:
+        if not (all(type(n) is int and n >= 0 for n in counts)
+                and isinstance(returns, list) and len(returns) <= 100
+                and all(type(r) in (int, float) and math.isfinite(r) for r in returns)
+                and isinstance(restarts, dict) and set(restarts) == set(ROLE_KINDS)
+                and all(type(n) is int and n >= 0 for n in restarts.values())
+                and type(state.get("elapsed_s")) in (int, float) and state["elapsed_s"] >= 0
+                and valid_evals(state.get("evals", {}))):
             raise CheckpointError(f"{where}: not the launcher progress of this project")
         return cls(frame_skip=frame_skip, agent_steps_before=state["agent_steps"],
                    returns=collections.deque(returns, maxlen=100), episodes=state["episodes"],
                    restarts=dict(restarts), elapsed_before_s=float(state["elapsed_s"]),
                    sitting=state["sitting"] + 1, evals=state.get("evals", {}))
-
-
-ROLE_KINDS = ("actors", "replay", "learner", "evaluator")
 
 
 def eval_record(result: dict, agent_steps: int) -> dict:
@@ -422,11 +452,18 @@ def valid_evals(evals) -> bool:
         valid(record) for record in evals.values())
 
 
-def replay_totals(shard_stats: list[dict]) -> dict:
-    inserted = sum(stats["total_inserted"] for stats in shard_stats)
-    sampled = sum(stats["total_sampled"] for stats in shard_stats)
-    return {"size": sum(stats["size"] for stats in shard_stats),
-            "samples_per_insert": sampled / inserted if inserted else 0.0}
+@dataclass(frozen=True)
+class ReplayTotals:
+    """What the launcher shows of the replay shards, all together."""
+    size: int
+    samples_per_insert: float
+
+    @classmethod
+    def of(cls, shard_stats: list[ReplayServiceStats]) -> "ReplayTotals":
+        inserted = sum(stats.total_inserted for stats in shard_stats)
+        sampled = sum(stats.total_sampled for stats in shard_stats)
+        return cls(sum(stats.size for stats in shard_stats),
+                   sampled / inserted if inserted else 0.0)
 
 
 def poll(roles: Roles, progress: Progress, wait_s: float = POLL_WAIT_S,
@@ -443,32 +480,33 @@ def poll(roles: Roles, progress: Progress, wait_s: float = POLL_WAIT_S,
         if progress.absorb_actor(index, report):
             print(f"actor {index}'s process died; Ray restarted it", file=sys.stderr,
                   flush=True)
-        progress.actor_versions[index] = report["weight_version"]
-        if report["error"]:  # its loop died with the process alive: restart the process
-            print(f"actor {index} failed; restarting it:\n{report['error']}", file=sys.stderr)
+        progress.actor_versions[index] = report.weight_version
+        if report.error:  # its loop died with the process alive: restart the process
+            print(f"actor {index} failed; restarting it:\n{report.error}", file=sys.stderr)
             ray.kill(roles.actors[index], no_restart=False)
     learner, *shards = wait_all([roles.learner.stats.remote(),
                                  *[shard.stats.remote() for shard in roles.shards]], wait_s)
     now = time.monotonic()
     if learner is not None:
-        if progress.new_life("learner", 0, learner["life"]):
+        if progress.new_life("learner", 0, learner.life):
             print(f"the learner's process died; Ray restarted it from "
-                  f"{learner['restored_from'] or 'scratch (no checkpoint yet)'}",
+                  f"{learner.restored_from or 'scratch (no checkpoint yet)'}",
                   file=sys.stderr, flush=True)
-        progress.learner = {**learner, "answered": now}
-        if learner["error"]:
-            error = learner["error"].strip()
+        progress.learner, progress.learner_answered = learner, now
+        if learner.error:
+            error = learner.error.strip()
             raise RunFailed(f"the learner failed:{chr(10) if chr(10) in error else ' '}{error}")
-    elif now - progress.learner.get("answered", now) > silence_s:
+    elif progress.learner_answered is not None and now - progress.learner_answered > silence_s:
         raise RunFailed(f"the learner has not answered for {silence_s:g} s")
     for index, stats in enumerate(shards):
-        if stats is not None and progress.new_life("replay", index, stats["life"]):
+        if stats is not None and progress.new_life("replay", index, stats.life):
             print(f"replay shard {index}'s process died; Ray restarted it from "
-                  f"{stats['restored_from'] or 'empty (no checkpoint yet)'}", file=sys.stderr,
+                  f"{stats.restored_from or 'empty (no checkpoint yet)'}", file=sys.stderr,
                   flush=True)
-    if all(stats is not None for stats in shards):
-        progress.replay = {**replay_totals(shards), "answered": now}
-    elif now - progress.replay.get("answered", now) > silence_s:
+    answered = [stats for stats in shards if stats is not None]
+    if len(answered) == len(shards):
+        progress.replay, progress.replay_answered = ReplayTotals.of(answered), now
+    elif progress.replay_answered is not None and now - progress.replay_answered > silence_s:
         raise RunFailed(f"a replay shard has not answered for {silence_s:g} s")
 
 
@@ -520,10 +558,10 @@ class ProgressLog:
         self._sample(progress)
 
     def _sample(self, progress: Progress) -> None:
-        now, learner = time.monotonic(), progress.learner
-        if self.window and learner["updates"] < self.window[-1][2]:
+        now, (learner, _) = time.monotonic(), progress.latest()
+        if self.window and learner.updates < self.window[-1][2]:
             self.window.clear()  # a learner restored from a checkpoint counts from there
-        self.window.append((now, progress.agent_steps, learner["updates"], learner["starved_s"]))
+        self.window.append((now, progress.agent_steps, learner.updates, learner.starved_s))
         while len(self.window) > 2 and now - self.window[1][0] >= RATE_WINDOW_S:
             self.window.popleft()
 
@@ -540,13 +578,12 @@ class ProgressLog:
         """The figures of this round as a progress line and TensorBoard scalars, with the
         episodes finished since the last call and `evaluation` if one finished."""
         self._sample(progress)
-        steps, learner = progress.agent_steps, progress.learner
+        steps, (learner, replay) = progress.agent_steps, progress.latest()
         figures = {**self.rates(),
-                   "replay_size": progress.replay["size"], "episodes": progress.episodes,
-                   "weight_version": learner["weight_version"],
-                   "target_syncs": learner["target_syncs"], "loss": learner["loss"],
-                   "q_mean": learner["q_mean"],
-                   "samples_per_insert": progress.replay["samples_per_insert"],
+                   "replay_size": replay.size, "episodes": progress.episodes,
+                   "weight_version": learner.weight_version,
+                   "target_syncs": learner.target_syncs, "loss": learner.loss,
+                   "q_mean": learner.q_mean, "samples_per_insert": replay.samples_per_insert,
                    "live_actors": progress.live_actors, "policy_lag": progress.policy_lag}
         figures["env_frames_per_s"] = figures["agent_steps_per_s"] * progress.frame_skip
         if progress.mean_return_100 is not None:
@@ -656,10 +693,11 @@ def write_checkpoint(roles: Roles, progress: Progress, store: CheckpointStore, k
     return name
 
 
-def load_resume_point(config: Config, frame_skip: int) -> tuple[CheckpointStore, Progress]:
-    """The checkpoint a resumed run carries on from, checked before anything starts."""
+def load_resume_point(config: Config, run_dir: Path,
+                      frame_skip: int) -> tuple[CheckpointStore, Progress]:
+    """The checkpoint the run in `run_dir` carries on from, checked before anything starts."""
     try:
-        store = CheckpointStore(checkpoint_root(config, Path(config.resume)))
+        store = CheckpointStore(checkpoint_root(config, run_dir))
         name = store.latest()
         if name is None:
             fail(f"{store.describe('')} holds no checkpoint to resume from")
@@ -745,7 +783,7 @@ def main(argv: list[str] | None = None) -> int:
         fail(str(error))
     logdir = Path(config.resume) if config.resume else resolve_logdir(config)
     if config.resume:
-        store, progress = load_resume_point(config, env_info.frame_skip)
+        store, progress = load_resume_point(config, logdir, env_info.frame_skip)
     else:
         store, progress = new_run_store(config, logdir), Progress(env_info.frame_skip)
     secure_ray_environment(config)
@@ -753,7 +791,7 @@ def main(argv: list[str] | None = None) -> int:
         check_replay_fits_memory(config, env_info)
     local_cpus = os.cpu_count() or 1
     dashboard_url = connect_ray(
-        config, machine_layout(config, local_cpus, local=True).num_actors)
+        config, actor_count(machine_layout(config, local_cpus, local=True)))
     started_ray = dashboard_url is not None
     stop_on_signals()  # after Ray's start, which installs a SIGTERM handler of its own
     import ray
@@ -761,24 +799,24 @@ def main(argv: list[str] | None = None) -> int:
         cpus = local_cpus if started_ray else int(ray.cluster_resources().get("CPU", 1))
         config = machine_layout(config, cpus, local=started_ray)
         # A local Ray cannot grow: what does not fit now never will.
-        wait_for_room(config, config.num_actors,
+        wait_for_room(config, actor_count(config),
                       0.0 if started_ray else config.placement_timeout_s)
         # Each sitting's actors play new games; the saved config keeps the base seed.
         roles_config = config.replace(
             seed=config.seed + SITTING_SEED_STRIDE * (progress.sitting - 1))
-        roles = place_roles(roles_config, env_info, config.num_actors, store.root)
-        learner, *shards = wait_until_serving(roles)
+        roles = place_roles(roles_config, env_info, actor_count(config), store.root)
+        learner, shards = wait_until_serving(roles)
         check_checkpoints_reachable(store, learner)
-        progress.learner = {**learner, "answered": time.monotonic()}
-        progress.replay = {**replay_totals(shards), "answered": time.monotonic()}
+        progress.learner, progress.learner_answered = learner, time.monotonic()
+        progress.replay, progress.replay_answered = ReplayTotals.of(shards), time.monotonic()
         progress.agent_steps_at_start, progress.updates_at_start = (progress.agent_steps,
-                                                                    learner["updates"])
+                                                                    learner.updates)
         if not config.resume:
             logdir.mkdir(parents=True, exist_ok=True)
             write_atomically(logdir / RUN_CONFIG,
                              (json.dumps(run_record(config), indent=2) + "\n").encode())
         device = "GPU" if roles.learner_gpus else "CPU"
-        resumed = (f" | resumed from {learner['restored_from']} at "
+        resumed = (f" | resumed from {learner.restored_from} at "
                    f"{progress.agent_steps:,} agent steps" if config.resume else "")
         print(f"{config.preset}: {config.env} | {config.num_actors} actors x "
               f"{config.envs_per_actor} envs | {config.replay_shards} replay shard(s) | learner "
@@ -796,13 +834,13 @@ def main(argv: list[str] | None = None) -> int:
             ray.shutdown()
 
 
-def check_checkpoints_reachable(store: CheckpointStore, learner: dict) -> None:
+def check_checkpoints_reachable(store: CheckpointStore, learner: LearnerStats) -> None:
     """A local checkpoint directory is written by the learner's machine and committed by this
     one: they must be the same machine (the head of cluster.yaml is both)."""
     import ray
-    if store.local and learner["node_ip"] != ray.util.get_node_ip_address():
+    if store.local and learner.node_ip != ray.util.get_node_ip_address():
         fail(f"--checkpoint-dir {store.root} is a local path, but the learner runs on another "
-             f"machine ({learner['node_ip']}): run launch.py on the learner's node, or give an "
+             f"machine ({learner.node_ip}): run launch.py on the learner's node, or give an "
              f"s3:// or gs:// URI")
 
 
@@ -852,15 +890,17 @@ def limit_reached(config: Config, progress: Progress, sitting_s: float) -> bool:
         return True
     if config.total_agent_steps is not None and progress.agent_steps >= config.total_agent_steps:
         return True
+    mean = progress.mean_return_100
     if (config.target_mean_return is not None and len(progress.returns) == 100
-            and progress.mean_return_100 >= config.target_mean_return):
+            and mean is not None and mean >= config.target_mean_return):
         print(f"mean return of the last 100 episodes reached {config.target_mean_return}",
               flush=True)
         return True
     return False
 
 
-def stop_in_order(roles: Roles, wait_s: float) -> tuple[list, dict | None]:
+def stop_in_order(roles: Roles, wait_s: float
+                  ) -> tuple[list[ActorReport | None], LearnerStats | None]:
     """Stop in data-flow order: actors first, so the learner sees no new data, then the
     learner; each wait is bounded by `wait_s`, and a role that does not answer is skipped.
     Returns the actors' last reports and the learner's last stats (None where silent)."""
@@ -877,14 +917,16 @@ def stop_and_collect(roles: Roles, progress: Progress, wait_s: float = STOP_WAIT
     if learner is not None:
         progress.learner = learner
     shards = wait_all([shard.stats.remote() for shard in roles.shards], wait_s)
-    if all(stats is not None for stats in shards):
-        progress.replay = replay_totals(shards)
+    answered = [stats for stats in shards if stats is not None]
+    if len(answered) == len(shards):
+        progress.replay = ReplayTotals.of(answered)
 
 
 def make_summary(config: Config, env_info: EnvInfo, progress: Progress, elapsed_s: float,
                  num_actors: int) -> dict:
     """This sitting's rates; totals over the whole run (all sittings)."""
-    steps, updates = progress.agent_steps, progress.learner["updates"]
+    (learner, replay), steps = progress.latest(), progress.agent_steps
+    updates = learner.updates
     sitting_steps = steps - progress.agent_steps_at_start
     sitting_updates = updates - progress.updates_at_start
     return {
@@ -892,17 +934,15 @@ def make_summary(config: Config, env_info: EnvInfo, progress: Progress, elapsed_
         "run_seconds": round(progress.elapsed_before_s + elapsed_s, 2),
         "sitting": progress.sitting,
         "num_actors": num_actors, "envs_per_actor": config.envs_per_actor,
-        "learner_device": progress.learner["device"],
+        "learner_device": learner.device,
         "agent_steps": steps, "env_frames": steps * env_info.frame_skip, "updates": updates,
-        "weight_version": progress.learner["weight_version"],
-        "target_syncs": progress.learner["target_syncs"],
+        "weight_version": learner.weight_version, "target_syncs": learner.target_syncs,
         "episodes": progress.episodes, "mean_return_100": progress.mean_return_100,
         "agent_steps_per_s": round(sitting_steps / elapsed_s, 2),
         "env_frames_per_s": round(sitting_steps * env_info.frame_skip / elapsed_s, 2),
         "updates_per_s": round(sitting_updates / elapsed_s, 2),
-        "learner_starved_s": round(progress.learner["starved_s"], 2),
-        "replay_size": progress.replay["size"],
-        "samples_per_insert": round(progress.replay["samples_per_insert"], 3),
+        "learner_starved_s": round(learner.starved_s, 2), "replay_size": replay.size,
+        "samples_per_insert": round(replay.samples_per_insert, 3),
         "restarts": progress.restarts,
         # What rebuilds the network for the weights file, without guessing.
         "network": network_description(config, env_info),

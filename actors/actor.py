@@ -19,8 +19,11 @@ from common.env_info import EnvInfo
 def epsilon_ladder(config: Config, env_index: int, num_envs: int) -> float:
     """Ape-X: env `env_index` of `num_envs` (all envs of all actors) explores with a fixed
     epsilon base^(1 + exponent * i / (N - 1)), from base down to base^(1 + exponent)."""
+    base = config.epsilon_ladder_base
+    if base is None:
+        raise ValueError("the config has no epsilon ladder (epsilon_ladder_base is None)")
     spread = env_index / (num_envs - 1) if num_envs > 1 else 0.0
-    return config.epsilon_ladder_base ** (1.0 + config.epsilon_ladder_exponent * spread)
+    return base ** (1.0 + config.epsilon_ladder_exponent * spread)
 
 
 class Actor:
@@ -86,7 +89,7 @@ class Actor:
         self.agent_steps += len(actions)
         return result
 
-    def take_chunk(self) -> tuple[bytes, int] | None:
+    def take_chunk(self) -> tuple[memoryview, int] | None:
         """(insert message, transition count) of the next full chunk, if one is ready."""
         return self.adder.take_chunk()
 

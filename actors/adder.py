@@ -18,10 +18,29 @@ from __future__ import annotations
 
 import collections
 import secrets
+from typing import NamedTuple
 
 import numpy as np
 
 from common.wire import encode_transitions
+
+
+class PendingStep(NamedTuple):
+    """A step waiting for the steps after it to complete its n-step return."""
+    obs_refs: tuple[int, ...]
+    action: int
+    reward: float
+    q_taken: float | None  # Q(s_t, a_t), when computing priorities
+
+
+class NStepTransition(NamedTuple):
+    """A transition as the adder completes it; a chunk sends its fields as columns."""
+    obs_refs: tuple[int, ...]
+    next_refs: tuple[int, ...]
+    action: int
+    reward: float  # the n-step return
+    discount: float  # gamma^k, or 0 where the episode terminated
+    priority: float | None = None  # its initial |TD error|, when computing priorities
 
 
 class FrameAdder:
@@ -42,11 +61,14 @@ class FrameAdder:
         # 84x84 frames so costs ~0.5 us against ~3.4 for np.array_equal).
         self.last_frames: list[list[bytes] | None] = [None] * num_envs
         self.last_refs: list[tuple[int, ...] | None] = [None] * num_envs
-        # Per env: steps not yet turned into transitions, as (refs, action, reward, q_taken).
-        self.pending = [collections.deque() for _ in range(num_envs)]
-        # Per env: transitions waiting for the value of the env's current observation.
-        self.awaiting_value: list[list[tuple]] = [[] for _ in range(num_envs)]
-        self.complete: list[tuple] = []  # (obs_refs, next_refs, action, reward, discount, prio)
+        # Per env: steps not yet turned into transitions.
+        self.pending: list[collections.deque[PendingStep]] = [
+            collections.deque() for _ in range(num_envs)]
+        # Per env: transitions waiting for the value of the env's current observation, each
+        # with its Q(s_t, a_t).
+        self.awaiting_value: list[list[tuple[NStepTransition, float]]] = [
+            [] for _ in range(num_envs)]
+        self.complete: list[NStepTransition] = []
 
     # --- Frames ---------------------------------------------------------------------------
 
@@ -60,10 +82,11 @@ class FrameAdder:
         predecessor (`continues`: the previous stack slid by one) or earlier in itself."""
         frames = np.asarray(obs, dtype=self.frame_dtype).reshape(self.stack, *self.frame_shape)
         keys = [frame.tobytes() for frame in frames]
-        previous, previous_refs = self.last_frames[env], self.last_refs[env]
+        previous = self.last_frames[env] if continues else None  # the stack this one slides
+        previous_refs = self.last_refs[env] or ()  # set with last_frames
         refs: list[int] = []
         for j, key in enumerate(keys):
-            if continues and j + 1 < self.stack and key == previous[j + 1]:
+            if previous is not None and j + 1 < self.stack and key == previous[j + 1]:
                 refs.append(previous_refs[j + 1])
             elif j > 0 and key == keys[j - 1]:
                 refs.append(refs[-1])  # padding at an episode start repeats a frame
@@ -90,13 +113,15 @@ class FrameAdder:
         obs_refs = self.last_refs[env]
         if obs_refs is None:
             raise RuntimeError(f"env {env}: observe before observe_first")
+        if self.compute_priorities and q_taken is None:
+            raise ValueError("a step needs q_taken when computing priorities")
         if truncated and not terminated and self.compute_priorities and final_value is None:
             raise ValueError("a truncated step needs final_value when computing priorities")
         if self.clip_rewards:
             reward = float(np.clip(reward, -1.0, 1.0))
         next_refs = self._register_stack(next_obs, env, continues=True)
         pending = self.pending[env]
-        pending.append((obs_refs, int(action), float(reward), q_taken))
+        pending.append(PendingStep(obs_refs, int(action), float(reward), q_taken))
         if terminated:
             self._flush(env, next_refs, bootstrap=False, value=0.0)
         elif truncated:
@@ -112,32 +137,36 @@ class FrameAdder:
                 self._complete(transition, q_taken, float(values[env]))
             waiting.clear()
 
-    def _flush(self, env: int, next_refs, bootstrap: bool, value: float | None) -> None:
+    def _flush(self, env: int, next_refs: tuple[int, ...], bootstrap: bool,
+               value: float | None) -> None:
         while self.pending[env]:
             self._emit(env, next_refs, bootstrap, value)
 
-    def _emit(self, env: int, next_refs, bootstrap: bool, value: float | None) -> None:
+    def _emit(self, env: int, next_refs: tuple[int, ...], bootstrap: bool,
+              value: float | None) -> None:
         """Turn the oldest pending step of `env` into a transition ending at next_refs."""
         steps = self.pending[env]
-        obs_refs, action, _, q_taken = steps[0]
-        ret = sum(self.gamma ** k * r for k, (_, _, r, _) in enumerate(steps))
+        first = steps[0]
+        ret = sum(self.gamma ** k * step.reward for k, step in enumerate(steps))
         discount = self.gamma ** len(steps) if bootstrap else 0.0
         steps.popleft()
-        transition = (obs_refs, next_refs, action, ret, discount)
+        transition = NStepTransition(first.obs_refs, next_refs, first.action, ret, discount)
         if not self.compute_priorities:
-            self.complete.append((*transition, None))
-        elif discount == 0.0 or value is not None:
-            self._complete(transition, q_taken, value or 0.0)
+            self.complete.append(transition)
+            return
+        assert first.q_taken is not None  # observe() refuses a step without it
+        if discount == 0.0 or value is not None:
+            self._complete(transition, first.q_taken, value or 0.0)
         else:
-            self.awaiting_value[env].append((transition, q_taken))
+            self.awaiting_value[env].append((transition, first.q_taken))
 
-    def _complete(self, transition: tuple, q_taken: float, value: float) -> None:
-        _, _, _, ret, discount = transition
-        self.complete.append((*transition, abs(ret + discount * value - q_taken)))
+    def _complete(self, transition: NStepTransition, q_taken: float, value: float) -> None:
+        priority = abs(transition.reward + transition.discount * value - q_taken)
+        self.complete.append(transition._replace(priority=priority))
 
     # --- Chunks ---------------------------------------------------------------------------
 
-    def take_chunk(self) -> tuple[bytes, int] | None:
+    def take_chunk(self) -> tuple[memoryview, int] | None:
         """(insert message, transition count) once `chunk_transitions` are complete. The
         message carries every frame registered since the last chunk, so later chunks can
         name them."""

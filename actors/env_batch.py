@@ -46,6 +46,7 @@ class EnvBatch:
                  repeat_action_probability: float | None = None):
         self.seed = seed
         self.atari = is_atari(env_id)
+        self.envs: gym.vector.VectorEnv
         if self.atari:
             from ale_py.vector_env import AtariVectorEnv
             kwargs = gym.spec(env_id).kwargs

@@ -37,15 +37,14 @@ class Evaluator:
         (unclipped), in env order."""
         self.evaluations += 1
         obs = self.envs.reset(seed=self.last_seed)
-        scores: list[float | None] = [None] * self.envs.num_envs
-        while any(score is None for score in scores):
+        scores: dict[int, float] = {}  # env -> the score of its first episode
+        while len(scores) < self.envs.num_envs:
             result = self.envs.step(self.policy.select_actions(obs, epsilon))
             ended = np.flatnonzero(result.terminated | result.truncated)
             for env, score in zip(ended, result.finished_returns):
-                if scores[env] is None:
-                    scores[env] = score
+                scores.setdefault(int(env), score)
             obs = result.obs
-        return scores
+        return [scores[env] for env in range(self.envs.num_envs)]
 
     def close(self) -> None:
         self.envs.close()

@@ -16,6 +16,9 @@ import contextlib
 import threading
 from typing import Callable, Hashable, Protocol
 
+from common.records import InsertAck
+from common.wire import Message
+
 BUDGET_WAIT_S = 1.0  # longest an ask for insert budget waits in the shard (stop is checked)
 FLUSH_WAIT_S = 10.0  # how long the last acknowledgements are waited for at stop
 
@@ -28,15 +31,15 @@ class ReplayLink(Protocol):
     """What the pacer needs of a replay shard. `result` and `ask_budget` raise `ReplayLost`
     when the shard died."""
 
-    def send(self, message: bytes) -> Hashable:
+    def send(self, message: Message) -> Hashable:
         """Start an insert; returns a handle to its acknowledgement."""
 
     def ready(self, handles: list, num: int, timeout: float | None) -> list:
         """The handles whose acknowledgement came, waiting up to `timeout` s (None: for
         ever) until `num` of them did."""
 
-    def result(self, handle) -> dict:
-        """The acknowledgement of a ready insert: `total_inserted` and `insert_budget`."""
+    def result(self, handle) -> InsertAck:
+        """The acknowledgement of a ready insert."""
 
     def ask_budget(self, transitions: int, wait_s: float) -> int:
         """The shard's insert budget, once it reaches `transitions` or after `wait_s` s."""
@@ -62,7 +65,7 @@ class InsertPacer:
         return (self.global_steps_base * self.num_shards
                 + self.agent_steps() - self.local_steps_at_base)
 
-    def send(self, message: bytes, transitions: int) -> bool:
+    def send(self, message: Message, transitions: int) -> bool:
         """Send one chunk once the in-flight bound and the budget allow. False when it was not
         sent: the actor is stopping, or the shard died (then the actor goes on as a new
         stream, and the next ask for budget waits for the shard to be back)."""
@@ -107,11 +110,11 @@ class InsertPacer:
             return
         for handle in [handle for handle in handles if handle in done]:
             ack = self.replay.result(handle)
-            if ack["total_inserted"] > self.global_steps_base:
-                self.global_steps_base = ack["total_inserted"]
+            if ack.total_inserted > self.global_steps_base:
+                self.global_steps_base = ack.total_inserted
                 self.local_steps_at_base = self.agent_steps()
         self.inflight = [item for item in self.inflight if item[0] not in done]
-        self.budget = ack["insert_budget"] - self._pending()
+        self.budget = ack.insert_budget - self._pending()
 
     def _replay_lost(self) -> None:
         """What was in flight is lost, and the restored shard has not seen this stream's

@@ -3,11 +3,14 @@ handles behind the small interfaces those plain classes are given, and Ray's err
 actor turned into theirs."""
 from __future__ import annotations
 
+from typing import Any
+
 import ray
 
 from actors.insert_pacer import ReplayLost
 from actors.weight_client import SourceLost
 from common import wire
+from common.records import InsertAck
 
 
 class RayReplay:
@@ -16,20 +19,24 @@ class RayReplay:
     def __init__(self, shard):
         self.shard = shard
 
-    def send(self, message: bytes):
+    def send(self, message: wire.Message) -> ray.ObjectRef:
         return self.shard.insert.remote(wire.for_ray(message))
 
     def ready(self, handles: list, num: int, timeout: float | None) -> list:
         return ray.wait(handles, num_returns=num, timeout=timeout)[0]
 
-    def result(self, handle) -> dict:
+    def result(self, handle) -> InsertAck:
+        return self._get(handle)
+
+    def ask_budget(self, transitions: int, wait_s: float) -> int:
+        return self._get(self.shard.insert_budget.remote(transitions, wait_s))
+
+    @staticmethod
+    def _get(handle: ray.ObjectRef) -> Any:
         try:
             return ray.get(handle)
         except ray.exceptions.RayActorError as error:
             raise ReplayLost(str(error)) from error
-
-    def ask_budget(self, transitions: int, wait_s: float) -> int:
-        return self.result(self.shard.insert_budget.remote(transitions, wait_s))
 
 
 class RayWeightSource:

@@ -27,6 +27,7 @@ import ray
 
 from actors.actor import Actor
 from actors.insert_pacer import InsertPacer
+from actors.records import ActorReport, FinishedEpisode
 from actors.remotes import RayReplay, RayWeightSource
 from actors.scheduling import lower_to_idle, pin_to_cpus
 from actors.weight_client import SourceLost, WeightClient
@@ -50,13 +51,15 @@ class ActorService:
             config = config.replace(seed=secrets.randbelow(1 << 31))
         self.config, self.env_info, self.index = config, env_info, actor_index
         self.replay, self.learner = ray.get_actor(replay_name), ray.get_actor(learner_name)
-        self.actor: Actor | None = None
-        self.pacer: InsertPacer | None = None
-        self.weights: WeightClient | None = None
+        # Built by `_play` on its thread before this constructor returns (or raises).
+        self.actor: Actor
+        self.pacer: InsertPacer
+        self.weights: WeightClient
         self.steps_per_refresh = -(-config.weight_refresh_env_frames // env_info.frame_skip)
         self.steps_since_refresh = 0
         self.metrics = metrics.for_role(metrics.ACTOR, actor_index)
-        self.episodes: collections.deque = collections.deque(maxlen=EPISODE_BACKLOG)
+        self.episodes: collections.deque[FinishedEpisode] = collections.deque(
+            maxlen=EPISODE_BACKLOG)
         self.life = secrets.token_hex(4)  # a restarted process reports a new one
         self.error: str | None = None
         self.start_error: Exception | None = None
@@ -100,7 +103,7 @@ class ActorService:
                 self.metrics[metrics.AGENT_STEPS].inc(steps)
                 self.metrics[metrics.ENV_FRAMES].inc(steps * self.env_info.frame_skip)
                 for ret, length in zip(result.finished_returns, result.finished_lengths):
-                    self.episodes.append((ret, length))
+                    self.episodes.append(FinishedEpisode(ret, length))
                     self.metrics[metrics.EPISODES].inc()
                     self.metrics[metrics.EPISODE_RETURN].observe(ret)
                 sent = False
@@ -137,14 +140,12 @@ class ActorService:
         return f"dqn-actor-{self.index}"
 
     # What the launcher calls.
-    def report(self) -> dict:
-        """Episodes finished since the last report, and running totals."""
-        episodes = [self.episodes.popleft() for _ in range(len(self.episodes))]
-        return {"episodes": episodes, "agent_steps": self.actor.agent_steps,
-                "weight_version": self.actor.policy.weight_version, "error": self.error,
-                "life": self.life, "pid": os.getpid()}
+    def report(self) -> ActorReport:
+        episodes = tuple(self.episodes.popleft() for _ in range(len(self.episodes)))
+        return ActorReport(episodes, self.actor.agent_steps, self.actor.policy.weight_version,
+                           self.error, self.life, os.getpid())
 
-    def stop(self) -> dict:
+    def stop(self) -> ActorReport:
         self.stop_event.set()
         self.thread.join()
         self.actor.close()

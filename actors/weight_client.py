@@ -43,7 +43,7 @@ class WeightClient:
         self.source, self.set_weights, self.wait_s = source, set_weights, wait_s
         self.version = -1  # of the weights set last; -1: none yet
         self.life: str | None = None  # the learner process they came from
-        self.query = None
+        self.query: Hashable | None = None  # the open query's handle
 
     def update(self, wait: bool = False) -> bool:
         """Check the open query (opening one if none is), and set the weights it brought.

@@ -29,13 +29,17 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TypeVar
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import launch  # noqa: E402
+from actors.records import ActorReport  # noqa: E402
 from common.checkpoints import CheckpointStore  # noqa: E402
 from common.config import PRESETS, Config  # noqa: E402
 from common.envs import describe_env  # noqa: E402
+from learner.records import LearnerStats  # noqa: E402
+from replay_server.records import ReplayServiceStats  # noqa: E402
 
 TARGETS_S = {"actor_back_s": 30, "shard_back_s": 60, "learner_back_s": 60, "checkpoint_s": 10}
 WAIT_S = 240.0  # longest wait for any one step, well past its target
@@ -71,73 +75,96 @@ def kill(pid: int) -> float:
     return time.monotonic()
 
 
-def stats(handle) -> dict | None:
-    return launch.wait_all([handle.stats.remote()], 1.0)[0]
+def actor_report(actor, wait_s: float) -> ActorReport | None:
+    return launch.wait_all([actor.report.remote()], wait_s)[0]
+
+
+def learner_stats(learner) -> LearnerStats | None:
+    return launch.wait_all([learner.stats.remote()], 1.0)[0]
+
+
+def shard_stats(shard) -> ReplayServiceStats | None:
+    return launch.wait_all([shard.stats.remote()], 1.0)[0]
+
+
+Report = TypeVar("Report", ActorReport, LearnerStats, ReplayServiceStats)
+
+
+def serving(report: Report | None, wait_s: float = 1.0) -> Report:
+    """The report of a role the benchmark needs an answer from now."""
+    if report is None:
+        raise SystemExit(f"recovery.py: a role did not answer within {wait_s:g} s")
+    return report
 
 
 def measure(config: Config, store: CheckpointStore) -> dict:
     import ray
     env_info = describe_env(config.env, config.max_episode_agent_steps, config.frame_stack)
-    roles = launch.place_roles(config, env_info, config.num_actors, store.root)
+    roles = launch.place_roles(config, env_info, launch.actor_count(config), store.root)
     progress = launch.Progress(env_info.frame_skip)
     learner, shard = roles.learner, roles.shards[0]
     results: dict = {}
 
-    def updates() -> int:
-        return (stats(learner) or {}).get("updates", -1)
+    def updates(handle) -> int:
+        return -1 if (now := learner_stats(handle)) is None else now.updates
 
-    wait_until(lambda: (stats(shard) or {}).get("size", 0) >= config.min_replay_size
-               and updates() > 0, "full replay and training", roles)
-    print(f"replay holds {stats(shard)['size']:,} transitions; training", flush=True)
+    def size() -> int:
+        return 0 if (now := shard_stats(shard)) is None else now.size
+
+    wait_until(lambda: size() >= config.min_replay_size and updates(learner) > 0,
+               "full replay and training", roles)
+    print(f"replay holds {size():,} transitions; training", flush=True)
 
     # A checkpoint while everything runs.
-    before = updates()
+    before = updates(learner)
     started = time.monotonic()
     name = launch.write_checkpoint(roles, progress, store, config.keep_checkpoints, 0.0)
     results["checkpoint_s"] = round(time.monotonic() - started, 2)
-    results["checkpoint_updates_during"] = updates() - before
+    results["checkpoint_updates_during"] = updates(learner) - before
+    if name is None:
+        raise SystemExit("recovery.py: the checkpoint was not written")
     folder = Path(store.path(name))
     results["checkpoint_mb"] = round(sum(f.stat().st_size for f in folder.rglob("*")
                                          if f.is_file()) / 1e6, 1)
-    at_checkpoint = stats(shard)
+    at_checkpoint = serving(shard_stats(shard))
 
     # An actor.
-    old = launch.wait_all([roles.actors[0].report.remote()], 60.0)[0]
-    killed = kill(old["pid"])
+    old_actor = serving(actor_report(roles.actors[0], 60.0), 60.0)
+    killed = kill(old_actor.pid)
 
     def actor_back() -> bool:
-        report = launch.wait_all([roles.actors[0].report.remote()], 1.0)[0]
-        return report is not None and report["life"] != old["life"] and report["agent_steps"] > 0
+        report = actor_report(roles.actors[0], 1.0)
+        return report is not None and report.life != old_actor.life and report.agent_steps > 0
 
     wait_until(actor_back, "actor back", roles)
     results["actor_back_s"] = round(time.monotonic() - killed, 1)
     print(f"actor back in {results['actor_back_s']} s", flush=True)
 
     # The replay shard.
-    before_kill = stats(shard)
-    killed = kill(before_kill["pid"])
+    before_kill = serving(shard_stats(shard))
+    killed = kill(before_kill.pid)
 
     def shard_back() -> bool:
-        now = stats(shard)
-        return (now is not None and now["life"] != before_kill["life"]
-                and now["total_inserted"] > now["restored_total_inserted"]
-                and now["total_sampled"] > now["restored_total_sampled"])
+        now = shard_stats(shard)
+        return (now is not None and now.life != before_kill.life
+                and now.total_inserted > now.restored_total_inserted
+                and now.total_sampled > now.restored_total_sampled)
 
     wait_until(shard_back, "shard back", roles)
     results["shard_back_s"] = round(time.monotonic() - killed, 1)
-    results["shard_transitions_at_last_checkpoint"] = at_checkpoint["size"]
-    results["shard_transitions_lost"] = (before_kill["total_inserted"]
-                                         - stats(shard)["restored_total_inserted"])
+    results["shard_transitions_at_last_checkpoint"] = at_checkpoint.size
+    results["shard_transitions_lost"] = (before_kill.total_inserted
+                                         - serving(shard_stats(shard)).restored_total_inserted)
     print(f"shard back in {results['shard_back_s']} s", flush=True)
 
     # The learner.
-    old = stats(learner)
-    killed = kill(old["pid"])
+    old_learner = serving(learner_stats(learner))
+    killed = kill(old_learner.pid)
 
     def learner_back() -> bool:
-        now = stats(learner)
-        return now is not None and now["life"] != old["life"] \
-            and now["updates"] > now["restored_updates"]
+        now = learner_stats(learner)
+        return now is not None and now.life != old_learner.life \
+            and now.updates > now.restored_updates
 
     wait_until(learner_back, "learner back", roles)
     results["learner_back_s"] = round(time.monotonic() - killed, 1)
@@ -150,11 +177,10 @@ def measure(config: Config, store: CheckpointStore) -> dict:
         ray.kill(handle, no_restart=True)
     time.sleep(1.0)
     started = time.monotonic()
-    roles = launch.place_roles(config, env_info, config.num_actors, store.root)
+    roles = launch.place_roles(config, env_info, launch.actor_count(config), store.root)
     launch.wait_until_serving(roles, WAIT_S)
-    restored = stats(roles.learner)["restored_updates"]
-    wait_until(lambda: (stats(roles.learner) or {}).get("updates", -1) > restored,
-               "training after resume", roles)
+    restored = serving(learner_stats(roles.learner)).restored_updates
+    wait_until(lambda: updates(roles.learner) > restored, "training after resume", roles)
     results["resume_s"] = round(time.monotonic() - started, 1)
     launch.stop_roles(roles)
     return results
@@ -173,7 +199,7 @@ def main() -> None:
     config = launch.machine_layout(base, os.cpu_count() or 1, local=True)
     with tempfile.TemporaryDirectory(prefix="dqn-recovery-") as tmp:
         store = CheckpointStore(os.path.join(tmp, "checkpoints"))
-        launch.connect_ray(config, config.num_actors)
+        launch.connect_ray(config, launch.actor_count(config))
         try:
             results = measure(config, store)
         finally:

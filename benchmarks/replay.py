@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import logging
 import os
 import sys
 import tempfile
@@ -77,11 +78,13 @@ class SyntheticStream:
         self.stream, self.pool, self.n_step = stream, pool, n_step
         self.next_number = 0  # next new frame's number
         self.first_unsent = 0
-        self.step_in_episode = None  # None: the next chunk starts an episode
+        self.step_in_episode: int | None = None  # None: the next chunk starts an episode
         self.base = 0  # number of the current episode's first frame
 
     def chunk(self, n: int, priority: bool = False) -> tuple[dict, dict]:
-        obs, nxt, discount = [], [], []
+        obs: list[np.ndarray] = []
+        nxt: list[np.ndarray] = []
+        discount: list[np.ndarray] = []
         offsets = np.arange(STACK)
         while sum(map(len, discount)) < n:
             if self.step_in_episode is None:
@@ -112,7 +115,7 @@ class SyntheticStream:
         self.first_unsent = self.next_number
         return arrays, meta
 
-    def message(self, n: int, priority: bool = False) -> bytes:
+    def message(self, n: int, priority: bool = False) -> memoryview:
         """The chunk as an actor sends it (frames compressed)."""
         arrays, meta = self.chunk(n, priority)
         return wire.encode_transitions(**arrays, stream=meta["stream"],
@@ -186,7 +189,9 @@ def start_shard(capacity: int, alpha: float):
     from common.env_info import EnvInfo
     from replay_server.service import ReplayService
     info = EnvInfo("BreakoutNoFrameskip-v4", (STACK, *FRAME), "uint8", 4, 4)
-    return ReplayService.options(num_cpus=1).remote(replay_config(capacity, alpha), info)
+    # (The ignore: mypy types a class under @ray.remote as the class itself.)
+    return ReplayService.options(  # type: ignore[attr-defined]
+        num_cpus=1).remote(replay_config(capacity, alpha), info)
 
 
 def insert_client_class():
@@ -204,17 +209,18 @@ def insert_client_class():
         def run(self, seconds: float, per_second: float | None = None,
                 inflight: int = 4) -> float:
             """Transitions/s acknowledged; `per_second` paces the sends."""
-            pending, acked, started = [], 0, time.perf_counter()
+            pending: list = []
+            acked, started = 0, time.perf_counter()
             while time.perf_counter() - started < seconds:
                 if per_second is not None:
                     due = started + (self.stream.next_number / per_second)
                     time.sleep(max(0.0, due - time.perf_counter()))
                 if len(pending) >= inflight:
                     done, pending = ray.wait(pending, num_returns=1)
-                    acked += sum(ack["inserted"] for ack in ray.get(done))
+                    acked += sum(ack.inserted for ack in ray.get(done))
                 pending.append(self.replay.insert.remote(wire.for_ray(
                     self.stream.message(self.chunk, self.priority))))
-            acked += sum(ack["inserted"] for ack in ray.get(pending))
+            acked += sum(ack.inserted for ack in ray.get(pending))
             return acked / (time.perf_counter() - started)
 
     return InsertClient
@@ -267,7 +273,7 @@ def measure_samples(pool_ref, seconds: float, capacity: int, n_step: int) -> dic
     shard = start_shard(capacity, alpha=0.6)
     client = insert_client_class()
     fillers = [client.remote(shard, stream, pool_ref, CHUNK, True, n_step) for stream in (1, 2)]
-    while ray.get(shard.stats.remote())["total_inserted"] < capacity:  # both rings full
+    while ray.get(shard.stats.remote()).total_inserted < capacity:  # both rings full
         ray.get([f.run.remote(2.0) for f in fillers])
     inserter = client.remote(shard, 3, pool_ref, 256, True, n_step)
     learner = learner_client_class().remote(shard)
@@ -275,7 +281,7 @@ def measure_samples(pool_ref, seconds: float, capacity: int, n_step: int) -> dic
     ray.get(learner.run.remote(WARM_UP_S))  # first batches fault in fresh memory everywhere
     batches = ray.get(learner.run.remote(seconds))
     insert_rate = ray.get(insert_ref)
-    size = ray.get(shard.stats.remote())["size"]
+    size = ray.get(shard.stats.remote()).size
     for actor in (*fillers, inserter, learner, shard):
         ray.kill(actor)
     return {"batches_per_s": round(batches, 1), "inserts_per_s_meanwhile": round(insert_rate),
@@ -316,9 +322,9 @@ def main() -> None:
     import ray
     runtime_env = {"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "2"}}
     if args.address:
-        ray.init(address=args.address, logging_level="ERROR", runtime_env=runtime_env)
+        ray.init(address=args.address, logging_level=logging.ERROR, runtime_env=runtime_env)
     else:
-        ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR",
+        ray.init(num_cpus=4, include_dashboard=False, logging_level=logging.ERROR,
                  runtime_env=runtime_env)
     try:
         pool_ref = ray.put(pool)

@@ -43,6 +43,7 @@ import sys
 import time
 from pathlib import Path
 
+import gymnasium as gym
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,7 +68,9 @@ def raw_env_rate(config: Config, num_envs: int, seconds: float) -> float:
                      config.frame_stack)
     batch.reset()
     rng = np.random.default_rng(0)
-    num_actions = int(batch.envs.single_action_space.n)
+    actions = batch.envs.single_action_space
+    assert isinstance(actions, gym.spaces.Discrete)  # as make_env requires
+    num_actions = int(actions.n)
     for _ in range(20):  # untimed warm-up
         batch.envs.step(rng.integers(0, num_actions, num_envs))
     steps, started = 0, time.perf_counter()
@@ -86,12 +89,13 @@ def bare_learner_rate(config: Config, seconds: float) -> float:
     learner = DQNLearner(config, info)
     rng = np.random.default_rng(0)
     shape = (config.learner_batches_per_call, config.batch_size)
-    batch = {"obs": rng.integers(0, 256, shape + info.obs_shape, dtype=np.uint8),
-             "next_obs": rng.integers(0, 256, shape + info.obs_shape, dtype=np.uint8),
-             "action": rng.integers(0, info.num_actions, shape).astype(np.int32),
-             "reward": rng.normal(size=shape).astype(np.float32),
-             "discount": np.full(shape, config.gamma, np.float32),
-             "weight": np.ones(shape, np.float32)}
+    batch: dict[str, np.ndarray] = {
+        "obs": rng.integers(0, 256, shape + info.obs_shape, dtype=np.uint8),
+        "next_obs": rng.integers(0, 256, shape + info.obs_shape, dtype=np.uint8),
+        "action": rng.integers(0, info.num_actions, shape).astype(np.int32),
+        "reward": rng.normal(size=shape).astype(np.float32),
+        "discount": np.full(shape, config.gamma, np.float32),
+        "weight": np.ones(shape, np.float32)}
     for _ in range(3):  # trace, compile, warm up
         learner.step(batch)
     updates, started = 0, time.perf_counter()
@@ -189,7 +193,8 @@ def run_roles(config: Config, num_actors: int, seconds: float, warm_up_s: float,
             poll(roles, progress)
             running = len(progress.actor_steps) == num_actors and min(
                 progress.actor_steps.values()) > 0
-            if running and (not training or progress.learner.get("updates", 0) > 0):
+            learner = progress.learner
+            if running and (not training or (learner is not None and learner.updates > 0)):
                 break
             if time.monotonic() > deadline:
                 raise RuntimeError("the roles did not start within 300 s")
@@ -236,11 +241,13 @@ def snapshot(roles, progress) -> dict:
     from launch import poll
     poll(roles, progress)
     shard_stats = ray.get([shard.stats.remote() for shard in roles.shards])
+    learner = progress.learner
+    if learner is None:
+        raise RuntimeError("the learner has not answered yet")
     return {"time": time.monotonic(), "agent_steps": progress.agent_steps,
-            "updates": progress.learner["updates"],
-            "starved_s": progress.learner["starved_s"],
-            "inserted": sum(stats["total_inserted"] for stats in shard_stats),
-            "sampled": sum(stats["total_sampled"] for stats in shard_stats),
+            "updates": learner.updates, "starved_s": learner.starved_s,
+            "inserted": sum(stats.total_inserted for stats in shard_stats),
+            "sampled": sum(stats.total_sampled for stats in shard_stats),
             "cpu": cpu_seconds()}
 
 
@@ -300,7 +307,7 @@ def main() -> None:
     envs_per_actor = args.envs_per_actor or seed_preset.envs_per_actor
     system_config = machine_config(seed_preset, args.num_actors, envs_per_actor).replace(
         random_agent_steps=0)
-    num_actors = system_config.num_actors
+    num_actors = launch.actor_count(system_config)
     num_envs = num_actors * envs_per_actor
 
     raw_runs = [raw_baseline(seed_preset, num_envs, seconds)]

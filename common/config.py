@@ -360,6 +360,7 @@ def build_parser(prog: str, defaults: Config,
                                 default=argparse.SUPPRESS if explicit_only else defaults.preset,
                                 help=f"{f.metadata['help']} (default: seed)")
             continue
+        assert isinstance(f.type, str)  # annotations are postponed (`from __future__`)
         default = argparse.SUPPRESS if explicit_only else getattr(defaults, f.name)
         help_text = f.metadata["help"].replace("%", "%%")  # argparse %-formats help
         if default not in (None, argparse.SUPPRESS):  # None is described in the help text

@@ -9,6 +9,7 @@ in tests); `actors.env_batch.EnvBatch` runs K of them as one vector env.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import ale_py
 import gymnasium as gym
@@ -60,10 +61,10 @@ def make_env(env_id: str, max_episode_agent_steps: int, frame_stack: int = 4,
     """One env with the seed's wrappers (the reference `EnvBatch`'s vector envs match).
     `repeat_action_probability` overrides an Atari id's sticky actions; `on_frame` receives
     each full-colour frame the game shows."""
-    render = {"render_mode": "rgb_array"} if on_frame else {}
+    render: dict[str, Any] = {"render_mode": "rgb_array"} if on_frame else {}
     if is_atari(env_id):
-        sticky = ({} if repeat_action_probability is None
-                  else {"repeat_action_probability": repeat_action_probability})
+        sticky: dict[str, Any] = ({} if repeat_action_probability is None
+                                  else {"repeat_action_probability": repeat_action_probability})
         # The time limit counts agent steps, so it goes outside the frame-level env.
         env = gym.make(env_id, frameskip=1, **sticky, **render)
         if on_frame:
@@ -87,10 +88,11 @@ def describe_env(env_id: str, max_episode_agent_steps: int = 1000,
                  frame_stack: int = 4) -> EnvInfo:
     env = make_env(env_id, max_episode_agent_steps, frame_stack)
     try:
-        space = env.observation_space
+        space, actions = env.observation_space, env.action_space
+        assert isinstance(space, gym.spaces.Box)  # make_env refuses the others
+        assert isinstance(actions, gym.spaces.Discrete)
         return EnvInfo(env_id=env_id, obs_shape=tuple(space.shape),
-                       obs_dtype=np.dtype(space.dtype).name,
-                       num_actions=int(env.action_space.n),
+                       obs_dtype=np.dtype(space.dtype).name, num_actions=int(actions.n),
                        frame_skip=ATARI_FRAME_SKIP if is_atari(env_id) else 1)
     finally:
         env.close()

@@ -18,6 +18,7 @@ def build_q_network(obs_shape: tuple[int, ...], num_actions: int,
     Q = V + A - mean(A). With `mixed_precision` the hidden layers compute in float16 on
     float32 weights; Q-values always come out float32."""
     dtype = "mixed_float16" if mixed_precision else None
+    head_units: tuple[int, ...]
     if len(obs_shape) == 3:
         inputs = keras.Input(shape=obs_shape, dtype="uint8")
         x = layers.Rescaling(1.0 / 255.0, dtype=dtype)(inputs)

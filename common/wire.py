@@ -20,7 +20,7 @@ import math
 import struct
 import threading
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Mapping, NamedTuple, TypeAlias
 
 import msgpack
 import numpy as np
@@ -38,6 +38,11 @@ MAX_DIMENSIONS = 32  # numpy allows 64; no array of this project has more than 5
 CODEC = "zstd"
 COMPRESSION_LEVEL = 1  # zstd's fastest: Atari frames, mostly background, shrink well already
 _codecs = threading.local()  # zstd (de)compressors are not safe to share between threads
+
+
+# A message's bytes as they travel: `encode`'s view, a copy of it, or the uint8 array that Ray
+# hands a receiver (`for_ray`).
+Message: TypeAlias = "bytes | memoryview | np.ndarray"
 
 
 class WireError(ValueError):
@@ -64,8 +69,8 @@ class Schema:
 
     @property
     def max_bytes(self) -> int:
-        return sum(math.prod(self.limits.get(d, d) for d in f.shape) * np.dtype(f.dtype).itemsize
-                   for f in self.fields.values())
+        return sum(math.prod(self.limits[d] if isinstance(d, str) else d for d in f.shape)
+                   * np.dtype(f.dtype).itemsize for f in self.fields.values())
 
     def check(self, arrays: dict) -> None:
         """Raises WireError unless `arrays` (anything with .dtype and .shape: numpy arrays or
@@ -96,14 +101,14 @@ class Schema:
 
 
 class Gather(NamedTuple):
-    """An array given as rows of another, `source[index]`: `encode` gathers the rows straight
+    """An array given as rows of another, `source[rows]`: `encode` gathers the rows straight
     into the message instead of into a temporary first (a replay batch's frames)."""
     source: np.ndarray
-    index: np.ndarray
+    rows: np.ndarray
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return (len(self.index), *self.source.shape[1:])
+        return (len(self.rows), *self.source.shape[1:])
 
     @property
     def dtype(self) -> np.dtype:
@@ -111,10 +116,10 @@ class Gather(NamedTuple):
 
     @property
     def nbytes(self) -> int:
-        return len(self.index) * self.source[:1].nbytes
+        return len(self.rows) * self.source[:1].nbytes
 
 
-def encode(kind: str, arrays: dict[str, np.ndarray | Gather], meta: dict | None = None,
+def encode(kind: str, arrays: Mapping[str, np.ndarray | Gather], meta: dict | None = None,
            compress: tuple[str, ...] = ()) -> memoryview:
     """One message, as a bytes-like view of an exactly sized buffer (`bytes(message)` copies
     it into a bytes object). Each array's bytes are written once, straight into place:
@@ -135,14 +140,16 @@ def encode(kind: str, arrays: dict[str, np.ndarray | Gather], meta: dict | None 
         shape = list(array.shape)
         nbytes = array.nbytes
         codec: list = []
+        data: np.ndarray | Gather | bytes = array
         if name in compress and nbytes:
-            rows = array.source[array.index] if isinstance(array, Gather) else array
-            packed = _compressor().compress(np.ascontiguousarray(rows, dtype.newbyteorder("<")))
+            rows = array.source[array.rows] if isinstance(array, Gather) else array
+            packed = _compressor().compress(
+                np.ascontiguousarray(rows, dtype.newbyteorder("<")).data)
             if len(packed) < nbytes:
-                array, nbytes, codec = packed, len(packed), [_pack("codec"), _pack(CODEC)]
+                data, nbytes, codec = packed, len(packed), [_pack("codec"), _pack(CODEC)]
         parts += [_pack(name), _map_header(3 + len(codec) // 2), *codec,
                   _pack("dtype"), _pack(dtype.name), _pack("shape"), _pack(shape),
-                  _pack("data"), b"\xc6" + nbytes.to_bytes(4, "big"), array]  # bin 32
+                  _pack("data"), b"\xc6" + nbytes.to_bytes(4, "big"), data]  # bin 32
     sizes = [len(p) if isinstance(p, bytes) else p.nbytes for p in parts]
     out = np.empty(sum(sizes), np.uint8)
     position = 0
@@ -153,7 +160,7 @@ def encode(kind: str, arrays: dict[str, np.ndarray | Gather], meta: dict | None 
         elif isinstance(part, Gather):
             little = part.source.dtype.newbyteorder("<")
             # mode="clip": with mode="raise" numpy buffers `out`, a whole extra copy.
-            np.take(part.source, part.index, axis=0, mode="clip",
+            np.take(part.source, part.rows, axis=0, mode="clip",
                     out=target.view(little).reshape(part.shape))
         else:
             target.view(part.dtype.newbyteorder("<")).reshape(part.shape)[...] = part
@@ -188,7 +195,7 @@ def _map_header(size: int) -> bytes:
     return b"\xdf" + size.to_bytes(4, "big")  # msgpack map 32
 
 
-def decode(message: bytes, expect_kind: str | None = None, schema: Schema | None = None,
+def decode(message: Message, expect_kind: str | None = None, schema: Schema | None = None,
            max_bytes: int = MAX_MESSAGE_BYTES) -> tuple[dict[str, np.ndarray], dict]:
     """Return (arrays, meta). Arrays are read-only views into `message` (compressed ones into
     their decompressed bytes): copy to keep them. With a `schema`, the arrays must fit it;
@@ -374,7 +381,7 @@ def _clip(value) -> str:
 
 
 def _decode_array(name: str, array: Declared) -> np.ndarray:
-    data = array.data
+    data: memoryview | bytes = array.data
     if array.compressed:
         try:
             # Bounded twice: the frame was checked to declare exactly nbytes, and the output
@@ -409,7 +416,7 @@ def encode_transitions(frames: np.ndarray, obs_frames: np.ndarray, next_obs_fram
                   compress=("frames",))
 
 
-def decode_batch(message, out: dict[str, np.ndarray] | None = None,
+def decode_batch(message: Message, out: dict[str, np.ndarray] | None = None,
                  max_bytes: int = MAX_MESSAGE_BYTES) -> tuple[dict[str, np.ndarray], dict]:
     """A replay batch with its stacks rebuilt: `obs` and `next_obs` [k, B, *obs_shape] from the
     distinct frames and the per-item frame indices; the other fields as sent. `out` may hold
@@ -477,10 +484,10 @@ class BatchDecoder:
     one batch in training: ring = d + 2)."""
 
     def __init__(self, ring: int):
-        self.ring = [dict() for _ in range(ring)]
+        self.ring: list[dict[str, np.ndarray]] = [{} for _ in range(ring)]
         self.next = 0
 
-    def __call__(self, message) -> tuple[dict[str, np.ndarray], dict]:
+    def __call__(self, message: Message) -> tuple[dict[str, np.ndarray], dict]:
         out = self.ring[self.next]
         self.next = (self.next + 1) % len(self.ring)
         batch, meta = decode_batch(message, out)

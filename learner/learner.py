@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -21,6 +22,16 @@ from common.env_info import EnvInfo
 from common.networks import build_q_network, keras, tf
 
 BATCH_FIELDS = ("obs", "action", "reward", "discount", "next_obs", "weight")
+
+
+@dataclass(frozen=True)
+class UpdateResult:
+    """What one `DQNLearner.step` (k updates) reports."""
+    loss: float  # of the last update
+    # The online network's mean Q(s, a) over the last batch's taken actions: the figure that
+    # shows values growing (or diverging) long before returns move.
+    q_mean: float
+    td_error: np.ndarray  # [k, batch_size]: y - Q(s, a), the new priorities' source
 
 
 def tensor_cores_present() -> bool:
@@ -98,16 +109,14 @@ class DQNLearner:
         y = self._target(reward, discount, next_obs)
         return y - tf.gather(self.online(obs, training=False), action, axis=1, batch_dims=1)
 
-    def step(self, batches: dict[str, np.ndarray]) -> dict:
+    def step(self, batches: dict[str, np.ndarray]) -> UpdateResult:
         """One update per batch of `batches` (arrays shaped [k, batch_size, ...]); syncs the
         target network when its period comes round (periods are multiples of k)."""
         losses, td, q_means = self._train_steps(*(batches[name] for name in BATCH_FIELDS))
         self.updates += len(losses)
         if self.updates % self.config.target_sync_updates == 0:
             self.sync_target()
-        # q_mean: the online network's mean Q(s, a) over the last batch's taken actions, the
-        # figure that shows values growing (or diverging) long before returns move.
-        return {"loss": float(losses[-1]), "q_mean": float(q_means[-1]), "td_error": td.numpy()}
+        return UpdateResult(float(losses[-1]), float(q_means[-1]), td.numpy())
 
     def td_error(self, batch: dict[str, np.ndarray]) -> np.ndarray:
         """TD errors of one unstacked batch under the current networks (no update)."""

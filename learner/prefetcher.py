@@ -81,7 +81,7 @@ class BatchPrefetcher:
         shard = int(self.rng.choice(len(self.mass), p=self.mass / total if total > 0 else None))
         pending[self.shards.sample(shard, *self.sample_shape, self.beta(), SAMPLE_WAIT_S)] = shard
 
-    def _run(self):
+    def _run(self) -> None:
         try:
             pending: dict = {}
             for _ in range(self.depth):
@@ -102,7 +102,7 @@ class BatchPrefetcher:
         except Exception:
             self.error = traceback.format_exc()
 
-    def _put(self, item):
+    def _put(self, item: tuple[int, dict]) -> None:
         while not self.stop.is_set():
             try:
                 self.ready.put(item, timeout=0.1)

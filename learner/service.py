@@ -33,6 +33,7 @@ from common.config import Config, importance_exponent_at
 from common.env_info import EnvInfo
 from learner.learner import DQNLearner, tf
 from learner.prefetcher import BatchPrefetcher, ShardLost
+from learner.records import LearnerStats
 
 # The long polls' concurrency group: one thread per waiting query. Past this many actors the
 # extra queries queue, and answer as soon as the next publish frees the threads.
@@ -63,7 +64,9 @@ class RayShards:
             raise ShardLost(str(error)) from error
 
 
-@ray.remote(concurrency_groups={WEIGHTS_GROUP: WEIGHTS_QUERY_THREADS, "checkpoint": 1})
+# (The ignore: Ray's typed overloads of `ray.remote` leave out `concurrency_groups`.)
+@ray.remote(  # type: ignore[call-overload]
+    concurrency_groups={WEIGHTS_GROUP: WEIGHTS_QUERY_THREADS, "checkpoint": 1})
 class LearnerService:
     def __init__(self, config: Config, env_info: EnvInfo, shard_names: list[str],
                  checkpoint_root: str | None = None):
@@ -76,7 +79,8 @@ class LearnerService:
         self.life = secrets.token_hex(4)  # a restarted process reports a new one
         self.learner = DQNLearner(config, env_info)
         self.version = 0
-        self.restored_from, self.restored_updates = None, 0
+        self.restored_from: str | None = None  # the checkpoint it started from
+        self.restored_updates = 0
         if checkpoint_root is not None:
             self._restore_latest(CheckpointStore(checkpoint_root))
         # Training and saving take turns, so a checkpoint is one consistent state.
@@ -115,19 +119,19 @@ class LearnerService:
                 with self.step_lock:
                     syncs_before = self.learner.target_syncs
                     result = self.learner.step(batch)
-                    if not math.isfinite(result["loss"]):
-                        self._diverge(f"the loss became {result['loss']}")
+                    if not math.isfinite(result.loss):
+                        self._diverge(f"the loss became {result.loss}")
                     if self.learner.updates % self.config.weight_publish_updates == 0:
                         if not self.learner.state_finite(online_only=True):
                             self._diverge("the weights became non-finite")
                         self._publish()
-                self.last_loss, self.last_q_mean = result["loss"], result["q_mean"]
+                self.last_loss, self.last_q_mean = result.loss, result.q_mean
                 if self.config.priority_exponent > 0:  # fire and forget: never wait on replay
                     self.shards[shard].update_priorities.remote(
-                        wire.encode_priorities(batch["key"], np.abs(result["td_error"])))
+                        wire.encode_priorities(batch["key"], np.abs(result.td_error)))
                 self.metrics[metrics.UPDATES].inc(self.config.learner_batches_per_call)
-                self.metrics[metrics.LOSS].set(result["loss"])
-                self.metrics[metrics.Q_MEAN].set(result["q_mean"])
+                self.metrics[metrics.LOSS].set(result.loss)
+                self.metrics[metrics.Q_MEAN].set(result.q_mean)
                 if self.learner.target_syncs != syncs_before:
                     self.metrics[metrics.TARGET_SYNCS].inc()
         except DivergedError as diverged:  # one line says it all
@@ -172,13 +176,13 @@ class LearnerService:
                 return None
             return [self.version, self.weights_ref, self.life]
 
-    def stats(self) -> dict:
-        return {"updates": self.learner.updates, "target_syncs": self.learner.target_syncs,
-                "weight_version": self.version, "loss": self.last_loss,
-                "q_mean": self.last_q_mean, "device": self.device,
-                "starved_s": self.starved_s, "error": self.error, "life": self.life,
-                "restored_from": self.restored_from, "restored_updates": self.restored_updates,
-                "node_ip": ray.util.get_node_ip_address(), "pid": os.getpid()}
+    def stats(self) -> LearnerStats:
+        return LearnerStats(
+            updates=self.learner.updates, target_syncs=self.learner.target_syncs,
+            weight_version=self.version, loss=self.last_loss, q_mean=self.last_q_mean,
+            device=self.device, starved_s=self.starved_s, error=self.error, life=self.life,
+            restored_from=self.restored_from, restored_updates=self.restored_updates,
+            node_ip=ray.util.get_node_ip_address(), pid=os.getpid())
 
     def __repr__(self) -> str:  # the dashboard's Repr column and the log lines' prefix
         return "dqn-learner"
@@ -211,7 +215,7 @@ class LearnerService:
         return {"updates": updates, "weight_version": self.version,
                 "seconds": round(time.monotonic() - started, 3)}
 
-    def stop(self) -> dict:
+    def stop(self) -> LearnerStats:
         self.stop_event.set()
         with self.published:
             self.published.notify_all()  # release the waiting weight queries

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -106,6 +107,35 @@ def check_values(arrays: dict[str, np.ndarray], num_actions: int) -> None:
         raise InvalidTransitions("'priority' must be >= 0")
 
 
+@dataclass(frozen=True)
+class InsertPlan:
+    """What `ReplayBuffer.validate` found an insert to hold, and `_commit` stores: checked
+    whole before anything changes, so a bad chunk leaves the buffer as it was."""
+    stream: int
+    first_frame: int  # the chunk's first frame, numbered in its stream
+    frames: int  # frames the chunk brings (stored even when none of its transitions is)
+    keep: np.ndarray  # per transition of the chunk: its frames are all still in the ring
+    frame_serials: np.ndarray  # per kept transition: global serials of its obs + next stacks
+    oldest_frame: np.ndarray  # per kept transition: the smallest of those serials
+
+    @property
+    def stored(self) -> int:
+        return len(self.oldest_frame)
+
+    @property
+    def stale(self) -> int:
+        """Transitions dropped for naming frames already evicted."""
+        return len(self.keep) - self.stored
+
+
+def _meta_count(meta: dict, name: str, limit: int) -> int:
+    value = meta.get(name)
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < limit:
+        raise InvalidTransitions(f"meta {name!r} must be an integer in [0, {limit}), "
+                                 f"got {value!r}")
+    return value
+
+
 class ReplayBuffer:
     def __init__(self, spec: ReplaySpec, seed: int = 0):
         self.spec = spec
@@ -128,7 +158,8 @@ class ReplayBuffer:
         self.stale_dropped = 0  # transitions refused for naming frames already evicted
         self.max_priority = 1.0
         self.rng = np.random.default_rng(seed)
-        self.snapshot_hook = None  # called with (first, last) global frames about to be lost
+        # Called with (first, last) global frames about to be lost.
+        self.snapshot_hook: Callable[[int, int], None] | None = None
 
     # --- Inserting ------------------------------------------------------------------------
 
@@ -157,18 +188,14 @@ class ReplayBuffer:
             self.insert_schema.check(arrays)
         except WireError as error:
             raise InvalidTransitions(str(error)) from None
-        stream, first = meta.get("stream"), meta.get("first_frame")
-        for name, value, limit in (("stream", stream, STREAM_ID_LIMIT),
-                                   ("first_frame", first, 1 << 62)):
-            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < limit:
-                raise InvalidTransitions(f"meta {name!r} must be an integer in [0, {limit}), "
-                                         f"got {value!r}")
+        stream = _meta_count(meta, "stream", STREAM_ID_LIMIT)
+        first = _meta_count(meta, "first_frame", 1 << 62)
         if not len(arrays["action"]):
             raise InvalidTransitions("'action' must be a non-empty 1-d array")
         check_values(arrays, self.spec.num_actions)
         return stream, first
 
-    def validate(self, arrays: dict[str, np.ndarray], meta: dict) -> dict:
+    def validate(self, arrays: dict[str, np.ndarray], meta: dict) -> InsertPlan:
         """Check an insert completely, before anything is stored; returns what `_commit`
         needs. Raises InvalidTransitions naming the first problem."""
         stream, first = self.check_content(arrays, meta)
@@ -186,19 +213,18 @@ class ReplayBuffer:
         # it sent them (EVICTED is -1): those transitions are too old to keep, not malformed.
         oldest = globals_.min(axis=1)
         keep = oldest >= self._first_kept_frame(self.frames_written + m)
-        return {"n": int(keep.sum()), "m": m, "stream": stream, "first": first,
-                "keep": keep, "globals": globals_[keep], "oldest": oldest[keep]}
+        return InsertPlan(stream, first, m, keep, globals_[keep], oldest[keep])
 
     def add(self, arrays: dict[str, np.ndarray], meta: dict) -> int:
         """Validate, then store. Returns the number of transitions stored: all of the chunk's
         except those naming frames that have left the ring (counted in `stale_dropped`)."""
         plan = self.validate(arrays, meta)
         self._commit(arrays, plan)
-        self.stale_dropped += len(plan["keep"]) - plan["n"]
-        return plan["n"]
+        self.stale_dropped += plan.stale
+        return plan.stored
 
-    def _commit(self, arrays: dict[str, np.ndarray], plan: dict) -> None:
-        spec, n, m, keep = self.spec, plan["n"], plan["m"], plan["keep"]
+    def _commit(self, arrays: dict[str, np.ndarray], plan: InsertPlan) -> None:
+        spec, n, m, keep = self.spec, plan.stored, plan.frames, plan.keep
         if m:
             if self.snapshot_hook is not None:
                 lost_from = self._first_kept_frame(self.frames_written)
@@ -206,14 +232,14 @@ class ReplayBuffer:
             frame_slots = (self.frames_written + np.arange(m)) % spec.frame_capacity
             self.frames[frame_slots] = arrays["frames"]
             self.frames_written += m
-            self.streams.add(plan["stream"], plan["first"], m, self.frames_written - m,
+            self.streams.add(plan.stream, plan.first_frame, m, self.frames_written - m,
                              self._first_kept_frame(self.frames_written))
         keys = self.transitions_written + np.arange(n)
         rows = keys % spec.capacity
-        slots = (plan["globals"] % spec.frame_capacity).astype(np.int32)
+        slots = (plan.frame_serials % spec.frame_capacity).astype(np.int32)
         self.obs_slots[rows] = slots[:, :spec.stack]
         self.next_slots[rows] = slots[:, spec.stack:]
-        self.oldest_frame[rows] = plan["oldest"]
+        self.oldest_frame[rows] = plan.oldest_frame
         self.action[rows] = arrays["action"][keep]
         self.reward[rows] = arrays["reward"][keep]
         self.discount[rows] = arrays["discount"][keep]

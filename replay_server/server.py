@@ -26,8 +26,10 @@ import time
 from common import wire
 from common.config import Config
 from common.env_info import EnvInfo
+from common.records import InsertAck
 from replay_server.buffer import InvalidTransitions, ReplayBuffer, ReplaySpec
 from replay_server.rate_limiter import RateLimiter
+from replay_server.records import ReplayStats
 from replay_server.snapshot import SnapshotError, read_snapshot, write_snapshot
 
 MAX_PARKED_PER_STREAM = 16
@@ -46,13 +48,13 @@ class SharedExclusiveLock:
     """Held by many at once (`with lock.shared():`) or by one alone (`with lock:`). A waiting
     exclusive holder goes first, so a stream of samples cannot starve inserts."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._condition = threading.Condition()
         self._shared = 0
         self._exclusive = False
         self._waiting = 0
 
-    def __enter__(self):
+    def __enter__(self) -> "SharedExclusiveLock":
         with self._condition:
             self._waiting += 1
             self._condition.wait_for(lambda: not self._exclusive and not self._shared)
@@ -60,7 +62,7 @@ class SharedExclusiveLock:
             self._exclusive = True
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         with self._condition:
             self._exclusive = False
             self._condition.notify_all()
@@ -106,7 +108,7 @@ class ReplayServer:
                               config.rate_tolerance)
         return cls(buffer, limiter, shard)
 
-    def insert(self, message: bytes) -> dict:
+    def insert(self, message: wire.Message) -> InsertAck:
         """Store a chunk of transitions. Returns the totals an actor paces itself by.
 
         A sender's chunks must be stored in the order it numbered their frames, and Ray does
@@ -128,20 +130,20 @@ class ReplayServer:
             except ValueError:
                 self.rejected += 1
                 raise
+            assert isinstance(stream, int)  # add() checked it
             n += self._store_parked_successors(stream)
             self.limiter.record_insert(n)
             self.sampleable.notify_all()
             return self._ack(n)
 
-    def _decode_insert(self, message) -> tuple[dict, dict]:
+    def _decode_insert(self, message: wire.Message) -> tuple[dict, dict]:
         return wire.decode(message, expect_kind=wire.TRANSITIONS,
                            schema=self.buffer.insert_schema)
 
-    def _ack(self, inserted: int) -> dict:
-        return {"inserted": inserted, "total_inserted": self.buffer.total_added,
-                "insert_budget": self.limiter.insert_budget()}
+    def _ack(self, inserted: int, parked: bool = False) -> InsertAck:
+        return InsertAck(inserted, self.buffer.total_added, self.limiter.insert_budget(), parked)
 
-    def _park(self, stream: int, first: int, message) -> dict:
+    def _park(self, stream: int, first: int, message: wire.Message) -> InsertAck:
         waiting = self.parked_per_stream[stream]
         if waiting >= MAX_PARKED_PER_STREAM:
             raise InvalidTransitions(
@@ -156,7 +158,7 @@ class ReplayServer:
         self.parked[stream, first] = (bytes(message), time.monotonic())
         self.parked_per_stream[stream] += 1
         self.parked_bytes += len(message)
-        return {**self._ack(0), "parked": True}
+        return self._ack(0, parked=True)
 
     def _unpark(self, stream: int, first: int) -> bytes | None:
         entry = self.parked.pop((stream, first), None)
@@ -194,7 +196,7 @@ class ReplayServer:
             return self.limiter.insert_budget()
 
     def sample(self, batch_size: int, num_batches: int = 1, beta: float = 0.0,
-               wait_s: float = 0.0) -> bytes | None:
+               wait_s: float = 0.0) -> memoryview | None:
         """`num_batches` batches [num_batches, batch_size, ...] in one wire message (each
         distinct frame once; `wire.decode_batch` rebuilds the stacks), or None if the rate
         limiter still says wait after `wait_s` seconds."""
@@ -220,7 +222,7 @@ class ReplayServer:
             small = batch["frames"].nbytes <= COMPRESS_BATCH_BYTES
             return wire.encode(wire.BATCH, batch, meta, compress=("frames",) if small else ())
 
-    def update_priorities(self, message: bytes) -> int:
+    def update_priorities(self, message: wire.Message) -> int:
         """New priorities from the learner; returns how many still-stored items took them."""
         with self.lock.shared(), self.mutex:
             try:
@@ -258,14 +260,12 @@ class ReplayServer:
             self.insertable.notify_all()
         return {"transitions": buffer.size, "seconds": round(time.monotonic() - started, 3)}
 
-    def stats(self) -> dict:
+    def stats(self) -> ReplayStats:
         with self.lock.shared(), self.mutex:
-            return {"shard": self.shard, "size": self.buffer.size,
-                    "capacity": self.buffer.capacity,
-                    "total_inserted": self.buffer.total_added,
-                    "total_sampled": self.limiter.samples,
-                    "samples_per_insert": self.limiter.observed_samples_per_insert(),
-                    "priority_mass": self.buffer.priority_mass(),
-                    "rejected_messages": self.rejected,
-                    "stale_dropped": self.buffer.stale_dropped,
-                    "parked_chunks": len(self.parked), "parked_bytes": self.parked_bytes}
+            return ReplayStats(
+                shard=self.shard, size=self.buffer.size, capacity=self.buffer.capacity,
+                total_inserted=self.buffer.total_added, total_sampled=self.limiter.samples,
+                samples_per_insert=self.limiter.observed_samples_per_insert(),
+                priority_mass=self.buffer.priority_mass(), rejected_messages=self.rejected,
+                stale_dropped=self.buffer.stale_dropped, parked_chunks=len(self.parked),
+                parked_bytes=self.parked_bytes)

@@ -12,6 +12,7 @@ serving.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import secrets
 
@@ -22,6 +23,8 @@ from common import checkpoints, metrics, wire
 from common.checkpoints import CheckpointStore
 from common.config import Config
 from common.env_info import EnvInfo
+from common.records import InsertAck
+from replay_server.records import ReplayServiceStats
 from replay_server.server import ReplayServer
 
 # Actors' asks for insert budget wait in a group of their own, one thread per waiting ask;
@@ -29,7 +32,9 @@ from replay_server.server import ReplayServer
 BUDGET_GROUP, BUDGET_ASK_THREADS = "budget", 64
 
 
-@ray.remote(concurrency_groups={"sample": 2, "snapshot": 1, BUDGET_GROUP: BUDGET_ASK_THREADS})
+# (The ignore: Ray's typed overloads of `ray.remote` leave out `concurrency_groups`.)
+@ray.remote(  # type: ignore[call-overload]
+    concurrency_groups={"sample": 2, "snapshot": 1, BUDGET_GROUP: BUDGET_ASK_THREADS})
 class ReplayService:
     def __init__(self, config: Config, env_info: EnvInfo, shard: int = 0,
                  checkpoint_root: str | None = None):
@@ -37,8 +42,8 @@ class ReplayService:
         when there is one (a resumed run, or this process restarted after a crash)."""
         self.server = ReplayServer.from_config(config, env_info, shard)
         self.life = secrets.token_hex(4)  # a restarted process reports a new one
-        self.restored_from = None
-        self.restored = {"restored_total_inserted": 0, "restored_total_sampled": 0}
+        self.restored_from: str | None = None
+        self.restored_inserted = self.restored_sampled = 0
         if checkpoint_root is not None:
             with CheckpointStore(checkpoint_root).latest_part(
                     checkpoints.shard_part(shard)) as latest:
@@ -46,17 +51,17 @@ class ReplayService:
                     self.restored_from, path = latest
                     self.server.restore(path)
                     restored = self.server.stats()
-                    self.restored = {"restored_total_inserted": restored["total_inserted"],
-                                     "restored_total_sampled": restored["total_sampled"]}
+                    self.restored_inserted = restored.total_inserted
+                    self.restored_sampled = restored.total_sampled
         self.metrics = metrics.for_role(metrics.REPLAY, shard)
 
-    def insert(self, message: bytes) -> dict:
+    def insert(self, message: wire.Message) -> InsertAck:
         try:
             result = self.server.insert(message)
         except ValueError:
             self.metrics[metrics.REPLAY_REJECTED].inc()
             raise
-        self.metrics[metrics.REPLAY_INSERTS].inc(result["inserted"])
+        self.metrics[metrics.REPLAY_INSERTS].inc(result.inserted)
         self.metrics[metrics.REPLAY_SIZE].set(self.server.buffer.size)
         return result
 
@@ -77,16 +82,18 @@ class ReplayService:
             self.server.limiter.observed_samples_per_insert())
         return wire.for_ray(message)
 
-    def update_priorities(self, message: bytes) -> int:
+    def update_priorities(self, message: wire.Message) -> int:
         try:
             return self.server.update_priorities(message)
         except ValueError:
             self.metrics[metrics.REPLAY_REJECTED].inc()
             raise
 
-    def stats(self) -> dict:
-        return {**self.server.stats(), **self.restored, "life": self.life,
-                "restored_from": self.restored_from, "pid": os.getpid()}
+    def stats(self) -> ReplayServiceStats:
+        return ReplayServiceStats(
+            **dataclasses.asdict(self.server.stats()), life=self.life, pid=os.getpid(),
+            restored_from=self.restored_from, restored_total_inserted=self.restored_inserted,
+            restored_total_sampled=self.restored_sampled)
 
     def __repr__(self) -> str:  # the dashboard's Repr column and the log lines' prefix
         return f"dqn-replay-{self.server.shard}"

@@ -27,9 +27,9 @@ from __future__ import annotations
 import collections
 import math
 import os
-import threading
 import zlib
 from pathlib import Path
+from typing import Any, ContextManager, TypeGuard
 
 import msgpack
 import numpy as np
@@ -133,7 +133,7 @@ class FrameSaver:
         return piece
 
 
-def write_snapshot(buffer: ReplayBuffer, path: str | os.PathLike, lock: threading.Lock,
+def write_snapshot(buffer: ReplayBuffer, path: str | os.PathLike, lock: ContextManager[Any],
                    extra_state: dict | None = None) -> dict:
     """Write `buffer` (and `extra_state`, e.g. the rate limiter's counters) to `path`.
     Returns {"bytes", "frames", "transitions"}."""
@@ -143,7 +143,7 @@ def write_snapshot(buffer: ReplayBuffer, path: str | os.PathLike, lock: threadin
         copies["leaves"] = buffer.tree.leaves[:rows].copy()
         first_frame = max(0, buffer.frames_written - buffer.spec.frame_capacity)
         saver = FrameSaver(buffer, first_frame, buffer.frames_written)
-        header = {
+        header: dict[str, Any] = {
             "format": FORMAT, "version": VERSION, "spec": buffer.spec.to_dict(),
             "state": {**buffer.counters(), "streams": buffer.streams.state(),
                       "extra": extra_state or {}},
@@ -257,7 +257,7 @@ def _allocate(path: Path, declared, layout: dict[str, np.ndarray]) -> dict:
     return arrays
 
 
-def _is_count(value) -> bool:
+def _is_count(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
@@ -269,7 +269,7 @@ def _clip(value) -> str:
 
 def _place_piece(path: Path, piece: dict, arrays: dict, decompressor) -> None:
     name = piece.get("array")
-    if name not in arrays:
+    if not isinstance(name, str) or name not in arrays:
         raise SnapshotError(f"{path}: piece of unknown array {_clip(name)}")
     target = arrays[name]
     data, rows, filled = piece.get("data"), piece.get("rows"), target["filled"]

@@ -13,6 +13,7 @@ streams), so a sender that was silent while its frames left the ring can go on.
 from __future__ import annotations
 
 import collections
+from typing import NamedTuple
 
 import numpy as np
 
@@ -26,11 +27,17 @@ class UnresolvedFrames(ValueError):
     """A transition names a frame its stream never sent, or sent in a chunk not stored."""
 
 
+class StreamRanges(NamedTuple):
+    """A stream's chunks whose frames the ring may still hold, oldest first, as columns."""
+    first_numbers: list[int]  # each chunk's first frame, numbered in the stream
+    counts: list[int]  # its frames
+    first_globals: list[int]  # the global serial its first frame was written at
+
+
 class StreamTable:
-    def __init__(self):
-        # stream id -> [first_numbers, counts, first_globals] as lists, oldest range first;
-        # the dict is ordered by last insert so the least recently active stream comes first.
-        self.streams: collections.OrderedDict[int, list[list[int]]] = collections.OrderedDict()
+    def __init__(self) -> None:
+        # Ordered by last insert, so the least recently active stream comes first.
+        self.streams: collections.OrderedDict[int, StreamRanges] = collections.OrderedDict()
         self.next_numbers: collections.OrderedDict[int, int] = collections.OrderedDict()
 
     def __len__(self) -> int:
@@ -45,12 +52,11 @@ class StreamTable:
         """Global frame serials of `numbers`, which may name this chunk's own frames (to be
         written at `chunk_global`) or the stream's earlier ones; EVICTED for earlier frames
         this table no longer holds. Raises UnresolvedFrames for numbers never stored."""
-        firsts, counts, globals_ = ([], [], []) if stream not in self.streams \
-            else self.streams[stream]
-        oldest_held = firsts[0] if firsts else chunk_first
-        firsts = np.array(firsts + [chunk_first], np.int64)
-        counts = np.array(counts + [chunk_count], np.int64)
-        globals_ = np.array(globals_ + [chunk_global], np.int64)
+        held = self.streams.get(stream, StreamRanges([], [], []))
+        oldest_held = held.first_numbers[0] if held.first_numbers else chunk_first
+        firsts = np.array(held.first_numbers + [chunk_first], np.int64)
+        counts = np.array(held.counts + [chunk_count], np.int64)
+        globals_ = np.array(held.first_globals + [chunk_global], np.int64)
         flat = numbers.reshape(-1)
         which = np.maximum(np.searchsorted(firsts, flat, side="right") - 1, 0)
         found = (flat >= firsts[which]) & (flat < firsts[which] + counts[which])
@@ -73,7 +79,7 @@ class StreamTable:
         if len(self.next_numbers) > MAX_REMEMBERED_STREAMS:
             self.next_numbers.popitem(last=False)
         if count:
-            ranges = self.streams.setdefault(stream, [[], [], []])
+            ranges = self.streams.setdefault(stream, StreamRanges([], [], []))
             self.streams.move_to_end(stream)
             for column, value in zip(ranges, (first, count, first_global)):
                 column.append(value)
@@ -82,13 +88,13 @@ class StreamTable:
         # Least recently active first: stop at the first stream that still has frames.
         while self.streams:
             stream, ranges = next(iter(self.streams.items()))
-            if ranges[2][-1] + ranges[1][-1] > oldest_global:
+            if ranges.first_globals[-1] + ranges.counts[-1] > oldest_global:
                 break
             del self.streams[stream]
 
     @staticmethod
-    def _trim(ranges: list, oldest_global: int) -> None:
-        firsts, counts, globals_ = ranges
+    def _trim(ranges: StreamRanges, oldest_global: int) -> None:
+        counts, globals_ = ranges.counts, ranges.first_globals
         gone = 0
         while gone < len(counts) - 1 and globals_[gone] + counts[gone] <= oldest_global:
             gone += 1
@@ -115,15 +121,15 @@ class StreamTable:
         for entry in ranges:
             if not isinstance(entry, list) or len(entry) != 4 or not isinstance(entry[1], list):
                 raise ValueError(f"stream table: a range entry is {str(entry)[:60]}")
-            stream, firsts, counts, globals_ = _integers(entry[:1], 1) + [
-                _integers(column, len(entry[1])) for column in entry[1:]]
+            (stream,) = _integers(entry[:1], 1)
+            firsts, counts, globals_ = (_integers(column, len(entry[1])) for column in entry[1:])
             ends = [first + count for first, count in zip(firsts, counts)]
             if (not 0 < len(firsts) <= MAX_RANGES_PER_STREAM or min(counts) <= 0
                     or ends[-1] > table.next_numbers.get(stream, ends[-1])
                     or any(end > first for end, first in zip(ends, firsts[1:]))
                     or globals_[-1] + counts[-1] > frames_written):
                 raise ValueError(f"stream table: stream {stream}'s ranges are inconsistent")
-            table.streams[stream] = [firsts, counts, globals_]
+            table.streams[stream] = StreamRanges(firsts, counts, globals_)
         return table
 
 

@@ -13,7 +13,7 @@ from launch import place_roles, stop_roles
 
 
 def actor_steps(actor) -> int:
-    return ray.get(actor.report.remote(), timeout=30)["agent_steps"]
+    return ray.get(actor.report.remote(), timeout=30).agent_steps
 
 
 def wait_for(condition, timeout: float, what: str):

@@ -4,6 +4,7 @@ decoded structure. Every mutation is either refused with the format's own error,
 stored data as it was, or accepted as exactly what a valid message would have done; memory
 stays bounded throughout. Seeded, so a failure reproduces."""
 import copy
+import dataclasses
 import io
 import math
 import threading
@@ -16,6 +17,7 @@ import pytest
 import zstandard
 
 from common import wire
+from replay_server.records import ReplayStats
 from replay_server.snapshot import SnapshotError, write_snapshot
 from tests.test_replay import interleaved_chunks, make_server, state_fingerprint
 from tests.test_wire import zeros_frame
@@ -125,12 +127,12 @@ def fuzz_server(make, messages, apply, kind, count, bomb, seed):
     server, accepted = make(), 0
     before = state_fingerprint(server.buffer)
     for mutated in mutations(messages, count, rng, bomb):
-        rejected = server.stats()["rejected_messages"]
+        rejected = server.stats().rejected_messages
         try:
             result = apply(server, mutated)
         except wire.WireError:
             assert state_fingerprint(server.buffer) == before
-            assert server.stats()["rejected_messages"] == rejected + 1
+            assert server.stats().rejected_messages == rejected + 1
             continue
         accepted += 1
         twin = make()
@@ -141,10 +143,9 @@ def fuzz_server(make, messages, apply, kind, count, bomb, seed):
     return accepted
 
 
-def same_counts(stats: dict) -> dict:
+def same_counts(stats: ReplayStats) -> ReplayStats:
     """What a valid message would change alike (a parked mutation's size is its own)."""
-    return {key: value for key, value in stats.items()
-            if key not in ("rejected_messages", "parked_bytes")}
+    return dataclasses.replace(stats, rejected_messages=0, parked_bytes=0)
 
 
 def test_mutated_inserts_and_priority_updates_are_refused_or_equal_to_valid_ones(bomb):

@@ -5,6 +5,7 @@ import threading
 import pytest
 
 from actors.insert_pacer import InsertPacer, ReplayLost
+from common.records import InsertAck
 from replay_server.rate_limiter import RateLimiter
 
 
@@ -37,15 +38,16 @@ class FakeReplay:
     def land(self, count: int = 1) -> None:
         for handle in [h for h in range(len(self.sent)) if h not in self.acks][:count]:
             self.limiter.record_insert(self.sent[handle])
-            self.acks[handle] = {"total_inserted": self.limiter.inserts + self.others,
-                                 "insert_budget": self.limiter.insert_budget()}
+            self.acks[handle] = InsertAck(self.sent[handle],
+                                          self.limiter.inserts + self.others,
+                                          self.limiter.insert_budget())
 
     def ready(self, handles: list, num: int, timeout: float | None) -> list:
         if timeout != 0:
             self.land(num - len([h for h in handles if h in self.acks]))
         return [h for h in handles if h in self.acks]
 
-    def result(self, handle) -> dict:
+    def result(self, handle) -> InsertAck:
         if self.dead:
             raise ReplayLost("shard died")
         self.unacknowledged.discard(handle)

@@ -39,7 +39,7 @@ def test_one_update_lowers_the_td_error_on_a_fixed_batch(preset, env_info):
     result = learner.step(batch)
     after = np.mean(learner.td_error(unstack(batch)) ** 2)
     assert after < before
-    assert np.isfinite(result["loss"]) and result["td_error"].shape == (1, 32)
+    assert np.isfinite(result.loss) and result.td_error.shape == (1, 32)
     assert learner.updates == 1
 
 
@@ -115,11 +115,11 @@ def test_importance_weights_scale_each_item_in_the_loss():
     a, b = (DQNLearner(PRESETS["cartpole"], CARTPOLE) for _ in range(2))
     for model_a, model_b in ((a.online, b.online), (a.target, b.target)):
         model_b.set_weights(model_a.get_weights())
-    assert a.step(weighted)["loss"] == pytest.approx(b.step(halved)["loss"], rel=1e-6)
+    assert a.step(weighted).loss == pytest.approx(b.step(halved).loss, rel=1e-6)
     frozen = DQNLearner(PRESETS["cartpole"], CARTPOLE)
     before = frozen.online.get_weights()
     zero = {**batch, "weight": np.zeros((1, 8), np.float32)}
-    assert frozen.step(zero)["loss"] == 0.0
+    assert frozen.step(zero).loss == 0.0
     for w0, w1 in zip(before, frozen.online.get_weights()):
         np.testing.assert_array_equal(w0, w1)
 
@@ -146,7 +146,7 @@ def test_mixed_precision_is_off_without_tensor_cores_and_trains_when_asked():
     before = np.mean(learner.td_error(unstack(batch)) ** 2)
     for _ in range(3):
         result = learner.step(batch)
-    assert np.isfinite(result["loss"])
+    assert np.isfinite(result.loss)
     assert np.mean(learner.td_error(unstack(batch)) ** 2) < before
     # The weights actors get are float32 and load into the actors' float32 network.
     weights = learner.get_weights()
@@ -175,7 +175,7 @@ def test_a_restored_learner_continues_exactly_where_the_saved_one_was(tmp_path):
         np.testing.assert_array_equal(a, b)
     batch = fixed_batch(CARTPOLE, 16, rng, k=8)
     expected, got = saved.step(batch), restored.step(batch)  # 24 updates: the sync is due
-    np.testing.assert_allclose(got["td_error"], expected["td_error"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got.td_error, expected.td_error, rtol=1e-5, atol=1e-6)
     for a, b in zip(saved.get_weights(), restored.get_weights()):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     assert restored.target_syncs == saved.target_syncs == 1

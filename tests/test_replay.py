@@ -306,13 +306,13 @@ def test_server_round_trip_through_the_wire():
     server = make_server()
     chunks, record = interleaved_chunks(np.random.default_rng(8), senders=1, envs=2, steps=20)
     acks = [server.insert(chunk) for chunk in chunks]
-    inserted = sum(a["inserted"] for a in acks)
-    assert acks[-1]["total_inserted"] == inserted == 40
+    inserted = sum(a.inserted for a in acks)
+    assert acks[-1].total_inserted == inserted == 40
     batch, meta = wire.decode_batch(server.sample(8, num_batches=3))
     assert batch["obs"].shape == (3, 8, STACK, *FRAME_SHAPE)
     assert batch["key"].shape == batch["weight"].shape == (3, 8)
     assert meta["total_inserted"] == inserted and meta["size"] == inserted
-    assert server.stats()["total_sampled"] == 24
+    assert server.stats().total_sampled == 24
 
 
 def test_small_batches_come_compressed_and_large_ones_raw(monkeypatch):
@@ -351,7 +351,7 @@ def test_server_refuses_malformed_messages_and_keeps_serving():
             server.insert(message)
     with pytest.raises(ValueError, match="key and priority"):
         server.update_priorities(wire.encode(wire.PRIORITIES, {"key": np.zeros(2, np.int64)}))
-    assert server.stats()["rejected_messages"] == 4
+    assert server.stats().rejected_messages == 4
     assert (state_fingerprint(server.buffer), server.limiter.inserts) == before
     server.insert(chunks[1])
     assert server.buffer.total_added == 16
@@ -381,7 +381,7 @@ def test_streams_whose_frames_have_left_the_ring_are_forgotten():
     later = play(SyntheticEnvs(2, rng, id_base=9_000_000), adder, 400, {})
     insert_all(buffer, later)  # one sender alone pushes the others' frames out
     assert list(buffer.streams.streams) == [adder.stream]
-    assert len(buffer.streams.streams[adder.stream][0]) <= 64
+    assert len(buffer.streams.streams[adder.stream].first_numbers) <= 64
 
 
 def test_chunks_arriving_out_of_order_are_stored_in_order():
@@ -400,11 +400,11 @@ def test_chunks_arriving_out_of_order_are_stored_in_order():
             own[i], own[i + 1] = own[i + 1], own[i]
         arrivals += own
     acks = [server.insert(chunk) for chunk in arrivals]
-    assert any(ack.get("parked") for ack in acks)
-    assert server.stats()["parked_chunks"] == (len(chunks[0]) % 2) + (len(chunks[1]) % 2)
-    assert server.stats()["rejected_messages"] == 0
+    assert any(ack.parked for ack in acks)
+    assert server.stats().parked_chunks == (len(chunks[0]) % 2) + (len(chunks[1]) % 2)
+    assert server.stats().rejected_messages == 0
     stored = server.buffer.total_added
-    assert stored == sum(ack["inserted"] for ack in acks) > 0
+    assert stored == sum(ack.inserted for ack in acks) > 0
     items = sampled_items(server.buffer, 2_000)
     for i, step_id in enumerate(items["reward"]):
         step = record[float(step_id)]
@@ -416,11 +416,11 @@ def test_a_chunk_whose_predecessor_never_comes_expires(monkeypatch):
     import replay_server.server as server_module
     server = make_server()
     chunks, _ = interleaved_chunks(np.random.default_rng(13), senders=1, envs=2, steps=40)
-    assert server.insert(chunks[1])["parked"]
+    assert server.insert(chunks[1]).parked
     monkeypatch.setattr(server_module, "PARKED_TIMEOUT_S", 0.0)
     server.insert(interleaved_chunks(np.random.default_rng(14), senders=1, envs=2,
                                      steps=8)[0][0])  # another stream's insert expires it
-    assert server.stats()["parked_chunks"] == 0 and server.stats()["rejected_messages"] == 1
+    assert server.stats().parked_chunks == 0 and server.stats().rejected_messages == 1
     monkeypatch.setattr(server_module, "PARKED_TIMEOUT_S", 30.0)
     monkeypatch.setattr(server_module, "MAX_PARKED_PER_STREAM", 2)
     server.insert(chunks[2])
@@ -506,7 +506,7 @@ def test_an_invalid_chunk_is_refused_before_it_could_be_parked():
     for stream in range(20):
         with pytest.raises(wire.WireError, match=r"'action' outside \[0, 4\)"):
             server.insert(wire.encode(wire.TRANSITIONS, bad, {**meta, "stream": stream}))
-    assert server.stats()["parked_chunks"] == 0 and server.stats()["rejected_messages"] == 20
+    assert server.stats().parked_chunks == 0 and server.stats().rejected_messages == 20
 
 
 def test_parked_chunks_are_capped_in_bytes_oldest_expiring_first(monkeypatch):
@@ -517,15 +517,15 @@ def test_parked_chunks_are_capped_in_bytes_oldest_expiring_first(monkeypatch):
     size = max(len(chunks[1]) for chunks in streams)
     monkeypatch.setattr(server_module, "MAX_PARKED_BYTES", 2 * size)
     for chunks in streams:  # each stream's second chunk, ahead of its first
-        assert server.insert(chunks[1])["parked"]
-        assert server.stats()["parked_bytes"] <= 2 * size
+        assert server.insert(chunks[1]).parked
+        assert server.stats().parked_bytes <= 2 * size
     stats = server.stats()
-    assert stats["parked_chunks"] == 2 and stats["rejected_messages"] == 2
+    assert stats.parked_chunks == 2 and stats.rejected_messages == 2
     for chunks in streams[:2]:  # the oldest were dropped: only the predecessor is stored
-        assert server.insert(chunks[0])["inserted"] == 8
+        assert server.insert(chunks[0]).inserted == 8
     for chunks in streams[2:]:  # the youngest are stored once their predecessor comes
-        assert server.insert(chunks[0])["inserted"] == 16
-    assert server.stats()["parked_chunks"] == 0 and server.stats()["parked_bytes"] == 0
+        assert server.insert(chunks[0]).inserted == 16
+    assert server.stats().parked_chunks == 0 and server.stats().parked_bytes == 0
     monkeypatch.setattr(server_module, "MAX_PARKED_BYTES", size // 2)
     with pytest.raises(InvalidTransitions, match="exceeds the .* bytes a shard parks"):
         server.insert(streams[0][2])
@@ -544,7 +544,7 @@ def test_an_insert_bomb_shaped_like_a_chunk_is_refused_before_anything_is_alloca
     assert len(message) < 10_000
     refusal, peak = refusal_and_peak(lambda: server.insert(message))
     assert f"{rows} frames, more than the" in refusal and peak < 1 << 20
-    assert server.stats()["rejected_messages"] == 1
+    assert server.stats().rejected_messages == 1
 
 
 def test_the_replay_service_loads_no_tensorflow_emulator_or_gymnasium():

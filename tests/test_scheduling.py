@@ -94,11 +94,11 @@ def test_an_actor_plays_at_idle_priority_on_its_cpu_and_answers_at_normal(ray_ad
     actor = roles.actors[0]
     try:
         pid = ray.get(actor.__ray_call__.remote(lambda self: os.getpid()), timeout=120)
-        first_steps = ray.get(actor.report.remote(), timeout=30)["agent_steps"]
+        first_steps = ray.get(actor.report.remote(), timeout=30).agent_steps
         before = thread_cpu(pid)
         time.sleep(3.0)
         after = thread_cpu(pid)
-        assert ray.get(actor.report.remote(), timeout=30)["agent_steps"] > first_steps
+        assert ray.get(actor.report.remote(), timeout=30).agent_steps > first_steps
         used = {tid: (policy, cpu - before.get(tid, (policy, 0.0))[1])
                 for tid, (policy, cpu) in after.items()}
         idle = sum(cpu for policy, cpu in used.values() if policy == os.SCHED_IDLE)

@@ -60,17 +60,17 @@ def test_priority_updates_go_back_to_the_shard_each_batch_came_from(ray_address)
     shards, names, info = start_shards(config, [200, 200])
     before = [ray.get(s.stats.remote()) for s in shards]
     # Every item entered at the largest priority so far, 1.0.
-    assert all(abs(stats["priority_mass"] - stats["size"]) < 1e-3 for stats in before)
+    assert all(abs(stats.priority_mass - stats.size) < 1e-3 for stats in before)
     learner = LearnerService.options(max_concurrency=4).remote(config, info, names)
     try:
         deadline = time.monotonic() + 90
-        while ray.get(learner.stats.remote())["updates"] < 60 and time.monotonic() < deadline:
+        while ray.get(learner.stats.remote()).updates < 60 and time.monotonic() < deadline:
             time.sleep(0.5)
         stats = ray.get(learner.stop.remote())
-        assert stats["error"] is None and stats["updates"] >= 60
+        assert stats.error is None and stats.updates >= 60
         after = [ray.get(s.stats.remote()) for s in shards]
         # Both shards' items took |TD| priorities in place of the initial 1.0.
-        assert all(abs(a["priority_mass"] - a["size"]) > 1.0 for a in after), after
+        assert all(abs(a.priority_mass - a.size) > 1.0 for a in after), after
     finally:
         for actor in (learner, *shards):
             ray.kill(actor)
@@ -97,7 +97,7 @@ def test_weight_queries_wait_for_a_newer_version_and_stop_releases_them(ray_addr
         # Two queries wait in their own group while stats still answer; stop releases them.
         waiting = [learner.latest_weights.remote(10**9, 600.0, life) for _ in range(2)]
         time.sleep(0.5)
-        assert ray.get(learner.stats.remote(), timeout=10)["error"] is None
+        assert ray.get(learner.stats.remote(), timeout=10).error is None
         ray.get(learner.stop.remote(), timeout=30)
         assert ray.get(waiting, timeout=10) == [None, None]
     finally:

@@ -218,4 +218,4 @@ def test_forged_snapshots_with_valid_checksums_are_refused(tmp_path, edit, needl
     assert needle in refusal and "\n" not in refusal
     assert peak < 8 << 20  # the bomb's gigabyte was never allocated
     assert state_fingerprint(server.buffer) == before
-    assert server.insert(make_more_chunk())["inserted"] > 0  # still serving
+    assert server.insert(make_more_chunk()).inserted > 0  # still serving

@@ -183,9 +183,9 @@ def test_a_malformed_insert_is_refused_and_the_replay_service_keeps_serving(ray_
 
     with pytest.raises(ray.exceptions.RayTaskError, match="'reward' holds a non-finite"):
         ray.get(replay.insert.remote(chunk([0, np.nan, 1])))
-    assert ray.get(replay.insert.remote(chunk([0, 1, 1])))["total_inserted"] == 3
+    assert ray.get(replay.insert.remote(chunk([0, 1, 1]))).total_inserted == 3
     stats = ray.get(replay.stats.remote())
-    assert stats["size"] == 3 and stats["rejected_messages"] == 2
+    assert stats.size == 3 and stats.rejected_messages == 2
     ray.kill(replay)
 
 

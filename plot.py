@@ -2,11 +2,12 @@
 
 Reads the TensorBoard events `launch.py` writes into each run directory and draws one PNG with
 two panels: the return against agent steps (left) and against hours of training (right: wall
-clock, less the gaps between resumed sittings). Each run shows its training return (mean of the last 100 training
-episodes) as a line and, when an evaluator logged them, its evaluation returns as markers with
-a +-1 std band. On Breakout the left panel also shows Dopamine's published DQN curve
-(common/data/dopamine_dqn_breakout.json; `--no-reference` leaves it out). Prints one line per
-run once the file is written. Works on a run still training (its events so far).
+clock, less the gaps between resumed sittings). Each run shows its training return (mean of the
+last 100 training episodes) as a line and, when an evaluator logged them, its evaluation
+returns as markers with a +-1 std band. On Breakout the left panel also shows Dopamine's
+published DQN curve (common/data/dopamine_dqn_breakout.json; `--no-reference` leaves it out).
+Prints one line per run once the file is written. Works on a run still training (its events so
+far).
 
 `read_curves(run_dir)` is the reading part alone, for other scripts.
 """

@@ -77,3 +77,17 @@ def test_bad_input_ends_with_one_line_naming_it(breakout_run, tmp_path):
     assert "--epsilon must be in [0, 1]" in one_error_line(
         evaluate(breakout_run, "--epsilon", 2))
     assert "name it *.mp4" in one_error_line(evaluate(breakout_run, "--video", "x.avi"))
+
+
+@pytest.mark.slow
+def test_the_shipped_agent_plays_breakout_far_better_than_random_play():
+    """What the README shows first: the trained agent in the repository plays from a fresh
+    clone, with no training, and scores well above random play on the same games."""
+    def mean_score(*flags) -> float:
+        result = evaluate(ROOT / "pretrained" / "breakout-seed", "--episodes", 6, *flags)
+        assert result.returncode == 0, result.stderr[-3000:]
+        report = json.loads(result.stdout)
+        return sum(report["returns"]) / len(report["returns"])
+
+    trained, random_play = mean_score(), mean_score("--epsilon", 1)
+    assert trained >= max(6.0, 3 * random_play), (trained, random_play)

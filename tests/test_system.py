@@ -5,6 +5,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 
@@ -241,6 +242,8 @@ def test_a_local_run_listens_on_loopback_only(tmp_path):
         [sys.executable, "launch.py", "--preset", "cartpole", "--num-actors", "2",
          "--max-seconds", "60", "--report-every-s", "2", "--logdir", str(tmp_path)],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    watchdog = threading.Timer(180, process.kill)  # a launch that never prints ends the read
+    watchdog.start()
     try:
         first_line = process.stdout.readline()  # the header: every role is serving
         assert "dashboard 127.0.0.1:" in first_line, process.stderr.read()[-2000:]
@@ -251,6 +254,7 @@ def test_a_local_run_listens_on_loopback_only(tmp_path):
                               for conn in child.net_connections(kind="inet")
                               if conn.status == psutil.CONN_LISTEN}
     finally:
+        watchdog.cancel()
         process.send_signal(signal.SIGINT)
         try:
             process.communicate(timeout=90)

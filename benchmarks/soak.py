@@ -153,6 +153,10 @@ def main() -> int:
     start_s, end_s = points[0][0], points[-1][0]  # from the first progress line: no start-up
     first = rate_between(points, start_s, start_s + args.window_s)
     final = rate_between(points, end_s - args.window_s, end_s)
+    def at_full_and_end(part: str) -> dict[str, dict[str, float]]:
+        return {role: {"at_full": at_full[role][part], "end": last[role][part]}
+                for role in at_full if role in last}
+
     def growth(part: str) -> dict[str, float]:
         return {role: round(100 * (last[role][part] - at_full[role][part])
                             / at_full[role][part], 2)
@@ -160,15 +164,12 @@ def main() -> int:
     print(json.dumps({
         "seconds": args.seconds, "replay_capacity": args.replay_capacity,
         "quick": args.quick,
-        "rss_mb": {role: {"at_full": at_full[role]["rss"], "end": last[role]["rss"]}
-                   for role in at_full if role in last},
+        "rss_mb": at_full_and_end("rss"),
         "rss_growth_pct_after_full": growth("rss"),
         # The parts of each role's RSS: its private heap and the object store pages it maps.
-        "anon_mb": {role: {"at_full": at_full[role]["anon"], "end": last[role]["anon"]}
-                    for role in at_full if role in last},
+        "anon_mb": at_full_and_end("anon"),
         "anon_growth_pct_after_full": growth("anon"),
-        "shmem_mb": {role: {"at_full": at_full[role]["shmem"], "end": last[role]["shmem"]}
-                     for role in at_full if role in last},
+        "shmem_mb": at_full_and_end("shmem"),
         "agent_steps_per_s_first": round(first, 1), "agent_steps_per_s_last": round(final, 1),
         "last_to_first": round(final / first, 3) if first else None,
         "restarts": summary["restarts"], "agent_steps": summary["agent_steps"],

@@ -685,6 +685,9 @@ def write_checkpoint(roles: Roles, progress: Progress, store: CheckpointStore, k
         store.write_json(f"{staging}/{checkpoints.PROGRESS}", progress.state(elapsed_s))
         name = store.commit(number, keep)
     except (ray.exceptions.RayError, OSError) as error:
+        # The other roles may still be writing into the staged folder: let them finish first.
+        left_s = max(0.0, started + timeout_s - time.monotonic())
+        ray.wait(refs, num_returns=len(refs), timeout=left_s)
         store.discard(number)
         print(f"checkpoint {number} not written: {first_error_line(error)}", file=sys.stderr,
               flush=True)

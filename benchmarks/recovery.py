@@ -22,6 +22,7 @@ Ends with one JSON line.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import signal
@@ -52,21 +53,28 @@ def wait_until(condition, what: str, roles, timeout_s: float = WAIT_S,
     started = time.monotonic()
     while not condition():
         if time.monotonic() - started > timeout_s:
-            print(f"recovery.py: no {what} within {timeout_s:.0f} s; the roles now:\n"
-                  f"{roles_now(roles)}", file=sys.stderr, flush=True)
-            raise SystemExit(1)
+            print(f"the roles now:\n{roles_now(roles)}", file=sys.stderr, flush=True)
+            raise SystemExit(f"recovery.py: no {what} within {timeout_s:.0f} s")
         time.sleep(every_s)
     return time.monotonic() - started
 
 
 def roles_now(roles) -> str:
-    """Each role's latest report or stats (None: it did not answer within 5 s)."""
+    """Each role's latest report or stats (None: it did not answer within 5 s), an actor's
+    finished episodes counted rather than listed."""
     answers = launch.wait_all([*(actor.report.remote() for actor in roles.actors),
                                roles.learner.stats.remote(),
                                *(shard.stats.remote() for shard in roles.shards)], 5.0)
     names = [*(f"actor {i}" for i in range(len(roles.actors))), "learner",
              *(f"shard {i}" for i in range(len(roles.shards)))]
-    return "\n".join(f"  {name}: {answer}" for name, answer in zip(names, answers))
+    return "\n".join(f"  {name}: {brief(answer)}" for name, answer in zip(names, answers))
+
+
+def brief(answer) -> str:
+    if isinstance(answer, ActorReport):
+        return str(dataclasses.replace(answer, episodes=())).replace(
+            "episodes=()", f"episodes=<{len(answer.episodes)}>")
+    return str(answer)
 
 
 def kill(pid: int) -> float:
@@ -108,12 +116,12 @@ def measure(config: Config, store: CheckpointStore) -> dict:
     def updates(handle) -> int:
         return -1 if (now := learner_stats(handle)) is None else now.updates
 
-    def size() -> int:
-        return 0 if (now := shard_stats(shard)) is None else now.size
+    def inserted() -> int:  # not `size`: rows whose frames left the frame ring are not live
+        return 0 if (now := shard_stats(shard)) is None else now.total_inserted
 
-    wait_until(lambda: size() >= config.min_replay_size and updates(learner) > 0,
+    wait_until(lambda: inserted() >= config.replay_capacity and updates(learner) > 0,
                "full replay and training", roles)
-    print(f"replay holds {size():,} transitions; training", flush=True)
+    print(f"replay holds {serving(shard_stats(shard)).size:,} transitions; training", flush=True)
 
     # A checkpoint while everything runs.
     before = updates(learner)

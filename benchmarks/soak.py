@@ -6,18 +6,24 @@
 Runs `launch.py` (seed preset) with a small replay, so it is full within the first minutes,
 and samples the resident memory of each role's process (learner, replay shard, each actor,
 the evaluator) every few seconds. Ends with one JSON line:
-- rss_mb: {role: {"at_full": MB when replay first reported full, "end": MB at the end}};
-- rss_growth_pct_after_full: {role: growth from then to the end, %} (target: < 5 for every
-  role; an actor's figure is the largest over the actors);
-- anon_mb, anon_growth_pct_after_full, shmem_mb: the two parts of that RSS, the process's
+- rss_mb: {role: {"at_full": MB when replay first reported full, "warm": MB once the role has
+  also done its first unit of work (the evaluator: its first evaluation; the others: replay
+  full), "end": MB at the end}};
+- rss_growth_pct_after_full: {role: growth from "at_full" to the end, %}; an actor's figure is
+  the largest over the actors;
+- rss_growth_pct_after_warm: the same from "warm" (target: < 5 for every role), and
+  rss_growth_pct_second_half: from the middle of the warm span to its end (a leak grows there
+  as much as in the first half; warm-up does not);
+- anon_mb, anon_growth_pct_after_warm, shmem_mb: the two parts of that RSS, the process's
   private heap (where a leak shows) and the pages of Ray's shared object store it has mapped
   by reading objects from it (weights, batches: not its own memory);
 - agent_steps_per_s_first / _last: the rate over the first `--window-s` from the first
   progress line (start-up excluded) and over the last (target: within 10% of each other),
   and their ratio;
 - restarts: role restarts during the run (a restart resets a role's memory: a soak with
-  restarts says nothing about growth).
-`--quick` (90 s, a tiny replay, 8 envs an actor) checks that the script works; its figures
+  restarts says nothing about growth);
+- series: the file holding every sample ({"t": seconds, role: {rss, anon, shmem}}).
+`--quick` (90 s, a tiny replay, 8 envs an actor, an evaluation every 20 s) checks that the script works; its figures
 mean nothing.
 """
 from __future__ import annotations
@@ -39,6 +45,7 @@ ROLE_TITLES = {"learner": "ray::LearnerService", "replay": "ray::ReplayService",
                "actor": "ray::ActorService", "evaluator": "ray::EvaluatorService"}
 PROGRESS = re.compile(r"^(\d+):(\d\d):(\d\d) \| steps +([\d,]+) \|.*\| replay +([\d,]+) \|",
                       re.M)
+EVALUATED = "| eval "  # in a progress line once the evaluator has played
 SAMPLE_EVERY_S = 5.0
 TARGETS = {"rss_growth_pct_after_full": 5.0, "rate_ratio_within": 0.10}
 
@@ -94,6 +101,42 @@ def rss_mb(processes: dict[str, list]) -> dict[str, dict[str, float]]:
     return sizes
 
 
+def last_sample(series: list[dict], role: str, since: int = 0) -> dict | None:
+    return next((sample for sample in reversed(series[since:]) if role in sample), None)
+
+
+def growth_pct(before: float, after: float) -> float:
+    return round(100 * (after - before) / before, 2) if before > 0 else 0.0
+
+
+def memory_figures(series: list[dict], full_at: int, warm_at: dict[str, int]) -> dict:
+    """The JSON's memory figures from the samples, for every role seen warm."""
+    figures: dict[str, dict] = {key: {} for key in (
+        "rss_mb", "rss_growth_pct_after_full", "rss_growth_pct_after_warm",
+        "rss_growth_pct_second_half", "anon_mb", "anon_growth_pct_after_warm", "shmem_mb")}
+    for role, warm in warm_at.items():
+        end = last_sample(series, role, warm)
+        at_full = next((s for s in series[full_at:] if role in s), None)
+        if end is None or at_full is None:
+            continue
+        middle_t = (series[warm]["t"] + end["t"]) / 2
+        middle = next(s for s in series[warm:] if role in s and s["t"] >= middle_t)
+        mb = {part: {"at_full": at_full[role][part], "warm": series[warm][role][part],
+                     "end": end[role][part]} for part in ("rss", "anon", "shmem")}
+        figures["rss_mb"][role] = mb["rss"]
+        figures["anon_mb"][role] = mb["anon"]
+        figures["shmem_mb"][role] = mb["shmem"]
+        figures["rss_growth_pct_after_full"][role] = growth_pct(mb["rss"]["at_full"],
+                                                                mb["rss"]["end"])
+        figures["rss_growth_pct_after_warm"][role] = growth_pct(mb["rss"]["warm"],
+                                                                mb["rss"]["end"])
+        figures["rss_growth_pct_second_half"][role] = growth_pct(middle[role]["rss"],
+                                                                 end[role]["rss"])
+        figures["anon_growth_pct_after_warm"][role] = growth_pct(mb["anon"]["warm"],
+                                                                 mb["anon"]["end"])
+    return figures
+
+
 def progress_points(text: str) -> list[tuple[int, int, int]]:
     """(seconds, agent steps, replay size) of each progress line."""
     return [(int(h) * 3600 + int(m) * 60 + int(s), int(steps.replace(",", "")),
@@ -116,13 +159,15 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--address", default=None, help="join this Ray (default: a local one)")
     args = parser.parse_args()
+    eval_every_s = 120
     if args.quick:
         args.seconds, args.replay_capacity, args.window_s = 90.0, 1_000, 15.0
+        eval_every_s = 20
     logdir = Path(tempfile.mkdtemp(prefix="soak-"))
     out_path = logdir / "launch.out"
     flags = ["--logdir", str(logdir / "run"), "--max-seconds", str(args.seconds),
              "--replay-capacity", str(args.replay_capacity), "--report-every-s", "5",
-             "--eval-every-s", "120"]
+             "--eval-every-s", str(eval_every_s)]
     if args.address:
         flags += ["--address", args.address, "--num-actors", "2"]
     if args.quick:
@@ -130,22 +175,29 @@ def main() -> int:
     with open(out_path, "w") as out:
         launcher = subprocess.Popen([sys.executable, "launch.py", *flags], cwd=ROOT,
                                     stdout=out, stderr=subprocess.STDOUT)
-        at_full, last = None, {}
+        series: list[dict] = []  # every sample: {"t": s, role: parts}
+        full_at, warm_at = None, {}  # sample indices: replay full; each role warm
+        started = time.monotonic()
         try:
             while launcher.poll() is None:
                 time.sleep(SAMPLE_EVERY_S)
                 sizes = rss_mb(role_processes(psutil.Process(launcher.pid), args.address))
-                last.update(sizes)  # each role's latest, even once it has begun to exit
-                points = progress_points(out_path.read_text())
-                if at_full is None and points and points[-1][2] >= args.replay_capacity:
-                    at_full = sizes
+                series.append({"t": round(time.monotonic() - started, 1), **sizes})
+                text = out_path.read_text()
+                points = progress_points(text)
+                if full_at is None and points and points[-1][2] >= args.replay_capacity:
+                    full_at = len(series) - 1
+                if full_at is not None:
+                    for role in sizes:
+                        if role not in warm_at and (role != "evaluator" or EVALUATED in text):
+                            warm_at[role] = len(series) - 1
         except KeyboardInterrupt:
             launcher.send_signal(signal.SIGINT)
             launcher.wait()
             raise
     text = out_path.read_text()
     summary_path = logdir / "run" / "summary.json"
-    if launcher.returncode != 0 or not summary_path.exists() or at_full is None:
+    if launcher.returncode != 0 or not summary_path.exists() or full_at is None:
         print(text[-3000:], file=sys.stderr)
         raise SystemExit("soak.py: the run did not end well, or replay never filled")
     summary = json.loads(summary_path.read_text())
@@ -153,27 +205,22 @@ def main() -> int:
     start_s, end_s = points[0][0], points[-1][0]  # from the first progress line: no start-up
     first = rate_between(points, start_s, start_s + args.window_s)
     final = rate_between(points, end_s - args.window_s, end_s)
-    def at_full_and_end(part: str) -> dict[str, dict[str, float]]:
-        return {role: {"at_full": at_full[role][part], "end": last[role][part]}
-                for role in at_full if role in last}
-
-    def growth(part: str) -> dict[str, float]:
-        return {role: round(100 * (last[role][part] - at_full[role][part])
-                            / at_full[role][part], 2)
-                for role in at_full if role in last and at_full[role][part] > 0}
+    series_path = logdir / "rss_series.json"
+    series_path.write_text(json.dumps(series))
+    memory = memory_figures(series, full_at, warm_at)
     print(json.dumps({
         "seconds": args.seconds, "replay_capacity": args.replay_capacity,
-        "quick": args.quick,
-        "rss_mb": at_full_and_end("rss"),
-        "rss_growth_pct_after_full": growth("rss"),
-        # The parts of each role's RSS: its private heap and the object store pages it maps.
-        "anon_mb": at_full_and_end("anon"),
-        "anon_growth_pct_after_full": growth("anon"),
-        "shmem_mb": at_full_and_end("shmem"),
+        "quick": args.quick, **memory,
         "agent_steps_per_s_first": round(first, 1), "agent_steps_per_s_last": round(final, 1),
         "last_to_first": round(final / first, 3) if first else None,
         "restarts": summary["restarts"], "agent_steps": summary["agent_steps"],
-        "updates": summary["updates"], "targets": TARGETS}), flush=True)
+        "updates": summary["updates"], "targets": TARGETS,
+        "targets_met": {
+            "rss_growth_pct_after_warm": all(
+                pct < TARGETS["rss_growth_pct_after_full"]
+                for pct in memory["rss_growth_pct_after_warm"].values()),
+            "rate": bool(first) and abs(final / first - 1) <= TARGETS["rate_ratio_within"]},
+        "series": str(series_path)}), flush=True)
     return 0
 
 

@@ -4,6 +4,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -123,12 +124,19 @@ def test_soak_benchmark_quick_mode_prints_its_figures(ray_address):
     figures = quick_figures("soak.py", ray_address, timeout=300)
     assert figures["quick"] is True
     assert {"learner", "replay", "actor", "evaluator"} <= set(figures["rss_mb"])
-    assert all(sizes["at_full"] > 50 and sizes["end"] > 50
-               for sizes in figures["rss_mb"].values())
+    assert all(sizes[when] > 50 for sizes in figures["rss_mb"].values()
+               for when in ("at_full", "warm", "end"))
     # RSS in its parts (private heap, mapped object store pages): neither exceeds the whole.
     for role, sizes in figures["rss_mb"].items():
-        for when in ("at_full", "end"):
+        for when in ("at_full", "warm", "end"):
             heap, shared = figures["anon_mb"][role][when], figures["shmem_mb"][role][when]
             assert 0 < heap and 0 <= shared and heap + shared <= sizes[when], (role, when)
-    assert set(figures["anon_growth_pct_after_full"]) == set(figures["rss_growth_pct_after_full"])
+    for figure in ("rss_growth_pct_after_full", "rss_growth_pct_after_warm",
+                   "rss_growth_pct_second_half", "anon_growth_pct_after_warm"):
+        assert set(figures[figure]) == set(figures["rss_mb"]), figure
+    # The evaluator is warm only once it has played; every sample is kept for a closer look.
+    series = json.loads(Path(figures["series"]).read_text())
+    assert len(series) >= 10 and all(s["t"] > 0 for s in series)
+    assert any("evaluator" in s for s in series)
+    assert set(figures["targets_met"]) == {"rss_growth_pct_after_warm", "rate"}
     assert figures["agent_steps_per_s_last"] > 0 and figures["updates"] > 0

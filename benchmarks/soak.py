@@ -17,14 +17,15 @@ the evaluator) every few seconds. Ends with one JSON line:
 - anon_mb, anon_growth_pct_after_warm, shmem_mb: the two parts of that RSS, the process's
   private heap (where a leak shows) and the pages of Ray's shared object store it has mapped
   by reading objects from it (weights, batches: not its own memory);
-- agent_steps_per_s_first / _last: the rate over the first `--window-s` from the first
-  progress line (start-up excluded) and over the last (target: within 10% of each other),
-  and their ratio;
+- agent_steps_per_s_first / _last: the rate over the first `--window-s` once the random
+  phase is over (start-up excluded, and the random phase, whose steps skip the network) and
+  over the last (target: within 10% of each other), and their ratio;
 - restarts: role restarts during the run (a restart resets a role's memory: a soak with
   restarts says nothing about growth);
-- series: the file holding every sample ({"t": seconds, role: {rss, anon, shmem}}).
-`--quick` (90 s, a tiny replay, 8 envs an actor, an evaluation every 20 s) checks that the script works; its figures
-mean nothing.
+- series: the file holding every sample ({"t": seconds, role: {rss, anon, shmem}, "cpu_s":
+  CPU seconds so far of each role, the launcher, Ray's own processes and the machine}).
+`--quick` (90 s, a tiny replay, 8 envs an actor, 2,000 random steps, an evaluation every
+20 s) checks that the script works; its figures mean nothing.
 """
 from __future__ import annotations
 
@@ -43,8 +44,8 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 ROLE_TITLES = {"learner": "ray::LearnerService", "replay": "ray::ReplayService",
                "actor": "ray::ActorService", "evaluator": "ray::EvaluatorService"}
-PROGRESS = re.compile(r"^(\d+):(\d\d):(\d\d) \| steps +([\d,]+) \|.*\| replay +([\d,]+) \|",
-                      re.M)
+PROGRESS = re.compile(r"^(\d+):(\d\d):(\d\d) \| steps +([\d,]+) \|.*\| (random|eps)[^|]*\| "
+                      r"replay +([\d,]+) \|", re.M)
 EVALUATED = "| eval "  # in a progress line once the evaluator has played
 SAMPLE_EVERY_S = 5.0
 TARGETS = {"rss_growth_pct_after_full": 5.0, "rate_ratio_within": 0.10}
@@ -70,6 +71,33 @@ def role_processes(launcher: psutil.Process, gcs_address: str | None) -> dict[st
             if title.startswith(prefix) or title.startswith(f"ray::dqn-{role}"):
                 found[role].append(process)
     return found
+
+
+def cpu_seconds(launcher: psutil.Process, processes: dict[str, list],
+                local: bool) -> dict[str, float]:
+    """CPU seconds used so far by each role's processes (the actors summed), the launcher,
+    the rest of its process tree (a local Ray's own: GCS, raylet, dashboard, agents) and the
+    whole machine (busy time), so the series says who took the CPU when the rate moves."""
+    def used(process: psutil.Process) -> float:
+        try:
+            times = process.cpu_times()
+        except psutil.Error:  # gone
+            return 0.0
+        return times.user + times.system
+
+    seconds = {role: round(sum(map(used, group)), 1)
+               for role, group in processes.items() if group}
+    seconds["launcher"] = round(used(launcher), 1)
+    if local:  # a joined cluster's Ray is not the launcher's
+        roles = {process.pid for group in processes.values() for process in group}
+        try:
+            tree = launcher.children(recursive=True)
+        except psutil.Error:
+            tree = []
+        seconds["ray"] = round(sum(used(p) for p in tree if p.pid not in roles), 1)
+    machine = psutil.cpu_times()
+    seconds["machine"] = round(sum(machine) - machine.idle - machine.iowait, 1)
+    return seconds
 
 
 def resident_mb(pid: int) -> dict[str, float]:
@@ -137,11 +165,11 @@ def memory_figures(series: list[dict], full_at: int, warm_at: dict[str, int]) ->
     return figures
 
 
-def progress_points(text: str) -> list[tuple[int, int, int]]:
-    """(seconds, agent steps, replay size) of each progress line."""
+def progress_points(text: str) -> list[tuple[int, int, int, bool]]:
+    """(seconds, agent steps, replay size, still in the random phase) of each progress line."""
     return [(int(h) * 3600 + int(m) * 60 + int(s), int(steps.replace(",", "")),
-             int(size.replace(",", "")))
-            for h, m, s, steps, size in PROGRESS.findall(text)]
+             int(size.replace(",", "")), phase == "random")
+            for h, m, s, steps, phase, size in PROGRESS.findall(text)]
 
 
 def rate_between(points: list, start_s: float, end_s: float) -> float:
@@ -171,18 +199,21 @@ def main() -> int:
     if args.address:
         flags += ["--address", args.address, "--num-actors", "2"]
     if args.quick:
-        flags += ["--envs-per-actor", "8"]
+        flags += ["--envs-per-actor", "8", "--random-agent-steps", "2000"]
     with open(out_path, "w") as out:
         launcher = subprocess.Popen([sys.executable, "launch.py", *flags], cwd=ROOT,
                                     stdout=out, stderr=subprocess.STDOUT)
-        series: list[dict] = []  # every sample: {"t": s, role: parts}
+        series: list[dict] = []  # every sample: {"t": s, role: parts, "cpu_s": {...}}
         full_at, warm_at = None, {}  # sample indices: replay full; each role warm
         started = time.monotonic()
         try:
             while launcher.poll() is None:
                 time.sleep(SAMPLE_EVERY_S)
-                sizes = rss_mb(role_processes(psutil.Process(launcher.pid), args.address))
-                series.append({"t": round(time.monotonic() - started, 1), **sizes})
+                tree = psutil.Process(launcher.pid)
+                processes = role_processes(tree, args.address)
+                sizes = rss_mb(processes)
+                series.append({"t": round(time.monotonic() - started, 1), **sizes,
+                               "cpu_s": cpu_seconds(tree, processes, args.address is None)})
                 text = out_path.read_text()
                 points = progress_points(text)
                 if full_at is None and points and points[-1][2] >= args.replay_capacity:
@@ -202,7 +233,10 @@ def main() -> int:
         raise SystemExit("soak.py: the run did not end well, or replay never filled")
     summary = json.loads(summary_path.read_text())
     points = progress_points(text)
-    start_s, end_s = points[0][0], points[-1][0]  # from the first progress line: no start-up
+    # From the first progress line past the random phase: start-up excluded, and the random
+    # phase's steps, which skip the network, are cheaper than the rest of the run's.
+    start_s = next((p[0] for p in points if not p[3]), points[-1][0])
+    end_s = points[-1][0]
     first = rate_between(points, start_s, start_s + args.window_s)
     final = rate_between(points, end_s - args.window_s, end_s)
     series_path = logdir / "rss_series.json"

@@ -48,7 +48,7 @@ PROGRESS = re.compile(r"^(\d+):(\d\d):(\d\d) \| steps +([\d,]+) \|.*\| (random|e
                       r"replay +([\d,]+) \|", re.M)
 EVALUATED = "| eval "  # in a progress line once the evaluator has played
 SAMPLE_EVERY_S = 5.0
-TARGETS = {"rss_growth_pct_after_full": 5.0, "rate_ratio_within": 0.10}
+TARGETS = {"rss_growth_pct_after_warm": 5.0, "rate_ratio_within": 0.10}
 
 
 def role_processes(launcher: psutil.Process, gcs_address: str | None) -> dict[str, list]:
@@ -251,7 +251,7 @@ def main() -> int:
         "updates": summary["updates"], "targets": TARGETS,
         "targets_met": {
             "rss_growth_pct_after_warm": all(
-                pct < TARGETS["rss_growth_pct_after_full"]
+                pct < TARGETS["rss_growth_pct_after_warm"]
                 for pct in memory["rss_growth_pct_after_warm"].values()),
             "rate": bool(first) and abs(final / first - 1) <= TARGETS["rate_ratio_within"]},
         "series": str(series_path)}), flush=True)

@@ -72,8 +72,7 @@ def roles_now(roles) -> str:
 
 def brief(answer) -> str:
     if isinstance(answer, ActorReport):
-        return str(dataclasses.replace(answer, episodes=())).replace(
-            "episodes=()", f"episodes=<{len(answer.episodes)}>")
+        return f"{dataclasses.replace(answer, episodes=())} ({len(answer.episodes)} episodes)"
     return str(answer)
 
 

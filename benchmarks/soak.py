@@ -151,17 +151,15 @@ def memory_figures(series: list[dict], full_at: int, warm_at: dict[str, int]) ->
         middle = next(s for s in series[warm:] if role in s and s["t"] >= middle_t)
         mb = {part: {"at_full": at_full[role][part], "warm": series[warm][role][part],
                      "end": end[role][part]} for part in ("rss", "anon", "shmem")}
-        figures["rss_mb"][role] = mb["rss"]
-        figures["anon_mb"][role] = mb["anon"]
-        figures["shmem_mb"][role] = mb["shmem"]
+        for part in ("rss", "anon", "shmem"):
+            figures[f"{part}_mb"][role] = mb[part]
         figures["rss_growth_pct_after_full"][role] = growth_pct(mb["rss"]["at_full"],
                                                                 mb["rss"]["end"])
-        figures["rss_growth_pct_after_warm"][role] = growth_pct(mb["rss"]["warm"],
-                                                                mb["rss"]["end"])
+        for part in ("rss", "anon"):
+            figures[f"{part}_growth_pct_after_warm"][role] = growth_pct(mb[part]["warm"],
+                                                                        mb[part]["end"])
         figures["rss_growth_pct_second_half"][role] = growth_pct(middle[role]["rss"],
                                                                  end[role]["rss"])
-        figures["anon_growth_pct_after_warm"][role] = growth_pct(mb["anon"]["warm"],
-                                                                 mb["anon"]["end"])
     return figures
 
 

@@ -139,9 +139,11 @@ def test_soak_benchmark_quick_mode_prints_its_figures(ray_address):
     assert len(series) >= 10 and all(s["t"] > 0 for s in series)
     assert any("evaluator" in s for s in series)
     # ... with who used the CPU: every role, the launcher and the machine (here Ray is joined,
-    # so Ray's own processes are not the launcher's).
-    cpu = next(s["cpu_s"] for s in reversed(series) if "learner" in s["cpu_s"])
-    assert {"learner", "replay", "actor", "launcher", "machine"} <= set(cpu)
+    # so Ray's own processes are not the launcher's). At shutdown the roles exit one by one.
+    running = [s["cpu_s"] for s in series if {"learner", "replay", "actor"} <= set(s["cpu_s"])]
+    assert len(running) >= len(series) // 2
+    cpu = running[-1]
+    assert {"launcher", "machine"} <= set(cpu)
     assert cpu["machine"] >= cpu["learner"] > 0 and cpu["actor"] > 0
     assert set(figures["targets_met"]) == {"rss_growth_pct_after_warm", "rate"}
     assert figures["agent_steps_per_s_last"] > 0 and figures["updates"] > 0

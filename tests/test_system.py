@@ -143,6 +143,59 @@ def test_metrics_reach_the_export_endpoint_and_ctrl_c_stops_cleanly(ray_address,
     assert summary["agent_steps"] > 0 and (tmp_path / "q_network.weights.h5").exists()
 
 
+# Why Road Runner for the CI-sized Atari check: its reward comes a few steps after the right
+# move (running left eats seeds, 100 points each), so ~15,000 updates learn it, while random
+# play scores little (the coyote catches a random walk); Breakout at this budget is still at
+# random play's level. The budget is in agent steps, so a slower machine trains as much.
+# Rewards are clipped (unclipped, the seed's choice, 100-point rewards left one run in four at
+# a greedy score of 0), and n-step returns with frequent target syncs make the updates count.
+ATARI_CHECK_FLAGS = ("--env", "RoadRunnerNoFrameskip-v4", "--num-actors", 2,
+                     "--envs-per-actor", 16, "--total-agent-steps", 60_000,
+                     "--random-agent-steps", 2_000, "--epsilon-decay-agent-steps", 25_000,
+                     "--epsilon-end", 0.05, "--n-step", 3, "--target-sync-updates", 250,
+                     "--replay-capacity", 50_000, "--min-replay-size", 2_000,
+                     "--max-episode-agent-steps", 2_000, "--clip-rewards",
+                     "--eval-every-s", 100_000)
+ATARI_CHECK_MAX_SECONDS = 900
+GREEDY_OVER_RANDOM = 5  # times random play's mean score
+GREEDY_MARGIN = 300  # points over the untrained network's (three seeds)
+
+
+def mean_score(source, epsilon: float) -> float:
+    """The mean raw score of 16 games (the same 16 for every source) played by evaluate.py."""
+    result = subprocess.run(
+        [sys.executable, "evaluate.py", str(source), "--episodes", "16", "--epsilon",
+         str(epsilon)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    returns = json.loads(result.stdout)["returns"]
+    return sum(returns) / len(returns)
+
+
+@pytest.mark.slow
+def test_a_short_atari_run_plays_far_better_than_random_play_and_its_untrained_network(
+        ray_address, tmp_path):
+    """The Atari path learns, at CI size: a short Road Runner run through the whole Ray loop
+    (seed preset; exploration, n-step and target sync shortened), then its final network
+    played greedily against random play and against the run's own initial network (an
+    untrained network's fixed greedy action can itself score when it happens to run left)."""
+    from common.config import RUN_CONFIG, read_run_config
+    from learner.learner import DQNLearner
+    summary, _, stdout = launch(ray_address, tmp_path, *ATARI_CHECK_FLAGS,
+                                "--max-seconds", ATARI_CHECK_MAX_SECONDS,
+                                timeout=ATARI_CHECK_MAX_SECONDS + 120)
+    assert summary["agent_steps"] >= 60_000, stdout[-2000:]
+    config = read_run_config(str(tmp_path))
+    untrained = tmp_path / "untrained" / "q_network.weights.h5"  # with the run's config beside
+    untrained.parent.mkdir()
+    (untrained.parent / RUN_CONFIG).write_text((tmp_path / RUN_CONFIG).read_text())
+    initial = DQNLearner(config, describe_env(config.env, config.max_episode_agent_steps))
+    untrained.write_bytes(initial.weights_h5_bytes())
+    greedy = mean_score(tmp_path, 0.0)
+    random_play, untrained_greedy = mean_score(tmp_path, 1.0), mean_score(untrained, 0.0)
+    assert greedy >= max(GREEDY_OVER_RANDOM * random_play, untrained_greedy + GREEDY_MARGIN), (
+        greedy, random_play, untrained_greedy, stdout[-2000:])
+
+
 @pytest.mark.slow
 def test_apex_breakout_runs_end_to_end_with_shards_and_checkpoints(ray_address, tmp_path):
     """The apex preset at a small size: n-step double DQN with a dueling head, prioritized

@@ -1,5 +1,7 @@
 """One Ray session for all integration tests (ray.init costs ~5 s), on loopback only."""
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -33,3 +35,9 @@ def tensorboard_scalars(logdir, name: str) -> list[tuple[int, float]]:
                 if value.tag == name:
                     values.append((event.step, float(tf.make_ndarray(value.tensor))))
     return sorted(values)
+
+
+def evaluate(*args, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python evaluate.py ARGS` as a user runs it, its output captured."""
+    return subprocess.run([sys.executable, "evaluate.py", *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)

@@ -1,7 +1,6 @@
 """evaluate.py as users run it (from the repo root) on a real Breakout network and ALE."""
 import json
 import subprocess
-import sys
 
 import cv2
 import pytest
@@ -9,14 +8,9 @@ import pytest
 from common.config import PRESETS, config_to_json
 from common.envs import describe_env
 from common.networks import build_q_network
-from tests.conftest import ROOT
+from tests.conftest import ROOT, evaluate
 
 MAX_STEPS = 300  # agent steps per episode: keeps an untrained agent's games short
-
-
-def evaluate(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "evaluate.py", *map(str, args)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")

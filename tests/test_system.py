@@ -19,7 +19,7 @@ from common.envs import describe_env
 from common.networks import build_q_network
 from replay_server.buffer import ReplaySpec
 from replay_server.snapshot import read_snapshot
-from tests.conftest import ROOT, tensorboard_scalars
+from tests.conftest import ROOT, evaluate, tensorboard_scalars
 
 SUMMARY_KEYS = {"agent_steps", "env_frames", "updates", "weight_version", "target_syncs",
                 "episodes", "mean_return_100", "agent_steps_per_s", "updates_per_s", "preset",
@@ -62,9 +62,7 @@ def test_cartpole_learns_through_the_full_ray_loop(ray_address, tmp_path):
                                   "dueling": False, "mlp_hidden_units": [128, 128],
                                   "kind": "mlp"}
     # The evaluate command plays the run's latest checkpoint greedily.
-    played = subprocess.run([sys.executable, "evaluate.py", str(tmp_path), "--episodes", "4",
-                             "--epsilon", "0"], cwd=ROOT, capture_output=True, text=True,
-                            timeout=120)
+    played = evaluate(tmp_path, "--episodes", 4, "--epsilon", 0, timeout=120)
     assert played.returncode == 0, played.stderr[-3000:]
     report = json.loads(played.stdout)
     assert "checkpoints/ckpt-" in report["weights"] and len(report["returns"]) == 4
@@ -149,8 +147,9 @@ def test_metrics_reach_the_export_endpoint_and_ctrl_c_stops_cleanly(ray_address,
 # random play's level. The budget is in agent steps, so a slower machine trains as much.
 # Rewards are clipped (unclipped, the seed's choice, 100-point rewards left one run in four at
 # a greedy score of 0), and n-step returns with frequent target syncs make the updates count.
+ATARI_CHECK_AGENT_STEPS = 60_000
 ATARI_CHECK_FLAGS = ("--env", "RoadRunnerNoFrameskip-v4", "--num-actors", 2,
-                     "--envs-per-actor", 16, "--total-agent-steps", 60_000,
+                     "--envs-per-actor", 16, "--total-agent-steps", ATARI_CHECK_AGENT_STEPS,
                      "--random-agent-steps", 2_000, "--epsilon-decay-agent-steps", 25_000,
                      "--epsilon-end", 0.05, "--n-step", 3, "--target-sync-updates", 250,
                      "--replay-capacity", 50_000, "--min-replay-size", 2_000,
@@ -163,9 +162,7 @@ GREEDY_MARGIN = 300  # points over the untrained network's (three seeds)
 
 def mean_score(source, epsilon: float) -> float:
     """The mean raw score of 16 games (the same 16 for every source) played by evaluate.py."""
-    result = subprocess.run(
-        [sys.executable, "evaluate.py", str(source), "--episodes", "16", "--epsilon",
-         str(epsilon)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    result = evaluate(source, "--episodes", 16, "--epsilon", epsilon)
     assert result.returncode == 0, result.stderr[-3000:]
     returns = json.loads(result.stdout)["returns"]
     return sum(returns) / len(returns)
@@ -183,12 +180,13 @@ def test_a_short_atari_run_plays_far_better_than_random_play_and_its_untrained_n
     summary, _, stdout = launch(ray_address, tmp_path, *ATARI_CHECK_FLAGS,
                                 "--max-seconds", ATARI_CHECK_MAX_SECONDS,
                                 timeout=ATARI_CHECK_MAX_SECONDS + 120)
-    assert summary["agent_steps"] >= 60_000, stdout[-2000:]
+    assert summary["agent_steps"] >= ATARI_CHECK_AGENT_STEPS, stdout[-2000:]
     config = read_run_config(str(tmp_path))
     untrained = tmp_path / "untrained" / "q_network.weights.h5"  # with the run's config beside
     untrained.parent.mkdir()
     (untrained.parent / RUN_CONFIG).write_text((tmp_path / RUN_CONFIG).read_text())
-    initial = DQNLearner(config, describe_env(config.env, config.max_episode_agent_steps))
+    initial = DQNLearner(config, describe_env(config.env, config.max_episode_agent_steps,
+                                               config.frame_stack))
     untrained.write_bytes(initial.weights_h5_bytes())
     greedy = mean_score(tmp_path, 0.0)
     random_play, untrained_greedy = mean_score(tmp_path, 1.0), mean_score(untrained, 0.0)

@@ -41,6 +41,8 @@ from pathlib import Path
 
 import psutil
 
+from common.process import cluster_workers
+
 ROOT = Path(__file__).resolve().parents[1]
 ROLE_TITLES = {"learner": "ray::LearnerService", "replay": "ray::ReplayService",
                "actor": "ray::ActorService", "evaluator": "ray::EvaluatorService"}
@@ -57,10 +59,7 @@ def role_processes(launcher: psutil.Process, gcs_address: str | None) -> dict[st
     if gcs_address is None:
         candidates = launcher.children(recursive=True)
     else:
-        raylets = {p.pid for p in psutil.process_iter(["name", "cmdline"])
-                   if p.info["name"] == "raylet"
-                   and f"--gcs-address={gcs_address} " in " ".join(p.info["cmdline"] or []) + " "}
-        candidates = [p for p in psutil.process_iter() if p.ppid() in raylets]
+        candidates = cluster_workers(gcs_address)
     found: dict[str, list] = {role: [] for role in ROLE_TITLES}
     for process in candidates:
         try:

@@ -1,4 +1,5 @@
-"""What every process of this project sets up before TensorFlow, ALE or Ray print anything."""
+"""What every process of this project sets up before TensorFlow, ALE or Ray print anything,
+and how to find one Ray cluster's worker processes on this machine."""
 from __future__ import annotations
 
 import contextlib
@@ -63,3 +64,14 @@ def _restore(saved: list[int]) -> None:
     for fd, copy in zip((1, 2), saved):
         os.dup2(copy, fd)
         os.close(copy)
+
+
+def cluster_workers(gcs_address: str) -> list:
+    """The worker processes (`psutil.Process`) of the Ray cluster at `gcs_address` on this
+    machine: children of a raylet whose command line names that cluster, so never another
+    Ray's on the same machine, such as a user's training run beside a test."""
+    import psutil
+    raylets = {p.pid for p in psutil.process_iter(["name", "cmdline"])
+               if p.info["name"] == "raylet"
+               and f"--gcs-address={gcs_address} " in " ".join(p.info["cmdline"] or []) + " "}
+    return [p for p in psutil.process_iter(["ppid"]) if p.info["ppid"] in raylets]

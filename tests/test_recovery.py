@@ -13,6 +13,7 @@ import psutil
 import pytest
 
 from common.config import PRESETS, epsilon_at
+from common.process import cluster_workers
 from tests.conftest import ROOT, tensorboard_scalars
 
 PROGRESS_LINE = re.compile(r"steps\s+([\d,]+) \|.*\| (?:eps ([\d.]+)|random [\d,/]+) \|.*"
@@ -71,14 +72,15 @@ def launches():
 
 def role_pids(role: str, gcs_address: str) -> list[int]:
     """Processes of Ray actors of class `role` (Ray titles them `ray::<Class>...`) in the Ray
-    cluster at `gcs_address` only (workers are children of their node's raylet, which names
-    its cluster): never another Ray's on this machine, such as a user's training run."""
-    raylets = {p.pid for p in psutil.process_iter(["name", "cmdline"])
-               if p.info["name"] == "raylet"
-               and f"--gcs-address={gcs_address} " in " ".join(p.info["cmdline"] or []) + " "}
-    return [p.pid for p in psutil.process_iter(["cmdline", "ppid"])
-            if p.info["ppid"] in raylets
-            and " ".join(p.info["cmdline"] or []).startswith(f"ray::{role}")]
+    cluster at `gcs_address` only."""
+    pids = []
+    for process in cluster_workers(gcs_address):
+        try:
+            if " ".join(process.cmdline()).startswith(f"ray::{role}"):
+                pids.append(process.pid)
+        except psutil.Error:  # gone
+            continue
+    return pids
 
 
 def kill_one(role: str, gcs_address: str) -> int:

@@ -142,17 +142,20 @@ def test_metrics_reach_the_export_endpoint_and_ctrl_c_stops_cleanly(ray_address,
 
 
 # Why Road Runner for the CI-sized Atari check: its reward comes a few steps after the right
-# move (running left eats seeds, 100 points each), so ~15,000 updates learn it, while random
+# move (running left eats seeds, 100 points each), so ~20,000 updates learn it, while random
 # play scores little (the coyote catches a random walk); Breakout at this budget is still at
 # random play's level. The budget is in agent steps, so a slower machine trains as much.
 # Rewards are clipped (unclipped, the seed's choice, 100-point rewards left one run in four at
-# a greedy score of 0), and n-step returns with frequent target syncs make the updates count.
-ATARI_CHECK_AGENT_STEPS = 60_000
+# a greedy score of 0), n-step returns with frequent target syncs make the updates count, and
+# double DQN with 80,000 steps rather than 60,000 (where 2 runs in 11 ended near 0) made a
+# collapsed final policy rare: 12 runs at 12 seeds all cleared this test's bar, the lowest
+# at 363 of 300 (benchmarks/RESULTS.md).
+ATARI_CHECK_AGENT_STEPS = 80_000
 ATARI_CHECK_FLAGS = ("--env", "RoadRunnerNoFrameskip-v4", "--num-actors", 2,
                      "--envs-per-actor", 16, "--total-agent-steps", ATARI_CHECK_AGENT_STEPS,
                      "--random-agent-steps", 2_000, "--epsilon-decay-agent-steps", 25_000,
                      "--epsilon-end", 0.05, "--n-step", 3, "--target-sync-updates", 250,
-                     "--replay-capacity", 50_000, "--min-replay-size", 2_000,
+                     "--double-dqn", "--replay-capacity", 50_000, "--min-replay-size", 2_000,
                      "--max-episode-agent-steps", 2_000, "--clip-rewards",
                      "--eval-every-s", 100_000)
 ATARI_CHECK_MAX_SECONDS = 900
@@ -172,7 +175,7 @@ def mean_score(source, epsilon: float) -> float:
 def test_a_short_atari_run_plays_far_better_than_random_play_and_its_untrained_network(
         ray_address, tmp_path):
     """The Atari path learns, at CI size: a short Road Runner run through the whole Ray loop
-    (seed preset; exploration, n-step and target sync shortened), then its final network
+    (seed preset; exploration, n-step, target sync and double DQN changed), then its final network
     played greedily against random play and against the run's own initial network (an
     untrained network's fixed greedy action can itself score when it happens to run left)."""
     from common.config import RUN_CONFIG, read_run_config

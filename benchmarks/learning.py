@@ -1,16 +1,18 @@
 """Does it learn, and how does it compare with Dopamine's DQN: a learning curve, resumable.
 
-    python benchmarks/learning.py RUNDIR [--preset seed] [--agent-steps 1000000]
+    python benchmarks/learning.py RUNDIR [--preset seed] [--agent-steps 1000000 | --hours H]
                                          [--max-seconds S] [--final-episodes 30] [launch flags]
 
 Trains `--preset` to `--agent-steps` agent steps in RUNDIR with the evaluator on
-(`launch.py --total-agent-steps`); run again with the same RUNDIR, it resumes from the latest
-checkpoint (so hours of training can span sittings: stop it with Ctrl-C or `--max-seconds`).
-Once the run has its agent steps, the final weights play `--final-episodes` episodes at
-epsilon 0.05 twice, without and with sticky actions 0.25 (the protocol of Dopamine's
-published numbers), and the curve is drawn beside Dopamine's DQN (`plot.py`). Writes
-RUNDIR/learning.json (the curve points: agent steps, wall-clock hours, training return,
-evaluation return; the final evaluations) and RUNDIR/curve.png, and ends with one JSON line.
+(`launch.py --total-agent-steps`), or for `--hours` of training over all sittings (to compare
+presets at equal wall-clock; an `--agent-steps` given with it is a cap: whichever comes
+first). Run again with the same RUNDIR, it resumes from the latest checkpoint (so hours of
+training can span sittings: stop it with Ctrl-C or `--max-seconds`). Once the run has its
+agent steps (or hours), the final weights play `--final-episodes` episodes at epsilon 0.05
+twice, without and with sticky actions 0.25 (the protocol of Dopamine's published numbers),
+and the curve is drawn beside Dopamine's DQN (`plot.py`). Writes RUNDIR/learning.json (the
+curve points: agent steps, wall-clock hours, training return, evaluation return; the final
+evaluations) and RUNDIR/curve.png, and ends with one JSON line.
 Flags it does not know go to `launch.py` on the first sitting (e.g. `--num-actors 4`).
 """
 from __future__ import annotations
@@ -30,9 +32,12 @@ STICKY_PROTOCOL = 0.25  # Machado et al. 2018, Dopamine's default for its publis
 
 def train(run_dir: Path, args: argparse.Namespace, launch_flags: list[str]) -> dict:
     """One sitting of launch.py, resumed when the run exists; its summary."""
-    limits = ["--total-agent-steps", str(args.agent_steps)]
-    if args.max_seconds is not None:
-        limits += ["--max-seconds", str(args.max_seconds)]
+    limits = [] if args.agent_steps is None else ["--total-agent-steps", str(args.agent_steps)]
+    seconds = [args.max_seconds] if args.max_seconds is not None else []
+    if args.hours is not None:
+        seconds.append(args.hours * 3600 - trained_seconds(run_dir))
+    if seconds:
+        limits += ["--max-seconds", str(max(1.0, min(seconds)))]
     if (run_dir / "config.json").exists():
         command = ["--resume", str(run_dir), *limits]
     else:
@@ -42,6 +47,18 @@ def train(run_dir: Path, args: argparse.Namespace, launch_flags: list[str]) -> d
     if result.returncode != 0 or not summary_path.exists():
         raise SystemExit(f"learning.py: launch.py exited {result.returncode}")
     return json.loads(summary_path.read_text())
+
+
+def trained_seconds(run_dir: Path) -> float:
+    """Seconds of training in the run's sittings so far."""
+    summary_path = run_dir / "summary.json"
+    return json.loads(summary_path.read_text())["run_seconds"] if summary_path.exists() else 0.0
+
+
+def reached_goal(summary: dict, args: argparse.Namespace) -> bool:
+    steps_done = args.agent_steps is not None and summary["agent_steps"] >= args.agent_steps
+    hours_done = args.hours is not None and summary["run_seconds"] >= args.hours * 3600
+    return steps_done or hours_done
 
 
 def final_evaluation(run_dir: Path, episodes: int, sticky: float | None) -> dict:
@@ -72,13 +89,19 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--preset", default="seed")
-    parser.add_argument("--agent-steps", type=int, default=1_000_000)
+    parser.add_argument("--agent-steps", type=int, default=None,
+                        help="train to this many agent steps (default 1,000,000 without "
+                             "--hours; with it, a cap)")
+    parser.add_argument("--hours", type=float, default=None,
+                        help="train for this many hours, all sittings together")
     parser.add_argument("--max-seconds", type=float, default=None,
                         help="end this sitting after this long (resume later)")
     parser.add_argument("--final-episodes", type=int, default=30)
     args, launch_flags = parser.parse_known_args()
+    if args.agent_steps is None and args.hours is None:
+        args.agent_steps = 1_000_000
     summary = train(args.run_dir, args, launch_flags)
-    done = summary["agent_steps"] >= args.agent_steps
+    done = reached_goal(summary, args)
     result = {"run_dir": str(args.run_dir), "preset": summary["preset"],
               "agent_steps": summary["agent_steps"], "done": done,
               "run_hours": round(summary["run_seconds"] / 3600, 3),

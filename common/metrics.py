@@ -49,7 +49,8 @@ DESCRIPTIONS = {
     UPDATES: "Learner gradient updates.",
     TARGET_SYNCS: "Target-network syncs.",
     WEIGHT_VERSION: "Version of the newest weights the learner published.",
-    LEARNER_STARVED: "Seconds the learner waited for a batch after its first update.",
+    LEARNER_STARVED: "Seconds the learner waited for a batch after its first update (held by "
+                     "the rate limiter when samples per insert sits at its target).",
     LOSS: "Learner loss of the latest update.",
     Q_MEAN: "Online network's mean Q(s, a) over the latest batch's taken actions.",
     REPLAY_SIZE: "Transitions held by the replay shard.",

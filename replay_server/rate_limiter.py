@@ -43,4 +43,8 @@ class RateLimiter:
         self.samples += n
 
     def observed_samples_per_insert(self) -> float:
-        return self.samples / self.inserts if self.inserts else 0.0
+        """Samples per insert past the minimum size: the ratio the limiter holds to its target
+        (the inserts that filled replay up to the minimum were never sampled against), so a
+        learner held by the limiter shows the target, not less."""
+        past_minimum = self.inserts - self.min_size_to_sample
+        return self.samples / past_minimum if past_minimum > 0 else 0.0

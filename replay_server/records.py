@@ -13,7 +13,7 @@ class ReplayStats:
     capacity: int
     total_inserted: int  # over the shard's life, a restored snapshot's included
     total_sampled: int
-    samples_per_insert: float  # as observed, which the rate limiter holds near its target
+    samples_per_insert: float  # past the minimum size: the limiter holds it near its target
     priority_mass: float  # the sum-tree's total: the learner spreads its samples by it
     rejected_messages: int
     stale_dropped: int  # transitions refused for naming frames already evicted

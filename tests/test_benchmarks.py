@@ -94,13 +94,14 @@ def test_recovery_benchmark_quick_mode_prints_its_figures(ray_address):
 def test_learning_benchmark_trains_resumes_evaluates_and_plots(ray_address, tmp_path):
     """CartPole at a few thousand agent steps: one sitting stopped by --max-seconds short of
     the goal, then the same command resumes it to the goal, plays the final evaluations
-    (without and with sticky actions) and writes the curve."""
+    (without and with sticky actions) and writes the curve; a third sitting's goal is hours
+    of training (the equal wall-clock comparison), a few seconds past the run's."""
     run_dir = tmp_path / "run"
 
-    def learning(*flags) -> dict:
+    def learning(*flags, goal=("--agent-steps", "4000")) -> dict:
         result = subprocess.run(
             [sys.executable, "benchmarks/learning.py", str(run_dir), "--preset", "cartpole",
-             "--agent-steps", "4000", "--final-episodes", "2", *flags], cwd=ROOT,
+             *goal, "--final-episodes", "2", *flags], cwd=ROOT,
             capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr[-3000:]
         return json.loads(result.stdout.strip().splitlines()[-1])
@@ -118,6 +119,11 @@ def test_learning_benchmark_trains_resumes_evaluates_and_plots(ray_address, tmp_
     steps = saved["curve"]["train"]["agent_steps"]
     assert steps == sorted(steps) and steps[-1] >= 4000 - 1_000, steps
     assert (run_dir / "curve.png").stat().st_size > 10_000
+    hours = second["run_hours"] + 5 / 3600
+    third = learning("--address", ray_address,
+                     goal=("--hours", str(hours), "--agent-steps", "1000000"))
+    assert third["done"] and third["run_hours"] >= round(hours, 3) - 0.001, third
+    assert third["agent_steps"] > second["agent_steps"] and "final_eval" in third, third
 
 
 def test_soak_benchmark_quick_mode_prints_its_figures(ray_address):

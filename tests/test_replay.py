@@ -258,6 +258,20 @@ def test_rate_limiter_keeps_the_observed_ratio_within_tolerance(actor_period, le
     assert abs(limiter.samples - spi * limiter.inserts) <= tolerance + spi * 100
 
 
+def test_a_learner_held_by_the_limiter_observes_the_target_ratio():
+    """Ape-X's shape: 0.8 samples per insert, 50,000 inserts before the first sample, a
+    learner faster than its actors. The inserts that filled replay were never sampled
+    against, so the figure counts the ones past them: 0.8, where all inserts give 0.7."""
+    spi, chunk, batch, min_size = 0.8, 128, 1024, 50_000
+    limiter = RateLimiter(spi, min_size_to_sample=min_size, tolerance=2 * chunk * spi + batch)
+    while limiter.inserts < 400_000:
+        limiter.record_insert(chunk)
+        while limiter.can_sample(batch):
+            limiter.record_sample(batch)
+    assert limiter.samples / limiter.inserts == pytest.approx(0.7, abs=0.01)
+    assert limiter.observed_samples_per_insert() == pytest.approx(spi, abs=0.01)
+
+
 def make_server(capacity=2_000, **changes):
     config = PRESETS["seed"].replace(replay_capacity=capacity, chunk_transitions=8,
                                      min_replay_size=10, **changes)

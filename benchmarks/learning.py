@@ -43,16 +43,22 @@ def train(run_dir: Path, args: argparse.Namespace, launch_flags: list[str]) -> d
     else:
         command = ["--preset", args.preset, "--logdir", str(run_dir), *limits, *launch_flags]
     result = subprocess.run([sys.executable, "launch.py", *command], cwd=ROOT)
-    summary_path = run_dir / "summary.json"
-    if result.returncode != 0 or not summary_path.exists():
+    summary = read_summary(run_dir)
+    if result.returncode != 0 or summary is None:
         raise SystemExit(f"learning.py: launch.py exited {result.returncode}")
-    return json.loads(summary_path.read_text())
+    return summary
+
+
+def read_summary(run_dir: Path) -> dict | None:
+    """The summary launch.py wrote at the end of the run's last sitting, if any."""
+    summary_path = run_dir / "summary.json"
+    return json.loads(summary_path.read_text()) if summary_path.exists() else None
 
 
 def trained_seconds(run_dir: Path) -> float:
     """Seconds of training in the run's sittings so far."""
-    summary_path = run_dir / "summary.json"
-    return json.loads(summary_path.read_text())["run_seconds"] if summary_path.exists() else 0.0
+    summary = read_summary(run_dir)
+    return summary["run_seconds"] if summary is not None else 0.0
 
 
 def reached_goal(summary: dict, args: argparse.Namespace) -> bool:

@@ -6,7 +6,9 @@ takes from the learner's compute threads stalls a train step, while a stalled ac
 waits for insert budget anyway. Linux's SCHED_IDLE policy gives a thread CPU only when no
 normal thread wants it; threads inherit their creator's policy, so lowering the thread that
 builds and runs the actor lowers its emulator and TensorFlow threads too, and leaves Ray's
-own threads (which answer the launcher) at normal priority.
+own threads (which answer the launcher) at normal priority. A restarted actor builds while
+the learner trains, and at idle priority starting its emulators was most of its restart time:
+it builds at normal priority, then lowers its thread and the threads the build started.
 
 Threads inherit their creator's CPU affinity too. An actor's emulator thread and its acting
 thread (which runs the forward pass) take turns on the same data, so pinning both to one CPU
@@ -15,15 +17,28 @@ each step costs the actors a little more CPU (the A/B run is in benchmarks/RESUL
 """
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterable
 
 
-def lower_to_idle() -> bool:
-    """Put the calling thread, and every thread it starts from now on, on SCHED_IDLE. False
-    where the OS has no such policy (macOS, Windows): the thread keeps its priority."""
+def thread_ids() -> set[int]:
+    """The kernel ids of this process's threads (empty where there is no /proc)."""
+    try:
+        return {int(tid) for tid in os.listdir("/proc/self/task")}
+    except OSError:
+        return set()
+
+
+def lower_to_idle(threads: Iterable[int] = (0,)) -> bool:
+    """Put these threads (kernel ids; 0 is the calling thread), and every thread they start
+    from now on, on SCHED_IDLE. False where the OS has no such policy (macOS, Windows): the
+    threads keep their priority."""
     if not hasattr(os, "SCHED_IDLE"):
         return False
-    os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # 0: this thread, on Linux
+    for thread in threads:
+        with contextlib.suppress(ProcessLookupError):  # a thread that has ended since
+            os.sched_setscheduler(thread, os.SCHED_IDLE, os.sched_param(0))
     return True
 
 

@@ -11,8 +11,9 @@ new env seeds and a new frame stream, so replay never mixes its old and new fram
 replay shard dies under it, the pacer drops what was in flight and the actor goes on as a new
 stream once the shard is back; when the learner dies, its weight query is asked again. Its
 thread builds the actor, so the emulator and TensorFlow threads share that thread's CPU
-priority and CPUs (`actors.scheduling`): idle by default, and pinned to the actor's own CPUs on
-a local machine, while the thread that answers the launcher stays at normal priority on any CPU.
+priority and CPUs (`actors.scheduling`): idle by default (a restarted process builds at normal
+priority first), and pinned to the actor's own CPUs on a local machine, while the thread that
+answers the launcher stays at normal priority on any CPU.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from actors.actor import Actor
 from actors.insert_pacer import InsertPacer
 from actors.records import ActorReport, FinishedEpisode
 from actors.remotes import RayReplay, RayWeightSource
-from actors.scheduling import lower_to_idle, pin_to_cpus
+from actors.scheduling import lower_to_idle, pin_to_cpus, thread_ids
 from actors.weight_client import SourceLost, WeightClient
 from common import metrics
 from common.config import Config
@@ -46,7 +47,8 @@ class ActorService:
         """The replay shard and the learner are named actors, looked up by name: handles as
         constructor arguments would live in the object store, which a restart depends on."""
         configure_cpu_threads(config.actor_threads or 1)  # actors share the node's cores
-        if ray.get_runtime_context().was_current_actor_reconstructed:
+        self.restarted = ray.get_runtime_context().was_current_actor_reconstructed
+        if self.restarted:
             # A restarted process plays new games, not a replay of its first life's.
             config = config.replace(seed=secrets.randbelow(1 << 31))
         self.config, self.env_info, self.index = config, env_info, actor_index
@@ -75,13 +77,21 @@ class ActorService:
     # The loop.
     def _play(self, actor_index: int, num_actors: int, started: threading.Event):
         """Build the actor on this thread, so its emulator and TensorFlow threads inherit
-        this thread's priority, take the first weights, then play until stopped."""
+        this thread's priority and CPUs, take the first weights, then play until stopped.
+        A first start builds at the actors' priority, leaving the CPU to the learner and the
+        replay shard starting beside it; a restarted process builds at normal priority (the
+        learner is training, and would starve its emulators' start), then lowers this thread
+        and the ones the build started."""
         try:
-            if self.config.actor_cpu_priority == "idle":
+            idle = self.config.actor_cpu_priority == "idle"
+            if idle and not self.restarted:
                 lower_to_idle()
             if self.config.pin_actor_cpus:
                 pin_to_cpus(actor_index, self.config.actor_threads or 1)
+            before_build = thread_ids()
             self.actor = actor = Actor(self.config, self.env_info, actor_index, num_actors)
+            if idle and self.restarted:
+                lower_to_idle({0, *(thread_ids() - before_build)})
             self.pacer = InsertPacer(RayReplay(self.replay), self.config.max_inflight_chunks,
                                      self.config.replay_shards, self.stop_event,
                                      agent_steps=lambda: actor.agent_steps,

@@ -36,7 +36,6 @@ def test_a_lowered_thread_and_the_threads_it_starts_run_at_idle_priority():
     assert os.sched_getscheduler(0) == os.SCHED_OTHER  # the caller's own thread is untouched
 
 
-
 def test_the_threads_a_build_started_are_lowered_with_the_builder_and_no_others():
     """What an actor does: build at normal priority, then lower itself and the threads the build
     started; a thread that was running before the build keeps its priority."""
@@ -63,6 +62,7 @@ def test_the_threads_a_build_started_are_lowered_with_the_builder_and_no_others(
     assert seen == {"lowered": True, "builder": os.SCHED_IDLE, "built": os.SCHED_IDLE,
                     "bystander": os.SCHED_OTHER}
     assert lower_to_idle({thread.native_id})  # a thread that has ended is passed over
+
 
 def test_a_pinned_thread_and_the_threads_it_starts_keep_to_the_actors_cpus():
     allowed = sorted(os.sched_getaffinity(0))

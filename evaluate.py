@@ -2,8 +2,9 @@
 
 Plays `--episodes` whole episodes (one per env, side by side) at `--epsilon` with the network
 of a run directory (its latest checkpoint, or its final `q_network.weights.h5`) or of a
-`.weights.h5` file with the run's `config.json` beside it, on the run's own preprocessing, and
-prints the raw game scores as one JSON object. `--video out.mp4` also plays one more episode
+`.weights.h5` file with the run's `config.json` beside it (such as the run's
+`best.weights.h5`), on the run's own preprocessing, and prints the raw game scores as one
+JSON object. `--video out.mp4` also plays one more episode
 on gymnasium's own wrappers and writes every frame of it as a person sees the game (full
 colour, every emulator frame, at the game's frame rate). `--sticky-actions 0.25` plays with
 the protocol of Dopamine's published scores (Machado et al. 2018).
@@ -21,11 +22,17 @@ from pathlib import Path
 
 from common import checkpoints
 from common.checkpoints import CheckpointError, CheckpointStore
-from common.config import RUN_CONFIG, Config, ConfigError, OneLineErrorParser, read_run_config
+from common.config import (
+    FINAL_WEIGHTS,
+    RUN_CONFIG,
+    Config,
+    ConfigError,
+    OneLineErrorParser,
+    read_run_config,
+)
 from common.envs import EnvError, describe_env
 from common.process import native_output_hidden
 
-WEIGHTS_FILE = "q_network.weights.h5"
 ATARI_FPS = 60
 VIDEO_MIN_HEIGHT = 400  # small frames (Atari's 210 rows) are scaled up by a whole factor
 
@@ -77,7 +84,7 @@ def resolve_source(source: Path) -> tuple[Config, Path | None, str | None]:
     """(config, weights file, checkpoint root): a run directory's latest checkpoint when it
     has one (a running run has no weights file yet), else its weights file."""
     if source.is_dir():
-        run_dir, weights = source, source / WEIGHTS_FILE
+        run_dir, weights = source, source / FINAL_WEIGHTS
     elif source.is_file():
         run_dir, weights = source.parent, source
         if not source.name.endswith(".weights.h5"):
@@ -94,7 +101,7 @@ def resolve_source(source: Path) -> tuple[Config, Path | None, str | None]:
         if CheckpointStore(root).latest() is not None:
             return config, None, root
         if not weights.is_file():
-            raise EvaluateError(f"{run_dir}: neither a checkpoint nor {WEIGHTS_FILE} yet")
+            raise EvaluateError(f"{run_dir}: neither a checkpoint nor {FINAL_WEIGHTS} yet")
     return config, weights, None
 
 

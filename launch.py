@@ -29,7 +29,15 @@ from typing import Any, NoReturn
 from actors.records import ActorReport
 from common import checkpoints
 from common.checkpoints import CheckpointError, CheckpointStore
-from common.config import RUN_CONFIG, Config, config_to_json, epsilon_at, parse_args
+from common.config import (
+    BEST_WEIGHTS,
+    FINAL_WEIGHTS,
+    RUN_CONFIG,
+    Config,
+    config_to_json,
+    epsilon_at,
+    parse_args,
+)
 from common.env_info import EnvInfo
 from common.envs import EnvError, describe_env
 from common.process import PROCESS_ENV, native_output_hidden
@@ -403,10 +411,13 @@ class Progress:
             self.episodes += 1
         return restarted
 
-    def absorb_eval(self, record: dict) -> None:
+    def absorb_eval(self, record: dict) -> bool:
+        """Takes an evaluation in; whether it is the best so far (a tie goes to the newer)."""
         self.evals["last"] = record
-        if record["mean"] >= self.evals.get("best", {"mean": -math.inf})["mean"]:
+        best = record["mean"] >= self.evals.get("best", {"mean": -math.inf})["mean"]
+        if best:
             self.evals["best"] = record
+        return best
 
     def state(self, elapsed_s: float) -> dict:
         return {"agent_steps": self.agent_steps, "episodes": self.episodes,
@@ -512,10 +523,13 @@ def poll(roles: Roles, progress: Progress, wait_s: float = POLL_WAIT_S,
 
 class Evaluations:
     """Asks the evaluator for an evaluation every `eval_every_s` (one at a time, never
-    waited on) and takes each result in, at the agent steps when it was asked for."""
+    waited on) and takes each result in, at the agent steps when it was asked for. The
+    weights of the best one so far are kept as `best_path`: DQN's latest weights are now and
+    then a far worse policy than the ones just before them."""
 
-    def __init__(self, roles: Roles, config: Config):
+    def __init__(self, roles: Roles, config: Config, best_path: Path):
         self.evaluator, self.every_s = roles.evaluator, config.eval_every_s
+        self.best_path = best_path
         self.pending, self.asked_at_steps = None, 0
         self.next_due = time.monotonic() + self.every_s
 
@@ -530,7 +544,8 @@ class Evaluations:
                 result = ray.get(self.pending)
                 progress.new_life("evaluator", 0, result["life"])
                 record = eval_record(result, self.asked_at_steps)
-                progress.absorb_eval(record)
+                if progress.absorb_eval(record):
+                    write_atomically(self.best_path, result["weights_h5"])
             except ray.exceptions.RayError as error:  # restarting: ask again next time
                 print(f"evaluation failed: {first_error_line(error)}", file=sys.stderr,
                       flush=True)
@@ -852,7 +867,7 @@ def run(config: Config, env_info: EnvInfo, roles: Roles, logdir: Path, store: Ch
     started = time.monotonic()
     log = ProgressLog(logdir, config, progress, started)
     log.write_hparams(config, env_info)
-    evaluations = Evaluations(roles, config)
+    evaluations = Evaluations(roles, config, logdir / BEST_WEIGHTS)
     next_checkpoint = started + config.checkpoint_every_s
     status, reason = "ok", None
     try:
@@ -881,8 +896,10 @@ def run(config: Config, env_info: EnvInfo, roles: Roles, logdir: Path, store: Ch
     summary = make_summary(config, env_info, progress, elapsed, len(roles.actors))
     weights = wait_all([roles.learner.weights_h5.remote()], wait_s)[0]
     if weights is not None:
-        write_atomically(logdir / "q_network.weights.h5", weights)
-        summary["weights"] = str(logdir / "q_network.weights.h5")
+        write_atomically(logdir / FINAL_WEIGHTS, weights)
+        summary["weights"] = str(logdir / FINAL_WEIGHTS)
+    if (logdir / BEST_WEIGHTS).is_file():
+        summary["best_weights"] = str(logdir / BEST_WEIGHTS)
     summary.update(status=status, reason=reason)
     write_atomically(logdir / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
     return summary

@@ -20,7 +20,7 @@ from actors.weight_client import WeightClient
 from common import metrics
 from common.config import Config
 from common.env_info import EnvInfo
-from common.networks import configure_cpu_threads
+from common.networks import configure_cpu_threads, weights_h5_bytes
 
 EVALUATOR_SEED_OFFSET = 7_777_777
 
@@ -42,15 +42,17 @@ class EvaluatorService:
         self.life = secrets.token_hex(4)
 
     def evaluate(self) -> dict:
-        """Plays one evaluation with the learner's newest weights: their version and the
-        episodes' raw scores."""
+        """Plays one evaluation with the learner's newest weights: their version, the
+        episodes' raw scores, and the weights as `.weights.h5` bytes (kept when they are the
+        best so far)."""
         started = time.monotonic()
         self.weights.update(wait=True)  # a learner that died fails this evaluation
         returns = self.evaluator.play(self.config.eval_epsilon)
         mean = sum(returns) / len(returns)
         self.metrics[metrics.EVAL_RETURN_MEAN].set(mean)
         return {"weight_version": self.weights.version, "returns": returns, "life": self.life,
-                "seconds": round(time.monotonic() - started, 2), "pid": os.getpid()}
+                "seconds": round(time.monotonic() - started, 2), "pid": os.getpid(),
+                "weights_h5": weights_h5_bytes(self.evaluator.policy.model)}
 
     def __repr__(self) -> str:  # the dashboard's Repr column and the log lines' prefix
         return "dqn-evaluator"

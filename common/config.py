@@ -386,6 +386,9 @@ RESUME_OVERRIDES = frozenset({
     "keep_checkpoints", "role_timeout_s", "verbose", "eval_every_s", "eval_episodes",
     "eval_epsilon", "placement_timeout_s", "insecure"})
 RUN_CONFIG = "config.json"
+# A run directory's networks: the learner's at the stop, and the one of the best evaluation.
+FINAL_WEIGHTS = "q_network.weights.h5"
+BEST_WEIGHTS = "best.weights.h5"
 RUN_CONFIG_FORMAT = "dqn-run-config"
 MAX_RUN_CONFIG_BYTES = 1 << 20
 

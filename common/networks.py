@@ -3,6 +3,9 @@ the one place the project imports TensorFlow and Keras from (after `common` set 
 environment)."""
 from __future__ import annotations
 
+import os
+import tempfile
+
 import keras
 import tensorflow as tf
 from keras import layers
@@ -54,6 +57,15 @@ class DuelingCombine(layers.Layer):
     def call(self, inputs):
         value, advantage = inputs
         return value + advantage - keras.ops.mean(advantage, axis=1, keepdims=True)
+
+
+def weights_h5_bytes(model: keras.Model) -> bytes:
+    """The model's weights as a Keras `.weights.h5` file's bytes (no pickle, no code)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "q_network.weights.h5")
+        model.save_weights(path)
+        with open(path, "rb") as f:
+            return f.read()
 
 
 def configure_cpu_threads(num_threads: int) -> None:

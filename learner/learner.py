@@ -10,8 +10,6 @@ zero, as in the DQN paper. |y - Q(s, a)| goes back to prioritized replay as the 
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,7 +17,7 @@ import numpy as np
 from common.checkpoints import CheckpointError
 from common.config import Config
 from common.env_info import EnvInfo
-from common.networks import build_q_network, keras, tf
+from common.networks import build_q_network, keras, tf, weights_h5_bytes
 
 BATCH_FIELDS = ("obs", "action", "reward", "discount", "next_obs", "weight")
 
@@ -176,10 +174,6 @@ class DQNLearner:
         return self.online.get_weights()
 
     def weights_h5_bytes(self) -> bytes:
-        """The online network as a Keras `.weights.h5` file's bytes (no pickle, no code)."""
-        with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, "q_network.weights.h5")
-            self.online.save_weights(path)
-            with open(path, "rb") as f:
-                return f.read()
+        """The online network as a Keras `.weights.h5` file's bytes."""
+        return weights_h5_bytes(self.online)
 

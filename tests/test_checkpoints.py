@@ -91,8 +91,9 @@ def test_launcher_progress_round_trips_and_bad_progress_is_refused():
     progress = Progress(frame_skip=4, agent_steps_before=1_000, episodes=7, restarts=restarts)
     progress.actor_steps = {0: 50, 1: 70}
     progress.returns.extend([1.0, 3.0])
-    progress.absorb_eval(eval_record({"returns": [4.0, 6.0], "weight_version": 9}, 900))
-    progress.absorb_eval(eval_record({"returns": [1.0, 1.0], "weight_version": 12}, 1_100))
+    assert progress.absorb_eval(eval_record({"returns": [4.0, 6.0], "weight_version": 9}, 900))
+    assert not progress.absorb_eval(eval_record({"returns": [1.0, 1.0], "weight_version": 12},
+                                                1_100))
     state = json.loads(json.dumps(progress.state(elapsed_s=12.5)))
     resumed = Progress.from_state(state, frame_skip=4, where="progress.json")
     assert resumed.agent_steps == 1_120 and resumed.episodes == 7

@@ -4,10 +4,10 @@ Plays `--episodes` whole episodes (one per env, side by side) at `--epsilon` wit
 of a run directory (its latest checkpoint, or its final `q_network.weights.h5`) or of a
 `.weights.h5` file with the run's `config.json` beside it (such as the run's
 `best.weights.h5`), on the run's own preprocessing, and prints the raw game scores as one
-JSON object. `--video out.mp4` also plays one more episode
-on gymnasium's own wrappers and writes every frame of it as a person sees the game (full
-colour, every emulator frame, at the game's frame rate). `--sticky-actions 0.25` plays with
-the protocol of Dopamine's published scores (Machado et al. 2018).
+JSON object. `--video out.mp4` also plays one more episode on gymnasium's own wrappers and
+writes every frame of it as a person sees the game (full colour, every emulator frame, at the
+game's frame rate). `--sticky-actions 0.25` plays with the protocol of Dopamine's published
+scores (Machado et al. 2018).
 Nothing loaded is unpickled: configs are JSON, weights are HDF5 or TensorFlow tensors.
 """
 from __future__ import annotations

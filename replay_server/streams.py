@@ -102,7 +102,9 @@ class StreamTable:
             del column[:gone]
 
     def state(self) -> dict:
-        return {"ranges": [[stream, *ranges] for stream, ranges in self.streams.items()],
+        """A copy: inserts go on mutating the live ranges while a snapshot writes this."""
+        return {"ranges": [[stream, *map(list, ranges)]
+                           for stream, ranges in self.streams.items()],
                 "next_numbers": [[stream, n] for stream, n in self.next_numbers.items()]}
 
     @classmethod

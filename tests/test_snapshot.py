@@ -77,6 +77,30 @@ def test_inserts_during_a_snapshot_do_not_change_what_it_holds(tmp_path, monkeyp
     assert make_copy_sample(restored) == reference_sample
 
 
+def test_an_insert_just_after_the_lock_is_released_does_not_reach_the_header(tmp_path,
+                                                                             monkeypatch):
+    """The header is packed after the lock is released; an insert landing in that moment
+    must not change what it holds (it once did: the stream table's ranges went in as the
+    live lists, a restarted shard found them past the frames written and could not start)."""
+    buffer, more_chunks = filled_buffer(capacity=60)
+    reference_state = state_fingerprint(buffer)
+    lock = threading.Lock()
+    original = snapshot_module.SnapshotWriter.__init__
+
+    def insert_then_open(self, path, header):
+        for chunk in more_chunks:
+            arrays, meta = wire.decode(chunk, expect_kind=wire.TRANSITIONS)
+            with lock:
+                buffer.add(arrays, meta)
+        original(self, path, header)
+
+    monkeypatch.setattr(snapshot_module.SnapshotWriter, "__init__", insert_then_open)
+    write_snapshot(buffer, tmp_path / "s.msgpack", lock)
+    assert state_fingerprint(buffer) != reference_state
+    restored, _ = read_snapshot(tmp_path / "s.msgpack", buffer.spec)
+    assert state_fingerprint(restored) == reference_state
+
+
 def make_copy_sample(buffer):
     """The next batch, leaving the buffer's random state as it was."""
     state = buffer.rng.bit_generator.state

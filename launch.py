@@ -495,8 +495,9 @@ def poll(roles: Roles, progress: Progress, wait_s: float = POLL_WAIT_S,
         if report.error:  # its loop died with the process alive: restart the process
             print(f"actor {index} failed; restarting it:\n{report.error}", file=sys.stderr)
             ray.kill(roles.actors[index], no_restart=False)
-    learner, *shards = wait_all([roles.learner.stats.remote(),
-                                 *[shard.stats.remote() for shard in roles.shards]], wait_s)
+    learner_ref, *shard_refs = [roles.learner.stats.remote(),
+                                *[shard.stats.remote() for shard in roles.shards]]
+    learner, *shards = wait_all([learner_ref, *shard_refs], wait_s)
     now = time.monotonic()
     if learner is not None:
         if progress.new_life("learner", 0, learner.life):
@@ -507,18 +508,44 @@ def poll(roles: Roles, progress: Progress, wait_s: float = POLL_WAIT_S,
         if learner.error:
             error = learner.error.strip()
             raise RunFailed(f"the learner failed:{chr(10) if chr(10) in error else ' '}{error}")
+    elif why := start_failure(learner_ref):
+        raise RunFailed(f"the learner's process died and could not start again: {why}")
     elif progress.learner_answered is not None and now - progress.learner_answered > silence_s:
         raise RunFailed(f"the learner has not answered for {silence_s:g} s")
-    for index, stats in enumerate(shards):
+    for index, (stats, ref) in enumerate(zip(shards, shard_refs)):
         if stats is not None and progress.new_life("replay", index, stats.life):
-            print(f"replay shard {index}'s process died; Ray restarted it from "
-                  f"{stats.restored_from or 'empty (no checkpoint yet)'}", file=sys.stderr,
-                  flush=True)
+            print(f"replay shard {index}'s process died; Ray restarted it "
+                  f"{shard_origin(stats)}", file=sys.stderr, flush=True)
+        elif stats is None and (why := start_failure(ref)):
+            raise RunFailed(f"replay shard {index}'s process died and could not start "
+                            f"again: {why}")
     answered = [stats for stats in shards if stats is not None]
     if len(answered) == len(shards):
         progress.replay, progress.replay_answered = ReplayTotals.of(answered), now
     elif progress.replay_answered is not None and now - progress.replay_answered > silence_s:
         raise RunFailed(f"a replay shard has not answered for {silence_s:g} s")
+
+
+def start_failure(ref) -> str | None:
+    """Why the actor `ref` was sent to cannot come back (its constructor raised, so Ray will
+    not restart it); None when it answered, is still on its way, or died otherwise."""
+    import ray
+    try:
+        ray.get(ref, timeout=0)
+    except ray.exceptions.RayActorError as error:
+        return first_error_line(error) if error.actor_init_failed else None
+    except ray.exceptions.GetTimeoutError:
+        return None
+    return None
+
+
+def shard_origin(stats: ReplayServiceStats) -> str:
+    """What a (re)started shard holds, as the launcher's lines say it."""
+    if stats.restored_from:
+        return f"from {stats.restored_from}"
+    if stats.restore_error:
+        return f"empty, its snapshot unreadable: {stats.restore_error}"
+    return "empty (no checkpoint yet)"
 
 
 class Evaluations:
@@ -827,6 +854,10 @@ def main(argv: list[str] | None = None) -> int:
         check_checkpoints_reachable(store, learner)
         progress.learner, progress.learner_answered = learner, time.monotonic()
         progress.replay, progress.replay_answered = ReplayTotals.of(shards), time.monotonic()
+        for stats in shards:
+            if stats.restore_error:
+                print(f"replay shard {stats.shard} starts {shard_origin(stats)}",
+                      file=sys.stderr, flush=True)
         progress.agent_steps_at_start, progress.updates_at_start = (progress.agent_steps,
                                                                     learner.updates)
         if not config.resume:

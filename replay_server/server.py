@@ -23,7 +23,8 @@ import contextlib
 import threading
 import time
 
-from common import wire
+from common import checkpoints, wire
+from common.checkpoints import CheckpointError, CheckpointStore
 from common.config import Config
 from common.env_info import EnvInfo
 from common.records import InsertAck
@@ -259,6 +260,20 @@ class ReplayServer:
             self.sampleable.notify_all()
             self.insertable.notify_all()
         return {"transitions": buffer.size, "seconds": round(time.monotonic() - started, 3)}
+
+    def restore_latest(self, store: CheckpointStore) -> tuple[str | None, str | None]:
+        """Restore this shard's snapshot in the latest checkpoint of `store`: (its name, None);
+        (None, None) when there is no checkpoint yet. One that cannot be read leaves the shard
+        empty, (None, why): a lost replay refills, a run that stopped for it would not."""
+        try:
+            with store.latest_part(checkpoints.shard_part(self.shard)) as latest:
+                if latest is None:
+                    return None, None
+                name, path = latest
+                self.restore(path)
+        except (CheckpointError, SnapshotError, OSError) as error:
+            return None, str(error)
+        return name, None
 
     def stats(self) -> ReplayStats:
         with self.lock.shared(), self.mutex:

@@ -43,16 +43,13 @@ class ReplayService:
         self.server = ReplayServer.from_config(config, env_info, shard)
         self.life = secrets.token_hex(4)  # a restarted process reports a new one
         self.restored_from: str | None = None
-        self.restored_inserted = self.restored_sampled = 0
+        self.restore_error: str | None = None
         if checkpoint_root is not None:
-            with CheckpointStore(checkpoint_root).latest_part(
-                    checkpoints.shard_part(shard)) as latest:
-                if latest is not None:
-                    self.restored_from, path = latest
-                    self.server.restore(path)
-                    restored = self.server.stats()
-                    self.restored_inserted = restored.total_inserted
-                    self.restored_sampled = restored.total_sampled
+            self.restored_from, self.restore_error = self.server.restore_latest(
+                CheckpointStore(checkpoint_root))
+        restored = self.server.stats()
+        self.restored_inserted, self.restored_sampled = (restored.total_inserted,
+                                                         restored.total_sampled)
         self.metrics = metrics.for_role(metrics.REPLAY, shard)
 
     def insert(self, message: wire.Message) -> InsertAck:
@@ -92,7 +89,8 @@ class ReplayService:
     def stats(self) -> ReplayServiceStats:
         return ReplayServiceStats(
             **dataclasses.asdict(self.server.stats()), life=self.life, pid=os.getpid(),
-            restored_from=self.restored_from, restored_total_inserted=self.restored_inserted,
+            restored_from=self.restored_from, restore_error=self.restore_error,
+            restored_total_inserted=self.restored_inserted,
             restored_total_sampled=self.restored_sampled)
 
     def __repr__(self) -> str:  # the dashboard's Repr column and the log lines' prefix

@@ -244,6 +244,47 @@ def test_a_learner_that_stays_away_fails_the_run_with_what_it_has(ray_address, t
     assert json.loads((tmp_path / "run" / "checkpoints" / "latest.json").read_text())["latest"]
 
 
+def flip_a_byte(path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[:100] + bytes([data[100] ^ 0xFF]) + data[101:])
+
+
+def test_a_restart_that_finds_its_checkpoint_damaged_says_so_and_the_run_acts_on_it(
+        ray_address, tmp_path, launches):
+    """Each role's part of the latest checkpoint damaged just after it was committed, then the
+    role killed. The shard comes back empty and says why, and training goes on (a lost replay
+    refills); the learner cannot come back (its constructor refuses the checkpoint), and the run
+    fails at once with that reason, not after --role-timeout-s of silence."""
+    checkpoints = tmp_path / "run" / "checkpoints"
+    run = launches(ray_address, tmp_path, "--preset", "cartpole", "--num-actors", 2,
+                   "--logdir", tmp_path / "run", "--report-every-s", 1,
+                   "--checkpoint-every-s", 20, "--max-seconds", 300)
+    for role, part in [("ReplayService", "replay-shard-0.msgpack"),
+                       ("LearnerService", "learner/state.data-00000-of-00001")]:
+        # Right after a commit: the next checkpoint is 20 s away, the restart reads this one.
+        committed = run.text().count("\ncheckpoint ")
+        run.wait_for(lambda: run.text().count("\ncheckpoint ") > committed, "a checkpoint",
+                     timeout_s=60)
+        latest = json.loads((checkpoints / "latest.json").read_text())["latest"]
+        flip_a_byte(checkpoints / latest / part)
+        killed = kill_one(role, ray_address)
+        if role == "ReplayService":
+            run.wait_for(lambda: "replay shard 0's process died; Ray restarted it empty, its "
+                                 "snapshot unreadable: " in run.text(), "the shard's line")
+            assert f"{latest}/{part}: its contents differ from what was written" in run.text()
+            version = run.progress()[-1][2]
+            run.wait_for(lambda: run.progress()[-1][2] > version + 20, "training on")
+    run.process.wait(timeout=90)
+    assert run.process.returncode == 1, run.text()[-3000:]
+    reason = (f"the learner's process died and could not start again: "
+              f"common.checkpoints.CheckpointError: {checkpoints / latest / part}: its contents "
+              f"differ from what was written (sha256)")
+    assert f"launch.py: the run cannot go on: {reason}" in run.text(), run.text()[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["reason"] == reason
+    assert summary["restarts"]["replay"] == 1 and killed not in role_pids(role, ray_address)
+
+
 def test_a_learner_whose_loss_turns_nan_stops_the_run_keeping_only_good_state(ray_address,
                                                                             tmp_path, launches):
     """An absurd learning rate: the loss leaves the finite range within the first updates.

@@ -1,4 +1,6 @@
 """Replay snapshots: exact round trips, consistency while inserts go on, refusal of bad files."""
+import hashlib
+import json
 import pickle
 import threading
 
@@ -175,16 +177,59 @@ def test_server_snapshot_and_restore_keep_the_rate_limiter(tmp_path):
     assert fresh.stats() == server.stats()
 
 
-def forged_snapshot(tmp_path, edit) -> str:
-    """A valid shard's snapshot with `edit(header, pieces by array name)` applied to its
-    decoded objects, every checksum still right."""
+@pytest.mark.parametrize("root", ["path", "file-uri"])
+def test_a_shard_restores_the_latest_checkpoint_or_starts_empty_saying_why(tmp_path, root):
+    """What a (re)started shard does with its checkpoint store: restore its snapshot in the
+    latest checkpoint; none yet, start empty; one it cannot read (damaged, or refused), start
+    empty with the one-line reason, because a lost replay refills and a stopped run does not."""
+    from common.checkpoints import CheckpointStore, shard_part
+    folder = tmp_path / "checkpoints"
+    store = CheckpointStore(str(folder) if root == "path" else f"file://{folder}")
+    assert make_server(capacity=200).restore_latest(store) == (None, None)
+    server = make_server(capacity=200)
+    chunks, _ = interleaved_chunks(np.random.default_rng(5), senders=1, envs=2, steps=40)
+    for chunk in chunks:
+        server.insert(chunk)
+    for number in (1, 2):
+        staging = store.staging(number)
+        with store.writing(f"{staging}/{shard_part(0)}") as path:
+            server.snapshot(path)
+        store.commit(number, keep=2)
+    fresh = make_server(capacity=200)
+    assert fresh.restore_latest(store) == ("ckpt-00000002", None)
+    assert fresh.stats() == server.stats()
+
+    part = folder / "ckpt-00000002" / shard_part(0)
+    data = part.read_bytes()
+    (tmp_path / "good.msgpack").write_bytes(data)
+    part.write_bytes(data[:100] + bytes([data[100] ^ 0xFF]) + data[101:])
+    fresh = make_server(capacity=200)
+    name, why = fresh.restore_latest(store)
+    assert name is None and f"ckpt-00000002/{shard_part(0)}: its contents differ" in why
+    assert fresh.stats() == make_server(capacity=200).stats()  # empty, counters at 0
+
+    # Refused content under a manifest that matches it (a writer's bug, not damage).
+    forged = forged_snapshot(tmp_path, set_value("action", 99), tmp_path / "good.msgpack")
+    part.write_bytes(open(forged, "rb").read())
+    manifest = json.loads((folder / "ckpt-00000002" / "manifest.json").read_text())
+    manifest["parts"][shard_part(0)] = {"bytes": part.stat().st_size,
+                                        "sha256": hashlib.sha256(part.read_bytes()).hexdigest()}
+    (folder / "ckpt-00000002" / "manifest.json").write_text(json.dumps(manifest))
+    name, why = make_server(capacity=200).restore_latest(store)
+    assert name is None and "invalid snapshot content: 'action' outside [0, 4)" in why
+
+
+def forged_snapshot(tmp_path, edit, good=None) -> str:
+    """A valid shard's snapshot (`good`, or one of `filled_buffer`'s) with `edit(header,
+    pieces by array name)` applied to its decoded objects, every checksum still right."""
     import io
     import zlib
 
     import zstandard
-    buffer, _ = filled_buffer()
-    good = tmp_path / "good.msgpack"
-    write_snapshot(buffer, good, threading.Lock())
+    if good is None:
+        buffer, _ = filled_buffer()
+        good = tmp_path / "good.msgpack"
+        write_snapshot(buffer, good, threading.Lock())
     objects = list(msgpack.Unpacker(io.BytesIO(good.read_bytes()), raw=False))
     header, pieces = objects[0], objects[1:-1]
     for piece in pieces:  # raw pieces, so an edit can change values

@@ -120,7 +120,7 @@ def load_network(policy, weights: Path | None, root: str | None) -> str:
     with store.latest_part(checkpoints.LEARNER) as latest:
         if latest is None:
             raise EvaluateError(f"{store.describe('')}: no checkpoint any more")
-        name, folder = latest
+        name, folder, passed_over = latest
         prefix = os.path.join(folder, "state")
         try:
             tf.train.Checkpoint(online=policy.model).read(prefix).expect_partial() \
@@ -128,7 +128,8 @@ def load_network(policy, weights: Path | None, root: str | None) -> str:
         except Exception as error:  # TF's reader raises many kinds for a damaged file
             raise EvaluateError(f"{store.describe(name)}: not a checkpoint of this run's "
                                 f"network ({first_line(error)})") from None
-    return store.describe(name)
+    return store.describe(name) + (f" (newer ones passed over: {passed_over})"
+                                   if passed_over else "")
 
 
 def first_line(error: Exception) -> str:

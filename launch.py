@@ -501,8 +501,8 @@ def poll(roles: Roles, progress: Progress, wait_s: float = POLL_WAIT_S,
     now = time.monotonic()
     if learner is not None:
         if progress.new_life("learner", 0, learner.life):
-            print(f"the learner's process died; Ray restarted it from "
-                  f"{learner.restored_from or 'scratch (no checkpoint yet)'}",
+            print(f"the learner's process died; Ray restarted it "
+                  f"{origin(learner, 'from scratch (no checkpoint yet)')}",
                   file=sys.stderr, flush=True)
         progress.learner, progress.learner_answered = learner, now
         if learner.error:
@@ -515,7 +515,7 @@ def poll(roles: Roles, progress: Progress, wait_s: float = POLL_WAIT_S,
     for index, (stats, ref) in enumerate(zip(shards, shard_refs)):
         if stats is not None and progress.new_life("replay", index, stats.life):
             print(f"replay shard {index}'s process died; Ray restarted it "
-                  f"{shard_origin(stats)}", file=sys.stderr, flush=True)
+                  f"{origin(stats, 'empty (no checkpoint yet)')}", file=sys.stderr, flush=True)
         elif stats is None and (why := start_failure(ref)):
             raise RunFailed(f"replay shard {index}'s process died and could not start "
                             f"again: {why}")
@@ -539,13 +539,15 @@ def start_failure(ref) -> str | None:
     return None
 
 
-def shard_origin(stats: ReplayServiceStats) -> str:
-    """What a (re)started shard holds, as the launcher's lines say it."""
+def origin(stats: LearnerStats | ReplayServiceStats, without_checkpoint: str) -> str:
+    """What a (re)started learner or shard began from, as the launcher's lines say it."""
+    if stats.restored_from and stats.passed_over:
+        return f"from {stats.restored_from}, passing over newer ones: {stats.passed_over}"
     if stats.restored_from:
         return f"from {stats.restored_from}"
-    if stats.restore_error:
-        return f"empty, its snapshot unreadable: {stats.restore_error}"
-    return "empty (no checkpoint yet)"
+    if stats.passed_over:  # only a shard gets here: a learner without its state fails
+        return f"empty, no snapshot it could read: {stats.passed_over}"
+    return without_checkpoint
 
 
 class Evaluations:
@@ -854,10 +856,11 @@ def main(argv: list[str] | None = None) -> int:
         check_checkpoints_reachable(store, learner)
         progress.learner, progress.learner_answered = learner, time.monotonic()
         progress.replay, progress.replay_answered = ReplayTotals.of(shards), time.monotonic()
-        for stats in shards:
-            if stats.restore_error:
-                print(f"replay shard {stats.shard} starts {shard_origin(stats)}",
-                      file=sys.stderr, flush=True)
+        started_from: list[tuple[str, LearnerStats | ReplayServiceStats]] = [
+            ("the learner", learner), *[(f"replay shard {s.shard}", s) for s in shards]]
+        for role, stats in started_from:
+            if stats.passed_over:
+                print(f"{role} starts {origin(stats, '')}", file=sys.stderr, flush=True)
         progress.agent_steps_at_start, progress.updates_at_start = (progress.agent_steps,
                                                                     learner.updates)
         if not config.resume:

@@ -23,6 +23,7 @@ import re
 import tempfile
 import time
 from collections.abc import Iterator
+from typing import NamedTuple
 
 FORMAT = "dqn-run-checkpoint"
 VERSION = 1
@@ -44,6 +45,13 @@ def shard_part(shard: int) -> str:
 
 def checkpoint_name(number: int) -> str:
     return f"ckpt-{number:08d}"
+
+
+class StoredPart(NamedTuple):
+    """A role's part of a checkpoint, at a local path while the `latest_part` block lasts."""
+    name: str  # the checkpoint's
+    path: str
+    passed_over: str | None  # why newer checkpoints' copies were not taken; None: none were
 
 
 class CheckpointStore:
@@ -109,16 +117,27 @@ class CheckpointStore:
             yield local
 
     @contextlib.contextmanager
-    def latest_part(self, part: str) -> Iterator[tuple[str, str] | None]:
-        """(checkpoint name, local path) of `part` (a file or folder) in the latest
-        checkpoint, checked against its manifest; None when there is no checkpoint yet."""
-        name = self.latest()
-        if name is None:
+    def latest_part(self, part: str) -> Iterator[StoredPart | None]:
+        """`part` (a file or folder) of the newest checkpoint whose copy matches its manifest:
+        a damaged part of the latest one falls back to the one before, and so on (a role
+        restarting mid-run loses minutes, not the run). None when there is no checkpoint
+        yet; CheckpointError, the latest one's reason, when no copy is intact."""
+        latest = self.latest()
+        if latest is None:
             yield None
             return
-        self.verify(name, under=part)
-        with self.reading(f"{name}/{part}") as path:
-            yield name, path
+        passed_over: list[str] = []
+        older = [name for name in self._complete() if name < latest]
+        for name in [latest, *reversed(older)]:
+            try:
+                self.verify(name, under=part)
+            except CheckpointError as error:
+                passed_over.append(str(error))
+                continue
+            with self.reading(f"{name}/{part}") as path:
+                yield StoredPart(name, path, "; ".join(passed_over) or None)
+            return
+        raise CheckpointError(passed_over[0])
 
     def read_json(self, relpath: str) -> dict:
         try:
@@ -191,10 +210,13 @@ class CheckpointStore:
         selector = fs.FileSelector(self.base, allow_not_found=True)
         return sorted(os.path.basename(info.path) for info in self.fs.get_file_info(selector))
 
+    def _complete(self) -> list[str]:
+        """The complete checkpoints' names, oldest first."""
+        return [name for name in self._names() if NAME.fullmatch(name)]
+
     def _prune(self, keep: int) -> None:
         latest = self.latest()
-        complete = [name for name in self._names() if NAME.fullmatch(name)]
-        for name in complete[:-keep]:
+        for name in self._complete()[:-keep]:
             if name != latest:
                 self.fs.delete_dir(self.path(name))
         for name in self._names():  # staging folders of checkpoints that never finished

@@ -18,6 +18,7 @@ class LearnerStats:
     error: str | None  # why training stopped (a traceback, or one line when it diverged)
     life: str  # a token per process: a new one means Ray restarted the learner
     restored_from: str | None  # the checkpoint it restored; None: it started from scratch
+    passed_over: str | None  # why newer checkpoints' copies were not restored (damaged)
     restored_updates: int  # the updates that checkpoint held
     node_ip: str
     pid: int

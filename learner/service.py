@@ -80,6 +80,7 @@ class LearnerService:
         self.learner = DQNLearner(config, env_info)
         self.version = 0
         self.restored_from: str | None = None  # the checkpoint it started from
+        self.passed_over: str | None = None  # why newer ones were not
         self.restored_updates = 0
         if checkpoint_root is not None:
             self._restore_latest(CheckpointStore(checkpoint_root))
@@ -181,7 +182,8 @@ class LearnerService:
             updates=self.learner.updates, target_syncs=self.learner.target_syncs,
             weight_version=self.version, loss=self.last_loss, q_mean=self.last_q_mean,
             device=self.device, starved_s=self.starved_s, error=self.error, life=self.life,
-            restored_from=self.restored_from, restored_updates=self.restored_updates,
+            restored_from=self.restored_from, passed_over=self.passed_over,
+            restored_updates=self.restored_updates,
             node_ip=ray.util.get_node_ip_address(), pid=os.getpid())
 
     def __repr__(self) -> str:  # the dashboard's Repr column and the log lines' prefix
@@ -192,11 +194,11 @@ class LearnerService:
         with store.latest_part(checkpoints.LEARNER) as latest:
             if latest is None:
                 return
-            name, folder = latest
-            counters = self.learner.restore(os.path.join(folder, "state"),
+            counters = self.learner.restore(os.path.join(latest.path, "state"),
                                             ("weight_version",))
         self.version = counters["weight_version"]
-        self.restored_from, self.restored_updates = name, self.learner.updates
+        self.restored_from, self.restored_updates = latest.name, self.learner.updates
+        self.passed_over = latest.passed_over
 
     @ray.method(concurrency_group="checkpoint")
     def checkpoint(self, checkpoint_root: str, staging: str) -> dict:

@@ -27,6 +27,6 @@ class ReplayServiceStats(ReplayStats):
     life: str  # a token per process: a new one means Ray restarted the shard
     pid: int
     restored_from: str | None  # the checkpoint it restored; None: it started empty
-    restore_error: str | None  # why the latest checkpoint's snapshot could not be restored
+    passed_over: str | None  # why newer checkpoints' snapshots (all: it started empty) were not
     restored_total_inserted: int  # the counters it restored (0 when it started empty)
     restored_total_sampled: int

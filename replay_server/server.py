@@ -262,18 +262,18 @@ class ReplayServer:
         return {"transitions": buffer.size, "seconds": round(time.monotonic() - started, 3)}
 
     def restore_latest(self, store: CheckpointStore) -> tuple[str | None, str | None]:
-        """Restore this shard's snapshot in the latest checkpoint of `store`: (its name, None);
-        (None, None) when there is no checkpoint yet. One that cannot be read leaves the shard
-        empty, (None, why): a lost replay refills, a run that stopped for it would not."""
+        """Restore this shard's snapshot from the newest checkpoint in `store` that holds an
+        intact one: (that checkpoint's name, why newer ones were passed over or None).
+        (None, None): no checkpoint yet. No snapshot that can be read leaves the shard empty,
+        (None, why): a lost replay refills, a run that stopped for it would not go on."""
         try:
             with store.latest_part(checkpoints.shard_part(self.shard)) as latest:
                 if latest is None:
                     return None, None
-                name, path = latest
-                self.restore(path)
+                self.restore(latest.path)
         except (CheckpointError, SnapshotError, OSError) as error:
             return None, str(error)
-        return name, None
+        return latest.name, latest.passed_over
 
     def stats(self) -> ReplayStats:
         with self.lock.shared(), self.mutex:

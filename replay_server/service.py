@@ -43,9 +43,9 @@ class ReplayService:
         self.server = ReplayServer.from_config(config, env_info, shard)
         self.life = secrets.token_hex(4)  # a restarted process reports a new one
         self.restored_from: str | None = None
-        self.restore_error: str | None = None
+        self.passed_over: str | None = None
         if checkpoint_root is not None:
-            self.restored_from, self.restore_error = self.server.restore_latest(
+            self.restored_from, self.passed_over = self.server.restore_latest(
                 CheckpointStore(checkpoint_root))
         restored = self.server.stats()
         self.restored_inserted, self.restored_sampled = (restored.total_inserted,
@@ -89,7 +89,7 @@ class ReplayService:
     def stats(self) -> ReplayServiceStats:
         return ReplayServiceStats(
             **dataclasses.asdict(self.server.stats()), life=self.life, pid=os.getpid(),
-            restored_from=self.restored_from, restore_error=self.restore_error,
+            restored_from=self.restored_from, passed_over=self.passed_over,
             restored_total_inserted=self.restored_inserted,
             restored_total_sampled=self.restored_sampled)
 

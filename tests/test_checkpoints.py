@@ -86,6 +86,34 @@ def test_altered_or_foreign_checkpoints_are_refused_naming_the_file(store, tmp_p
             pass
 
 
+def test_a_damaged_part_of_the_latest_checkpoint_falls_back_to_an_older_intact_one(store,
+                                                                                   tmp_path):
+    """What a restarting role reads: its part of the newest checkpoint whose copy of it is
+    intact, with why newer ones were passed over; the latest's reason when none is."""
+    for number in (1, 2, 3):
+        write_parts(store, store.staging(number), bytes([number]) * 4)
+        store.commit(number, keep=3)
+    folder = tmp_path / "checkpoints"
+    with store.latest_part("learner") as latest:
+        assert (latest.name, latest.passed_over) == (checkpoint_name(3), None)
+    (folder / checkpoint_name(3) / "learner" / "state.index").write_bytes(b"\x03\x03\x03")
+    (folder / checkpoint_name(2) / "learner" / "state.index").write_bytes(b"\x02\x02\x02\x00")
+    with store.latest_part("learner") as latest:
+        assert latest.name == checkpoint_name(1)
+        assert open(f"{latest.path}/state.index", "rb").read() == b"\x01" * 4
+        assert latest.passed_over == (
+            f"{store.describe(checkpoint_name(3) + '/learner/state.index')}: 3 bytes, the "
+            f"manifest says 4 bytes; {store.describe(checkpoint_name(2) + '/learner/state.index')}"
+            f": its contents differ from what was written (sha256)")
+    with store.latest_part("replay-shard-0.msgpack") as latest:  # other parts: untouched
+        assert (latest.name, latest.passed_over) == (checkpoint_name(3), None)
+    (folder / checkpoint_name(1) / "learner" / "state.index").unlink()
+    with pytest.raises(CheckpointError, match=f"{checkpoint_name(3)}/learner/state.index: 3 "
+                                              f"bytes, the manifest says 4 bytes$"):
+        with store.latest_part("learner"):
+            pass
+
+
 def test_launcher_progress_round_trips_and_bad_progress_is_refused():
     restarts = {"actors": 2, "replay": 0, "learner": 1, "evaluator": 0}
     progress = Progress(frame_skip=4, agent_steps_before=1_000, episodes=7, restarts=restarts)

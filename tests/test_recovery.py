@@ -14,7 +14,8 @@ import pytest
 
 from common.config import PRESETS, epsilon_at
 from common.process import cluster_workers
-from tests.conftest import ROOT, tensorboard_scalars
+from tests.conftest import ROOT, evaluate, tensorboard_scalars
+from tests.test_snapshot import damage_a_byte
 
 PROGRESS_LINE = re.compile(r"steps\s+([\d,]+) \|.*\| (?:eps ([\d.]+)|random [\d,/]+) \|.*"
                            r"\| weights v(\d+) lag \d+ \| actors (\d+)/(\d+)")
@@ -164,9 +165,9 @@ def test_sigterm_stops_with_a_checkpoint_and_resume_carries_on(ray_address, tmp_
     assert np.mean(q_before[-2:]) > 2.0, q_before  # (measured: ~12 at v400)
     assert 0.5 < np.mean(q_after) / np.mean(q_before[-2:]) < 2.0, (q_before[-2:], q_after)
 
-    # A damaged checkpoint is refused with one line naming the file, and nothing in the run
-    # directory changes: a cut file fails the manifest's sizes before Ray starts, a flipped
-    # byte fails the learner's restore inside its Ray actor.
+    # A damaged latest checkpoint is refused with one line naming the file before Ray starts
+    # (a cut file fails the manifest's size, a changed byte its sha256), and nothing in the run
+    # directory changes: --resume does not fall back to an older checkpoint as a restart does.
     latest = json.loads((run_dir / "checkpoints" / "latest.json").read_text())["latest"]
     data = next((run_dir / "checkpoints" / latest / "learner").glob("state.data-*"))
     original = data.read_bytes()
@@ -244,45 +245,60 @@ def test_a_learner_that_stays_away_fails_the_run_with_what_it_has(ray_address, t
     assert json.loads((tmp_path / "run" / "checkpoints" / "latest.json").read_text())["latest"]
 
 
-def flip_a_byte(path) -> None:
-    data = path.read_bytes()
-    path.write_bytes(data[:100] + bytes([data[100] ^ 0xFF]) + data[101:])
-
-
-def test_a_restart_that_finds_its_checkpoint_damaged_says_so_and_the_run_acts_on_it(
+def test_restarts_pass_over_damaged_checkpoints_and_the_run_acts_on_what_is_left(
         ray_address, tmp_path, launches):
-    """Each role's part of the latest checkpoint damaged just after it was committed, then the
-    role killed. The shard comes back empty and says why, and training goes on (a lost replay
-    refills); the learner cannot come back (its constructor refuses the checkpoint), and the run
-    fails at once with that reason, not after --role-timeout-s of silence."""
+    """Parts of checkpoints damaged just after a commit, then the role killed. The shard with no
+    intact snapshot comes back empty and says why (a lost replay refills); the learner comes
+    back from the checkpoint before its damaged latest one, saying so; a learner with no intact
+    state cannot come back, and the run fails at once with the reason, not after
+    --role-timeout-s of silence."""
     checkpoints = tmp_path / "run" / "checkpoints"
     run = launches(ray_address, tmp_path, "--preset", "cartpole", "--num-actors", 2,
                    "--logdir", tmp_path / "run", "--report-every-s", 1,
                    "--checkpoint-every-s", 20, "--max-seconds", 300)
-    for role, part in [("ReplayService", "replay-shard-0.msgpack"),
-                       ("LearnerService", "learner/state.data-00000-of-00001")]:
+    learner_part = "learner/state.data-00000-of-00001"
+
+    def damage_after_a_commit_then_kill(role, part, every_checkpoint=False):
+        """(the checkpoint before the damaged latest one, the line naming the damage)."""
         # Right after a commit: the next checkpoint is 20 s away, the restart reads this one.
         committed = run.text().count("\ncheckpoint ")
         run.wait_for(lambda: run.text().count("\ncheckpoint ") > committed, "a checkpoint",
                      timeout_s=60)
         latest = json.loads((checkpoints / "latest.json").read_text())["latest"]
-        flip_a_byte(checkpoints / latest / part)
-        killed = kill_one(role, ray_address)
-        if role == "ReplayService":
-            run.wait_for(lambda: "replay shard 0's process died; Ray restarted it empty, its "
-                                 "snapshot unreadable: " in run.text(), "the shard's line")
-            assert f"{latest}/{part}: its contents differ from what was written" in run.text()
-            version = run.progress()[-1][2]
-            run.wait_for(lambda: run.progress()[-1][2] > version + 20, "training on")
+        older = sorted(folder.name for folder in checkpoints.glob("ckpt-*")
+                       if folder.name < latest)
+        for name in [*older, latest] if every_checkpoint else [latest]:
+            damage_a_byte(checkpoints / name / part)
+        kill_one(role, ray_address)
+        return older[-1] if older else None, (f"{checkpoints / latest / part}: its contents "
+                                              f"differ from what was written")
+
+    def training_goes_on():
+        version = run.progress()[-1][2]
+        run.wait_for(lambda: run.progress()[-1][2] > version + 20, "training on")
+
+    _, why = damage_after_a_commit_then_kill("ReplayService", "replay-shard-0.msgpack",
+                                             every_checkpoint=True)
+    run.wait_for(lambda: "replay shard 0's process died; Ray restarted it empty, no snapshot it "
+                         f"could read: {why}" in run.text(), "the shard's line")
+    training_goes_on()
+    before, why = damage_after_a_commit_then_kill("LearnerService", learner_part)
+    run.wait_for(lambda: f"the learner's process died; Ray restarted it from {before}, "
+                         f"passing over newer ones: {why}" in run.text(), "the learner's line")
+    training_goes_on()
+    _, why = damage_after_a_commit_then_kill("LearnerService", learner_part,
+                                             every_checkpoint=True)
     run.process.wait(timeout=90)
     assert run.process.returncode == 1, run.text()[-3000:]
     reason = (f"the learner's process died and could not start again: "
-              f"common.checkpoints.CheckpointError: {checkpoints / latest / part}: its contents "
-              f"differ from what was written (sha256)")
+              f"common.checkpoints.CheckpointError: {why} (sha256)")
     assert f"launch.py: the run cannot go on: {reason}" in run.text(), run.text()[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["status"] == "failed" and summary["reason"] == reason
-    assert summary["restarts"]["replay"] == 1 and killed not in role_pids(role, ray_address)
+    assert summary["restarts"] == {"actors": 0, "replay": 1, "learner": 1, "evaluator": 0}
+    played = evaluate(tmp_path / "run", "--episodes", 1)  # nothing left to play: one line
+    assert played.returncode == 2 and played.stderr.strip().splitlines() == [
+        f"evaluate.py: error: {why} (sha256)"], played.stderr[-3000:]
 
 
 def test_a_learner_whose_loss_turns_nan_stops_the_run_keeping_only_good_state(ray_address,
@@ -312,8 +328,8 @@ def test_a_learner_whose_loss_turns_nan_stops_the_run_keeping_only_good_state(ra
     if store.latest() is not None:  # one taken before the first update: finite, restorable
         config = PRESETS["cartpole"]
         learner = DQNLearner(config, describe_env(config.env))
-        with store.latest_part("learner") as (_, folder):
-            learner.restore(os.path.join(folder, "state"), ("weight_version",))
+        with store.latest_part("learner") as latest:
+            learner.restore(os.path.join(latest.path, "state"), ("weight_version",))
 
 
 def test_a_second_signal_while_stopping_aborts(ray_address, tmp_path, launches):

@@ -178,45 +178,60 @@ def test_server_snapshot_and_restore_keep_the_rate_limiter(tmp_path):
 
 
 @pytest.mark.parametrize("root", ["path", "file-uri"])
-def test_a_shard_restores_the_latest_checkpoint_or_starts_empty_saying_why(tmp_path, root):
-    """What a (re)started shard does with its checkpoint store: restore its snapshot in the
-    latest checkpoint; none yet, start empty; one it cannot read (damaged, or refused), start
-    empty with the one-line reason, because a lost replay refills and a stopped run does not."""
+def test_a_shard_restores_the_newest_intact_snapshot_or_starts_empty_saying_why(tmp_path, root):
+    """What a (re)started shard does with its checkpoint store: restore its snapshot from the
+    newest checkpoint whose copy is intact, saying which newer ones it passed over; none yet,
+    start empty; none it can read (damaged, or refused), start empty with the reason, because
+    a lost replay refills and a stopped run does not."""
     from common.checkpoints import CheckpointStore, shard_part
     folder = tmp_path / "checkpoints"
     store = CheckpointStore(str(folder) if root == "path" else f"file://{folder}")
     assert make_server(capacity=200).restore_latest(store) == (None, None)
     server = make_server(capacity=200)
     chunks, _ = interleaved_chunks(np.random.default_rng(5), senders=1, envs=2, steps=40)
-    for chunk in chunks:
-        server.insert(chunk)
-    for number in (1, 2):
-        staging = store.staging(number)
-        with store.writing(f"{staging}/{shard_part(0)}") as path:
+    states = []
+    for number, part_of_chunks in [(1, chunks[:len(chunks) // 2]),
+                                   (2, chunks[len(chunks) // 2:])]:
+        for chunk in part_of_chunks:
+            server.insert(chunk)
+        with store.writing(f"{store.staging(number)}/{shard_part(0)}") as path:
             server.snapshot(path)
         store.commit(number, keep=2)
+        states.append(server.stats())
     fresh = make_server(capacity=200)
     assert fresh.restore_latest(store) == ("ckpt-00000002", None)
-    assert fresh.stats() == server.stats()
+    assert fresh.stats() == states[1]
 
-    part = folder / "ckpt-00000002" / shard_part(0)
-    data = part.read_bytes()
-    (tmp_path / "good.msgpack").write_bytes(data)
-    part.write_bytes(data[:100] + bytes([data[100] ^ 0xFF]) + data[101:])
+    latest_part = folder / "ckpt-00000002" / shard_part(0)
+    intact = latest_part.read_bytes()
+    damage_a_byte(latest_part)
+    fresh = make_server(capacity=200)
+    name, why = fresh.restore_latest(store)
+    assert name == "ckpt-00000001" and fresh.stats() == states[0]
+    assert f"ckpt-00000002/{shard_part(0)}: its contents differ" in why
+    damage_a_byte(folder / "ckpt-00000001" / shard_part(0))
     fresh = make_server(capacity=200)
     name, why = fresh.restore_latest(store)
     assert name is None and f"ckpt-00000002/{shard_part(0)}: its contents differ" in why
     assert fresh.stats() == make_server(capacity=200).stats()  # empty, counters at 0
 
     # Refused content under a manifest that matches it (a writer's bug, not damage).
+    (tmp_path / "good.msgpack").write_bytes(intact)
     forged = forged_snapshot(tmp_path, set_value("action", 99), tmp_path / "good.msgpack")
-    part.write_bytes(open(forged, "rb").read())
+    latest_part.write_bytes(open(forged, "rb").read())
     manifest = json.loads((folder / "ckpt-00000002" / "manifest.json").read_text())
-    manifest["parts"][shard_part(0)] = {"bytes": part.stat().st_size,
-                                        "sha256": hashlib.sha256(part.read_bytes()).hexdigest()}
+    manifest["parts"][shard_part(0)] = {
+        "bytes": latest_part.stat().st_size,
+        "sha256": hashlib.sha256(latest_part.read_bytes()).hexdigest()}
     (folder / "ckpt-00000002" / "manifest.json").write_text(json.dumps(manifest))
     name, why = make_server(capacity=200).restore_latest(store)
     assert name is None and "invalid snapshot content: 'action' outside [0, 4)" in why
+
+
+def damage_a_byte(path) -> None:
+    """One byte changed; damaging a damaged file again leaves it damaged."""
+    data = path.read_bytes()
+    path.write_bytes(data[:100] + bytes([(data[100] + 1) % 256]) + data[101:])
 
 
 def forged_snapshot(tmp_path, edit, good=None) -> str:

@@ -856,11 +856,10 @@ def main(argv: list[str] | None = None) -> int:
         check_checkpoints_reachable(store, learner)
         progress.learner, progress.learner_answered = learner, time.monotonic()
         progress.replay, progress.replay_answered = ReplayTotals.of(shards), time.monotonic()
-        started_from: list[tuple[str, LearnerStats | ReplayServiceStats]] = [
-            ("the learner", learner), *[(f"replay shard {s.shard}", s) for s in shards]]
-        for role, stats in started_from:
+        for stats in shards:  # --resume verified the checkpoint; a shard may still refuse it
             if stats.passed_over:
-                print(f"{role} starts {origin(stats, '')}", file=sys.stderr, flush=True)
+                print(f"replay shard {stats.shard} starts {origin(stats, '')}",
+                      file=sys.stderr, flush=True)
         progress.agent_steps_at_start, progress.updates_at_start = (progress.agent_steps,
                                                                     learner.updates)
         if not config.resume:

@@ -15,7 +15,7 @@ import pytest
 from common.config import PRESETS, epsilon_at
 from common.process import cluster_workers
 from tests.conftest import ROOT, evaluate, tensorboard_scalars
-from tests.test_snapshot import damage_a_byte
+from tests.test_snapshot import damage_a_byte, forged_snapshot, rewrite_part, set_value
 
 PROGRESS_LINE = re.compile(r"steps\s+([\d,]+) \|.*\| (?:eps ([\d.]+)|random [\d,/]+) \|.*"
                            r"\| weights v(\d+) lag \d+ \| actors (\d+)/(\d+)")
@@ -185,6 +185,17 @@ def test_sigterm_stops_with_a_checkpoint_and_resume_carries_on(ray_address, tmp_
                   if line.startswith("launch.py: error: ")]
         assert len(errors) == 1 and needle in errors[0], refused.stderr[-3000:]
         assert tree(run_dir) == before
+    # A snapshot whose checksums hold but whose contents the shard refuses (a writer's bug,
+    # as an insert racing the snapshot once was): the run carries on, that shard empty.
+    data.write_bytes(original)
+    snapshot = run_dir / "checkpoints" / latest / "replay-shard-0.msgpack"
+    forged = forged_snapshot(tmp_path, set_value("action", 99), snapshot)
+    rewrite_part(run_dir / "checkpoints" / latest, snapshot.name, open(forged, "rb").read())
+    third = launches(ray_address, tmp_path, "--resume", run_dir, "--max-seconds", 5)
+    third.wait_for(lambda: third.process.poll() is not None, "end", timeout_s=180)
+    assert third.process.returncode == 0, third.text()[-3000:]
+    assert (f"replay shard 0 starts empty, no snapshot it could read: {snapshot}: invalid "
+            f"snapshot content: 'action' outside [0, 2)") in third.text(), third.text()[-3000:]
 
 
 def test_a_lost_worker_node_costs_only_its_actors_time(tmp_path, launches):

@@ -218,14 +218,18 @@ def test_a_shard_restores_the_newest_intact_snapshot_or_starts_empty_saying_why(
     # Refused content under a manifest that matches it (a writer's bug, not damage).
     (tmp_path / "good.msgpack").write_bytes(intact)
     forged = forged_snapshot(tmp_path, set_value("action", 99), tmp_path / "good.msgpack")
-    latest_part.write_bytes(open(forged, "rb").read())
-    manifest = json.loads((folder / "ckpt-00000002" / "manifest.json").read_text())
-    manifest["parts"][shard_part(0)] = {
-        "bytes": latest_part.stat().st_size,
-        "sha256": hashlib.sha256(latest_part.read_bytes()).hexdigest()}
-    (folder / "ckpt-00000002" / "manifest.json").write_text(json.dumps(manifest))
+    rewrite_part(folder / "ckpt-00000002", shard_part(0), open(forged, "rb").read())
     name, why = make_server(capacity=200).restore_latest(store)
     assert name is None and "invalid snapshot content: 'action' outside [0, 4)" in why
+
+
+def rewrite_part(checkpoint, relpath: str, data: bytes) -> None:
+    """A part of a committed checkpoint replaced, its manifest updated to match."""
+    (checkpoint / relpath).write_bytes(data)
+    manifest = json.loads((checkpoint / "manifest.json").read_text())
+    manifest["parts"][relpath] = {"bytes": len(data),
+                                  "sha256": hashlib.sha256(data).hexdigest()}
+    (checkpoint / "manifest.json").write_text(json.dumps(manifest))
 
 
 def damage_a_byte(path) -> None:

@@ -237,7 +237,7 @@ class ReplayServer:
     def snapshot(self, path: str) -> dict:
         """Write this shard's state to `path` while inserts go on; returns what was written."""
         started = time.monotonic()
-        written = write_snapshot(self.buffer, path, self.lock, extra_state={
+        written = write_snapshot(self.buffer, path, self.lock, extra_state=lambda: {
             "limiter_inserts": self.limiter.inserts, "limiter_samples": self.limiter.samples,
             "rejected": self.rejected})
         return {**written, "seconds": round(time.monotonic() - started, 3), "path": str(path)}

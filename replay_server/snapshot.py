@@ -28,6 +28,7 @@ import collections
 import math
 import os
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ContextManager, TypeGuard
 
@@ -134,8 +135,9 @@ class FrameSaver:
 
 
 def write_snapshot(buffer: ReplayBuffer, path: str | os.PathLike, lock: ContextManager[Any],
-                   extra_state: dict | None = None) -> dict:
-    """Write `buffer` (and `extra_state`, e.g. the rate limiter's counters) to `path`.
+                   extra_state: Callable[[], dict] | None = None) -> dict:
+    """Write `buffer` (and what `extra_state()` returns, e.g. the rate limiter's counters,
+    read under `lock` with the buffer's, so both are of one moment) to `path`.
     Returns {"bytes", "frames", "transitions"}."""
     with lock:
         rows = min(buffer.transitions_written, buffer.capacity)
@@ -146,7 +148,7 @@ def write_snapshot(buffer: ReplayBuffer, path: str | os.PathLike, lock: ContextM
         header: dict[str, Any] = {
             "format": FORMAT, "version": VERSION, "spec": buffer.spec.to_dict(),
             "state": {**buffer.counters(), "streams": buffer.streams.state(),
-                      "extra": extra_state or {}},
+                      "extra": extra_state() if extra_state else {}},
             "arrays": {name: {"dtype": array.dtype.name, "shape": list(array.shape[1:]),
                               "first": 0, "rows": rows} for name, array in copies.items()}}
         header["arrays"]["frames"] = {"dtype": buffer.frames.dtype.name,

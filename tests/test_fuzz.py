@@ -248,7 +248,7 @@ def test_mutated_snapshots_are_refused_or_restore_a_valid_state(tmp_path, bomb):
     from tests.test_snapshot import filled_buffer
     buffer, _ = filled_buffer()
     good = tmp_path / "good.msgpack"
-    write_snapshot(buffer, good, threading.Lock(), extra_state={"rejected": 3})
+    write_snapshot(buffer, good, threading.Lock(), extra_state=lambda: {"rejected": 3})
     data = good.read_bytes()
     objects = snapshot_objects(data)
 

@@ -33,11 +33,14 @@ def filled_buffer(capacity=200, seed=0):
 def test_snapshot_then_restore_is_exact(tmp_path):
     buffer, _ = filled_buffer()
     path = tmp_path / "shard.msgpack"
-    written = write_snapshot(buffer, path, threading.Lock(), extra_state={"note": 7})
+    lock = threading.Lock()
+    # The extra state is read under the lock, with the buffer's: both of one moment.
+    written = write_snapshot(buffer, path, lock, extra_state=lambda: {"note": 7,
+                                                                   "locked": lock.locked()})
     assert written["transitions"] == 200 and path.stat().st_size == written["bytes"]
     assert not (tmp_path / "shard.msgpack.tmp").exists()
     restored, extra = read_snapshot(path, buffer.spec, seed=99)
-    assert extra == {"note": 7}
+    assert extra == {"note": 7, "locked": True}
     assert state_fingerprint(restored) == state_fingerprint(buffer)
     # Same state, same random stream: the next batches are identical.
     assert make_copy_sample(restored) == make_copy_sample(buffer)

@@ -20,7 +20,7 @@ import math
 import struct
 import threading
 from dataclasses import dataclass, field
-from typing import Mapping, NamedTuple, TypeAlias
+from typing import Mapping, NamedTuple, TypeAlias, TypeGuard
 
 import msgpack
 import numpy as np
@@ -35,6 +35,7 @@ ALLOWED_DTYPES = frozenset(
     {"uint8", "int8", "int32", "int64", "uint32", "float16", "float32", "float64", "bool"})
 MAX_MESSAGE_BYTES = 1 << 31  # also the default decoding budget: all arrays' bytes together
 MAX_DIMENSIONS = 32  # numpy allows 64; no array of this project has more than 5
+MAX_ELEMENTS = 1 << 59  # numpy sizes an array of up to 2^63 bytes, 8-byte items included
 CODEC = "zstd"
 COMPRESSION_LEVEL = 1  # zstd's fastest: Atari frames, mostly background, shrink well already
 _codecs = threading.local()  # zstd (de)compressors are not safe to share between threads
@@ -66,6 +67,7 @@ class Schema:
     fields: dict[str, Field]
     limits: dict[str, int]  # the largest each named size may be
     optional: frozenset[str] = field(default_factory=frozenset)
+    why: dict[str, str] = field(default_factory=dict)  # where a limit comes from, to say so
 
     @property
     def max_bytes(self) -> int:
@@ -96,8 +98,9 @@ class Schema:
                     raise WireError(f"{name!r} has shape {shape}: {size} {want}, but another "
                                     f"field has {sizes[want]}")
                 if isinstance(want, str) and size > self.limits[want]:
+                    why = f" ({self.why[want]})" if want in self.why else ""
                     raise WireError(f"{name!r} has shape {shape}: {size} {want}, more than "
-                                    f"the {self.limits[want]} a message may hold")
+                                    f"the {self.limits[want]} a message may hold{why}")
 
 
 class Gather(NamedTuple):
@@ -231,24 +234,54 @@ def read_header(message, expect_kind: str | None = None) -> tuple[dict[str, Decl
                             f"{list(message.shape)}")
     elif not isinstance(message, (bytes, bytearray, memoryview)):
         raise WireError(f"message must be bytes, got {type(message).__name__}")
-    if len(message) > MAX_MESSAGE_BYTES:
-        raise WireError(f"message of {len(message)} bytes exceeds {MAX_MESSAGE_BYTES}")
-    body = _unpack(memoryview(message).cast("B"))
+    view = memoryview(message)
+    if not view.c_contiguous:  # a strided view of someone's buffer, not a message
+        raise WireError("message must be contiguous bytes")
+    if view.nbytes > MAX_MESSAGE_BYTES:
+        raise WireError(f"message of {view.nbytes} bytes exceeds {MAX_MESSAGE_BYTES}")
+    body = _unpack(view.cast("B"))
+    # Each field's type is checked before its value is compared, hashed or used as a key: a
+    # list where a string belongs must be refused like any other wrong value.
     if not isinstance(body, dict) or body.get("format") != FORMAT:
         raise WireError(f"not a {FORMAT} message (no 'format': '{FORMAT}' field)")
-    if body.get("version") != VERSION:
-        raise WireError(f"unsupported {FORMAT} version {body.get('version')!r}; "
+    version = body.get("version")
+    if not _is_int(version) or version != VERSION:
+        raise WireError(f"unsupported {FORMAT} version {clip(version)}; "
                         f"this build reads version {VERSION}")
     kind = body.get("kind")
+    if not isinstance(kind, str):
+        raise WireError(f"field 'kind' must be a string, got {clip(kind)}")
     if expect_kind is not None and kind != expect_kind:
-        raise WireError(f"expected a {expect_kind!r} message, got {kind!r}")
+        raise WireError(f"expected a {expect_kind!r} message, got {clip(kind)}")
     meta = body.get("meta")
     if not isinstance(meta, dict):
         raise WireError("field 'meta' must be a map")
+    for key, value in meta.items():
+        if not (isinstance(value, _META_SCALARS) or isinstance(value, list)
+                and all(isinstance(item, _META_SCALARS) for item in value)):
+            raise WireError(f"meta {clip(key)} is {clip(value)}: a meta value must be nil, "
+                            f"a bool, a number, a string or a list of those")
     raw_arrays = body.get("arrays")
     if not isinstance(raw_arrays, dict):
         raise WireError("field 'arrays' must be a map")
     return {name: _declare(name, spec) for name, spec in raw_arrays.items()}, meta
+
+
+_META_SCALARS = (type(None), bool, int, float, str)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_shape(shape) -> TypeGuard[list[int]]:
+    """A list of at most MAX_DIMENSIONS sizes in [0, MAX_MESSAGE_BYTES] whose nonzero ones
+    multiply to less than MAX_ELEMENTS. (Only an empty array needs that check here: numpy
+    refuses one whose other sizes overflow its index type; a nonempty one must bring its
+    bytes.)"""
+    return (isinstance(shape, list) and len(shape) <= MAX_DIMENSIONS
+            and all(_is_int(d) and 0 <= d <= MAX_MESSAGE_BYTES for d in shape)
+            and math.prod(d for d in shape if d) < MAX_ELEMENTS)
 
 
 def decode_arrays(declared: dict[str, Declared], max_bytes: int = MAX_MESSAGE_BYTES
@@ -348,19 +381,19 @@ def _declare(name: str, spec) -> Declared:
         raise WireError(f"array {name!r} must be a map with exactly dtype, shape, data "
                         f"(and optionally codec)")
     dtype, shape, data = spec["dtype"], spec["shape"], spec["data"]
-    if dtype not in ALLOWED_DTYPES:
-        raise WireError(f"array {name!r} has dtype {dtype!r}, not one of {sorted(ALLOWED_DTYPES)}")
-    if (not isinstance(shape, list) or len(shape) > MAX_DIMENSIONS
-            or not all(isinstance(d, int) and not isinstance(d, bool)
-                       and 0 <= d <= MAX_MESSAGE_BYTES for d in shape)):
-        raise WireError(f"array {name!r} has invalid shape {_clip(shape)} (at most "
-                        f"{MAX_DIMENSIONS} sizes, each from 0 to {MAX_MESSAGE_BYTES})")
+    if not isinstance(dtype, str) or dtype not in ALLOWED_DTYPES:
+        raise WireError(f"array {name!r} has dtype {clip(dtype)}, "
+                        f"not one of {sorted(ALLOWED_DTYPES)}")
+    if not _is_shape(shape):
+        raise WireError(f"array {name!r} has invalid shape {clip(shape)} (at most "
+                        f"{MAX_DIMENSIONS} sizes, each from 0 to {MAX_MESSAGE_BYTES}, the "
+                        f"nonzero ones multiplying to less than {MAX_ELEMENTS})")
     if not isinstance(data, memoryview):
         raise WireError(f"array {name!r} data must be binary")
     array = Declared(dtype, tuple(shape), data, "codec" in spec)
     if array.compressed:
         if spec["codec"] != CODEC:
-            raise WireError(f"array {name!r} has codec {_clip(spec['codec'])}, not {CODEC!r}")
+            raise WireError(f"array {name!r} has codec {clip(spec['codec'])}, not {CODEC!r}")
         try:
             declared = zstandard.frame_content_size(data)
         except zstandard.ZstdError as error:
@@ -374,9 +407,9 @@ def _declare(name: str, spec) -> Declared:
     return array
 
 
-def _clip(value) -> str:
+def clip(value) -> str:
     """A value for an error message: one line, however large the value is."""
-    text = repr(value)
+    text = f"bin[{value.nbytes}]" if isinstance(value, memoryview) else repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
 
 
@@ -464,11 +497,9 @@ def _check_batch(declared: dict[str, Declared], meta: dict) -> tuple[list[int], 
                             f"{list(index.shape[:2])} of its items")
     slots, frame_size = math.prod(index.shape), math.prod(frames.shape[1:])
     obs_shape = meta.get("obs_shape")
-    if (not isinstance(obs_shape, list) or len(obs_shape) > MAX_DIMENSIONS
-            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
-                       for d in obs_shape)
+    if (not _is_shape(obs_shape) or not _is_shape([*index.shape[:2], *obs_shape])
             or math.prod(obs_shape) != index.shape[2] * frame_size):
-        raise WireError(f"batch meta 'obs_shape' {_clip(obs_shape)} is not {index.shape[2]} "
+        raise WireError(f"batch meta 'obs_shape' {clip(obs_shape)} is not {index.shape[2]} "
                         f"frames of shape {list(frames.shape[1:])}")
     if frames.shape[0] > 2 * slots:  # the sender sends each frame the stacks name, once
         raise WireError(f"a batch of {2 * slots} stack frames carries {frames.shape[0]} "

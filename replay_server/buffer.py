@@ -23,15 +23,32 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from common.wire import Field, Gather, Schema, WireError
+from common.wire import Field, Gather, Schema, WireError, clip
 from replay_server.streams import STREAM_ID_LIMIT, StreamTable, UnresolvedFrames
 from replay_server.sumtree import SumTree
 
 PRIORITY_EPSILON = 1e-6  # keeps a zero-error transition sampleable
+# Priorities (|TD errors|) are clipped to this before the exponent. With rewards clipped to
+# [-1, 1] and gamma 0.99 a sane Q-network's |TD| stays below 2 / (1 - gamma) = 200; unclipped
+# Atari rewards seldom take Q values, and so errors, past 1e5. Anything larger comes from a
+# network far off, and clipped it is still the top priority. For any exponent in [0, 1] a leaf
+# is then at most 1e6: the tree's total stays below capacity x 1e6 (2e12 for 2M transitions),
+# far from float64's 1.8e308, and the largest leaf is at most 1e12 times the smallest
+# (PRIORITY_EPSILON ** exponent), so importance weights stay normal float32 numbers.
+MAX_PRIORITY = 1e6
+COUNT_LIMIT = 1 << 62  # counters and frame serials stay far from int64's overflow
+RNG_STATE_WORD_LIMIT = 1 << 128  # PCG64's state and increment are 128-bit integers
+# Relative slack when checking stored leaves against the priorities they were computed from.
+LEAF_ROUNDING = 1e-12
+CHECK_ROWS = 1 << 16  # rows whose frame slots `check_invariants` checks at once
+
+
+class InvalidSpec(ValueError):
+    """A replay spec no shard can store by (e.g. a priority exponent outside [0, 1])."""
 
 
 class InvalidTransitions(WireError):
@@ -40,9 +57,36 @@ class InvalidTransitions(WireError):
 
 
 @dataclass(frozen=True)
+class ChunkLimits:
+    """The largest insert the actors of a run send: `transitions` transitions and at most
+    `frames` new frames, so a shard refuses a larger one from its header."""
+    transitions: int
+    frames: int
+    why: str  # the knobs they come from, for a refusal to name
+
+    @classmethod
+    def of_actors(cls, chunk_transitions: int, envs_per_actor: int, n_step: int,
+                  stack: int) -> "ChunkLimits":
+        """Exactly what `actors/adder.py` can send, as `actors/actor.py` drives it (one step
+        of its K envs, then every full chunk is taken). `take_chunk` sends C transitions and
+        every frame registered since the previous chunk; `observe` and `observe_first`
+        each register at most `stack` frames (a stack that does not slide shares none),
+        once per env step and once more per episode end, plus K first observations when a
+        stream starts. A step completes a transition within n steps, one more with actor
+        priorities (valued at the next action selection); so after the next-to-last step
+        since the previous chunk, which left fewer than C complete, K x (steps - 1 - n) < C,
+        that is at most n + 1 + (C - 1) // K steps of 2 x K x stack frames, plus K x stack."""
+        steps = n_step + 1 + (chunk_transitions - 1) // envs_per_actor
+        return cls(chunk_transitions, stack * envs_per_actor * (2 * steps + 1),
+                   f"an actor's chunk: {chunk_transitions} transitions of {envs_per_actor} "
+                   f"envs, {n_step}-step, {stack}-frame stacks")
+
+
+@dataclass(frozen=True)
 class ReplaySpec:
     """What one replay shard stores: observations of `obs_shape` made of `stack` frames of
-    `frame_shape` (stack 1: the observation is one frame, e.g. a vector)."""
+    `frame_shape` (stack 1: the observation is one frame, e.g. a vector); and what one
+    insert may bring (`chunk`; None: as much as the rings can take)."""
     capacity: int
     obs_shape: tuple[int, ...]
     frame_shape: tuple[int, ...]
@@ -50,11 +94,21 @@ class ReplaySpec:
     frame_dtype: str
     num_actions: int
     priority_exponent: float = 0.0
+    chunk: ChunkLimits | None = None
+
+    def __post_init__(self):
+        # Beyond 1 a finite priority can make the tree's total overflow (1e31 ** 10): the
+        # PER paper's range, which MAX_PRIORITY's bound on the total relies on.
+        alpha = self.priority_exponent
+        if (not isinstance(alpha, (int, float)) or isinstance(alpha, bool)
+                or not 0.0 <= alpha <= 1.0):
+            raise InvalidSpec(f"priority exponent must be a number in [0, 1], got {alpha!r}")
 
     @classmethod
-    def for_env(cls, capacity: int, env_info, priority_exponent: float = 0.0) -> "ReplaySpec":
+    def for_env(cls, capacity: int, env_info, priority_exponent: float = 0.0,
+                chunk: ChunkLimits | None = None) -> "ReplaySpec":
         return cls(capacity, tuple(env_info.obs_shape), env_info.frame_shape, env_info.stack,
-                   env_info.obs_dtype, env_info.num_actions, priority_exponent)
+                   env_info.obs_dtype, env_info.num_actions, priority_exponent, chunk)
 
     @property
     def frame_capacity(self) -> int:
@@ -73,22 +127,31 @@ class ReplaySpec:
         return self.frame_capacity * frame + self.capacity * (slots + fields) + tree
 
     def to_dict(self) -> dict:
-        return {**dataclasses.asdict(self), "obs_shape": list(self.obs_shape),
+        """What a snapshot must match: what is stored, not how inserts are cut."""
+        stored = {key: value for key, value in dataclasses.asdict(self).items()
+                  if key != "chunk"}
+        return {**stored, "obs_shape": list(self.obs_shape),
                 "frame_shape": list(self.frame_shape)}
 
     def insert_schema(self) -> Schema:
         """What an insert message carries: a chunk of m frames and n transitions naming them,
-        at most half the frame ring and the whole transition ring."""
+        at most what an actor's chunk holds, and never more than half the frame ring and the
+        whole transition ring."""
         rows = {name: Field(dtype, ("transitions",)) for name, dtype in (
             ("action", "int32"), ("reward", "float32"), ("discount", "float32"),
             ("priority", "float32"))}
         stacks = Field("int64", ("transitions", self.stack))
+        limits = {"frames": self.frame_capacity // 2, "transitions": self.capacity}
+        why: dict[str, str] = {}
+        if self.chunk is not None:
+            for name, most in (("frames", self.chunk.frames),
+                               ("transitions", self.chunk.transitions)):
+                if most < limits[name]:
+                    limits[name], why[name] = most, self.chunk.why
         return Schema("transitions",
                       {"frames": Field(self.frame_dtype, ("frames", *self.frame_shape)),
                        "obs_frames": stacks, "next_obs_frames": stacks, **rows},
-                      limits={"frames": self.frame_capacity // 2,
-                              "transitions": self.capacity},
-                      optional=frozenset({"priority"}))
+                      limits=limits, optional=frozenset({"priority"}), why=why)
 
 
 def check_values(arrays: dict[str, np.ndarray], num_actions: int) -> None:
@@ -132,7 +195,7 @@ def _meta_count(meta: dict, name: str, limit: int) -> int:
     value = meta.get(name)
     if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < limit:
         raise InvalidTransitions(f"meta {name!r} must be an integer in [0, {limit}), "
-                                 f"got {value!r}")
+                                 f"got {clip(value)}")
     return value
 
 
@@ -212,7 +275,9 @@ class ReplayBuffer:
         # A sender that was slow (or stalled) can name frames that have left the ring since
         # it sent them (EVICTED is -1): those transitions are too old to keep, not malformed.
         oldest = globals_.min(axis=1)
-        keep = oldest >= self._first_kept_frame(self.frames_written + m)
+        # (While the ring has not wrapped the first kept serial is negative: EVICTED then
+        # means a frame the table forgot, as old as any evicted one.)
+        keep = oldest >= max(0, self._first_kept_frame(self.frames_written + m))
         return InsertPlan(stream, first, m, keep, globals_[keep], oldest[keep])
 
     def add(self, arrays: dict[str, np.ndarray], meta: dict) -> int:
@@ -246,13 +311,18 @@ class ReplayBuffer:
         if spec.priority_exponent == 0.0:
             leaves = np.ones(n)
         else:
-            raw = arrays["priority"][keep] if "priority" in arrays \
-                else np.full(n, self.max_priority)
-            self.max_priority = max(self.max_priority, float(raw.max(initial=0.0)))
-            leaves = (raw.astype(np.float64) + PRIORITY_EPSILON) ** spec.priority_exponent
+            leaves = self._prioritize(arrays["priority"][keep] if "priority" in arrays
+                                      else np.full(n, self.max_priority))
         self._set_leaves(rows, leaves)
         self.transitions_written += n
         self._drop_rows_with_evicted_frames()
+
+    def _prioritize(self, priorities: np.ndarray) -> np.ndarray:
+        """The leaves of `priorities` (finite, >= 0), each clipped to MAX_PRIORITY; the
+        largest clipped one raises `max_priority`."""
+        clipped = np.minimum(np.asarray(priorities, np.float64), MAX_PRIORITY)
+        self.max_priority = max(self.max_priority, float(clipped.max(initial=0.0)))
+        return (clipped + PRIORITY_EPSILON) ** self.spec.priority_exponent
 
     def _set_leaves(self, rows: np.ndarray, values: np.ndarray) -> None:
         """Set distinct rows' leaves, keeping the live count."""
@@ -344,12 +414,100 @@ class ReplayBuffer:
         alive = self.tree.get(rows) > 0
         rows, priorities = rows[alive], priorities[alive]
         if len(rows):
-            self.max_priority = max(self.max_priority, float(priorities.max()))
-            self.tree.set(rows, (priorities + PRIORITY_EPSILON) ** self.spec.priority_exponent)
+            self.tree.set(rows, self._prioritize(priorities))
         return len(rows)
 
     def priority_mass(self) -> float:
         return self.tree.total
+
+    # --- Invariants (a restored snapshot must hold them) ------------------------------------
+
+    def check_invariants(self) -> None:
+        """Raises ValueError naming the first broken one unless the buffer is in a state its
+        own inserts, samples and priority updates could have left it in: one it can go on
+        from (sample with finite weights, update priorities, insert). O(capacity)."""
+        self._check_counters()
+        rows = min(self.transitions_written, self.capacity)
+        check_values({"action": self.action[:rows], "reward": self.reward[:rows],
+                      "discount": self.discount[:rows], "frames": self.frames},
+                     self.spec.num_actions)
+        self._check_leaves(rows)
+        self._check_frames_of_rows(rows)
+        self.streams.check(self.frames_written)
+
+    def _check_counters(self) -> None:
+        counts = {"frames_written": self.frames_written,
+                  "transitions_written": self.transitions_written, "scan_key": self.scan_key,
+                  "stale_dropped": self.stale_dropped, "live": self.live}
+        for name, value in counts.items():
+            if not isinstance(value, int) or isinstance(value, bool) \
+                    or not 0 <= value < COUNT_LIMIT:
+                raise ValueError(f"{name} {clip(value)} is not a count below 2**62")
+        # Each insert moves the scan up to the oldest row not yet overwritten.
+        lowest = max(0, self.transitions_written - self.capacity)
+        if not lowest <= self.scan_key <= self.transitions_written:
+            raise ValueError(f"scan_key {self.scan_key} is outside [{lowest}, "
+                             f"{self.transitions_written}] (the rows not yet overwritten)")
+
+    def _check_leaves(self, rows: int) -> None:
+        """Leaves are what inserts and updates set: 1 or 0 under uniform sampling, else the
+        leaf of a priority in [0, max_priority]; 0 for rows never written, and for rows the
+        scan found dead; `live` counts the others."""
+        self.tree.check()
+        leaves = self.tree.leaves
+        if leaves[rows:].any():
+            raise ValueError(f"rows from {rows} were never written but have priorities")
+        if self.live != np.count_nonzero(leaves):
+            raise ValueError(f"live {self.live} but {np.count_nonzero(leaves)} rows have "
+                             "priorities")
+        scanned = np.arange(max(0, self.transitions_written - self.capacity),
+                            self.scan_key) % self.capacity
+        if leaves[scanned].any():
+            raise ValueError("a row below scan_key (found dead) has a priority")
+        alpha, most = self.spec.priority_exponent, self.max_priority
+        if not isinstance(most, float) or not (
+                most == 1.0 if alpha == 0.0 else 1.0 <= most <= MAX_PRIORITY):
+            raise ValueError(f"max_priority {clip(most)} is not in [1, {MAX_PRIORITY:g}] "
+                             "(exactly 1 under uniform sampling)")
+        positive = leaves[leaves > 0]
+        if not positive.size:
+            return
+        if alpha == 0.0:
+            low = high = 1.0
+        else:
+            low, high = (np.array([0.0, most]) + PRIORITY_EPSILON) ** alpha
+        if (positive.min() < low * (1 - LEAF_ROUNDING)
+                or positive.max() > high * (1 + LEAF_ROUNDING)):
+            raise ValueError(f"leaf priorities must lie in [{low:.6g}, {high:.6g}], the "
+                             "leaves of priorities in [0, max_priority]; they span "
+                             f"[{positive.min():.6g}, {positive.max():.6g}]")
+
+    def _check_frames_of_rows(self, rows: int) -> None:
+        """Each written row names frames `_commit` gave it: its stacks' slots are those of
+        serials in [oldest_frame, frames_written), oldest_frame among them."""
+        ring, written = self.spec.frame_capacity, self.frames_written
+        oldest = self.oldest_frame[:rows]
+        for name in ("obs_slots", "next_slots"):
+            slots = getattr(self, name)[:rows]
+            if slots.size and (slots.min() < 0 or slots.max() >= ring):
+                raise ValueError(f"{name} outside the frame ring")
+        if oldest.size and oldest.max() >= written:
+            raise ValueError("oldest_frame names a frame not yet written")
+        if oldest.size and oldest.min() < 0:
+            raise ValueError(f"oldest_frame {oldest.min()} is not a frame serial")
+        for start in range(0, rows, CHECK_ROWS):
+            block = slice(start, min(start + CHECK_ROWS, rows))
+            first = oldest[block, None]
+            # How far past the row's oldest frame each of its frames was written.
+            after = (np.concatenate([self.obs_slots[block], self.next_slots[block]], axis=1)
+                     - first) % ring
+            wrong = (after.min(axis=1) != 0) | (after.max(axis=1) >= written - first[:, 0])
+            if wrong.any():
+                row = start + int(np.argmax(wrong))
+                raise ValueError(
+                    f"row {row}'s frame slots {self.obs_slots[row].tolist()} + "
+                    f"{self.next_slots[row].tolist()} are not frames of its transition (its "
+                    f"oldest frame is {self.oldest_frame[row]} of {written} written)")
 
     # --- State for snapshots (see snapshot.py) ---------------------------------------------
 
@@ -362,6 +520,40 @@ class ReplayBuffer:
                         "state": {k: str(v) for k, v in
                                   self.rng.bit_generator.state["state"].items()}}}
 
-    def set_rng_state(self, state: dict) -> None:
-        self.rng.bit_generator.state = {**state, "state": {
-            k: int(v) for k, v in state["state"].items()}}
+    def set_rng_state(self, state) -> None:
+        """The random state `counters()` wrote. Raises ValueError naming the first field that
+        is not one of PCG64's (numpy would raise OverflowError, TypeError, ...)."""
+        self.rng.bit_generator.state = _rng_state(state, self.rng.bit_generator.state)
+
+
+def _rng_state(state, current: Mapping[str, Any]) -> dict:
+    """PCG64's state from what `ReplayBuffer.counters` wrote (its 128-bit words as decimal
+    text), once every field is one numpy's PCG64 has: `current` (the generator's own state)
+    gives the name and keys."""
+    if not isinstance(state, dict) or set(state) != set(current):
+        raise ValueError(f"rng state must be a map with keys {sorted(current)}, got "
+                         f"{clip(state)}")
+    if state["bit_generator"] != current["bit_generator"]:
+        raise ValueError(f"rng state 'bit_generator' is {clip(state['bit_generator'])}, not "
+                         f"{current['bit_generator']!r}")
+    words = state["state"]
+    if not isinstance(words, dict) or set(words) != set(current["state"]):
+        raise ValueError(f"rng state 'state' must be a map with keys "
+                         f"{sorted(current['state'])}, got {clip(words)}")
+    values = {}
+    for key, text in words.items():
+        if not (isinstance(text, str) and 0 < len(text) <= 39 and text.isascii()
+                and text.isdigit() and int(text) < RNG_STATE_WORD_LIMIT):
+            raise ValueError(f"rng state {key!r} must be an integer in [0, 2**128) written in "
+                             f"decimal, got {clip(text)}")
+        values[key] = int(text)
+    if not values["inc"] % 2:
+        raise ValueError(f"rng state 'inc' {values['inc']} is even; PCG64's increment is odd")
+    if type(state["has_uint32"]) is not int or state["has_uint32"] not in (0, 1):
+        raise ValueError(f"rng state 'has_uint32' must be 0 or 1, got "
+                         f"{clip(state['has_uint32'])}")
+    uinteger = state["uinteger"]
+    if type(uinteger) is not int or not 0 <= uinteger < 1 << 32:
+        raise ValueError(f"rng state 'uinteger' must be an integer in [0, 2**32), got "
+                         f"{clip(uinteger)}")
+    return {**state, "state": values}

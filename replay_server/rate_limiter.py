@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import math
 
+# Relative slack for checking counters: the limiter's float arithmetic may have rounded the
+# ratio it held (`diff`) by an ulp or so.
+ROUNDING = 1e-9
+
 
 class RateLimiter:
     def __init__(self, samples_per_insert: float, min_size_to_sample: int, tolerance: float):
@@ -35,6 +39,17 @@ class RateLimiter:
         """Transitions that may be inserted now without leaving the tolerance. (Below the
         minimum size Reverb always admits inserts; max_diff >= offset makes that implied.)"""
         return max(0, math.floor((self.max_diff - self.diff) / self.samples_per_insert))
+
+    def check(self) -> None:
+        """Raises ValueError unless this limiter's counters are ones it could have reached:
+        it records samples only while inserts reach the minimum size and the ratio stays
+        above its low end, and inserts only raise the ratio; so counts that put it below
+        (e.g. forged samples) would refuse every sample until as many inserts came."""
+        if self.samples and (self.inserts < self.min_size_to_sample
+                             or self.diff < self.min_diff - ROUNDING * max(1.0, self.samples)):
+            raise ValueError(
+                f"{self.samples} samples after {self.inserts} inserts: more than "
+                f"{self.samples_per_insert} per insert allows (tolerance included)")
 
     def record_insert(self, n: int) -> None:
         self.inserts += n

@@ -11,24 +11,32 @@ third). Two locks keep that safe:
   samples overlap their copying but never see an insert half done;
 - `mutex`: the sum-tree, the random state, the rate limiter and the counters, which shared
   holders also change (a sample draws rows, a priority update sets leaves).
-Always `lock` before `mutex`. A sample the rate limiter refuses may wait (Reverb's blocking
-sample) on `sampleable`, a condition on `mutex` that inserts and restores notify, and an
-actor's ask for insert budget on `insertable`, which samples and restores notify; neither
-holds a lock while it waits.
+Always `lock` before `mutex`. A message is decoded (and decompressed) before either is taken:
+an insert holds them only to be checked against what is stored, and stored. A sample the rate
+limiter refuses may wait (Reverb's blocking sample) on `sampleable`, a condition on `mutex`
+that inserts and restores notify, and an actor's ask for insert budget on `insertable`, which
+samples and restores notify; neither holds a lock while it waits.
 """
 from __future__ import annotations
 
 import collections
 import contextlib
+import copy
 import threading
 import time
 
 from common import checkpoints, wire
 from common.checkpoints import CheckpointError, CheckpointStore
-from common.config import Config
+from common.config import MAX_SAMPLE_ITEMS, Config
 from common.env_info import EnvInfo
 from common.records import InsertAck
-from replay_server.buffer import InvalidTransitions, ReplayBuffer, ReplaySpec
+from replay_server.buffer import (
+    COUNT_LIMIT,
+    ChunkLimits,
+    InvalidTransitions,
+    ReplayBuffer,
+    ReplaySpec,
+)
 from replay_server.rate_limiter import RateLimiter
 from replay_server.records import ReplayStats
 from replay_server.snapshot import SnapshotError, read_snapshot, write_snapshot
@@ -36,7 +44,6 @@ from replay_server.snapshot import SnapshotError, read_snapshot, write_snapshot
 MAX_PARKED_PER_STREAM = 16
 MAX_PARKED_BYTES = 64 << 20  # all streams' parked chunks together, as sent (compressed)
 PARKED_TIMEOUT_S = 30.0
-MAX_SAMPLE_ITEMS = 1 << 20  # items one sample call returns, and one priority update names
 # Batches with up to this many bytes of frames go compressed. The seed's 2 x 32 (1.2 MB of
 # Breakout frames, ~9 KB compressed) then travels inline with the reply instead of through
 # Ray's object store, which frees ~0.05 CPUs for the learner on 2 CPUs; Ape-X's batches of
@@ -103,7 +110,10 @@ class ReplayServer:
 
     @classmethod
     def from_config(cls, config: Config, env_info: EnvInfo, shard: int = 0) -> "ReplayServer":
-        spec = ReplaySpec.for_env(config.replay_capacity, env_info, config.priority_exponent)
+        chunk = ChunkLimits.of_actors(config.chunk_transitions, config.envs_per_actor,
+                                      config.n_step, env_info.stack)
+        spec = ReplaySpec.for_env(config.replay_capacity, env_info, config.priority_exponent,
+                                  chunk)
         buffer = ReplayBuffer(spec, seed=config.seed + 1_000 * shard)
         limiter = RateLimiter(config.samples_per_insert, config.min_replay_size,
                               config.rate_tolerance)
@@ -117,11 +127,14 @@ class ReplayServer:
         valid chunk that arrives before its predecessor is parked (a copy of the message)
         until the predecessor is stored, then stored itself; one whose predecessor never
         comes is dropped after PARKED_TIMEOUT_S, or sooner when younger chunks need its place
-        in MAX_PARKED_BYTES, and counted as rejected."""
+        in MAX_PARKED_BYTES, and counted as rejected.
+
+        The message is decoded (and decompressed) before the locks are taken: they are held
+        only to check it against what is stored and to store it."""
+        arrays, meta = self._decode(message, wire.TRANSITIONS, self.buffer.insert_schema)
         with self.lock, self.mutex:
             self._expire_parked()
             try:
-                arrays, meta = self._decode_insert(message)
                 stream, first = meta.get("stream"), meta.get("first_frame")
                 if (isinstance(stream, int) and isinstance(first, int)
                         and first > self.buffer.streams.next_number(stream)):
@@ -140,6 +153,17 @@ class ReplayServer:
     def _decode_insert(self, message: wire.Message) -> tuple[dict, dict]:
         return wire.decode(message, expect_kind=wire.TRANSITIONS,
                            schema=self.buffer.insert_schema)
+
+    def _decode(self, message: wire.Message, kind: str, schema: wire.Schema
+                ) -> tuple[dict, dict]:
+        """A message decoded (and decompressed) outside the locks; a refusal is counted. Any
+        buffer's schema will do, also one a restore is swapping in: all have this shard's spec."""
+        try:
+            return wire.decode(message, expect_kind=kind, schema=schema)
+        except ValueError:
+            with self.mutex:
+                self.rejected += 1
+            raise
 
     def _ack(self, inserted: int, parked: bool = False) -> InsertAck:
         return InsertAck(inserted, self.buffer.total_added, self.limiter.insert_budget(), parked)
@@ -225,10 +249,9 @@ class ReplayServer:
 
     def update_priorities(self, message: wire.Message) -> int:
         """New priorities from the learner; returns how many still-stored items took them."""
+        arrays, _ = self._decode(message, wire.PRIORITIES, self.priorities_schema)
         with self.lock.shared(), self.mutex:
             try:
-                arrays, _ = wire.decode(message, expect_kind=wire.PRIORITIES,
-                                        schema=self.priorities_schema)
                 return self.buffer.update_priorities(arrays["key"], arrays["priority"])
             except ValueError:
                 self.rejected += 1
@@ -247,11 +270,7 @@ class ReplayServer:
         SnapshotError and leaves the current state untouched."""
         started = time.monotonic()
         buffer, extra = read_snapshot(path, self.buffer.spec)
-        counts = {"limiter_inserts": buffer.total_added, "limiter_samples": 0, "rejected": 0}
-        counts.update((key, extra[key]) for key in counts if key in extra)
-        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
-                   for v in counts.values()):
-            raise SnapshotError(f"{path}: the shard's counters {counts} are not counts")
+        counts = self._restored_counts(path, buffer, extra)
         with self.lock, self.mutex:
             self.buffer = buffer
             self.limiter.inserts = counts["limiter_inserts"]
@@ -260,6 +279,29 @@ class ReplayServer:
             self.sampleable.notify_all()
             self.insertable.notify_all()
         return {"transitions": buffer.size, "seconds": round(time.monotonic() - started, 3)}
+
+    def _restored_counts(self, path: str, buffer: ReplayBuffer, extra: dict) -> dict:
+        """The limiter's and the refusal counters a snapshot holds (older ones may lack
+        them), once they are ones this shard could have reached with `buffer`: the limiter
+        records every transition the buffer stores, and samples only as far as it allows."""
+        counts = {"limiter_inserts": buffer.total_added, "limiter_samples": 0, "rejected": 0}
+        counts.update((key, extra[key]) for key in counts if key in extra)
+        if not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < COUNT_LIMIT
+                   for v in counts.values()):
+            raise SnapshotError(f"{path}: invalid snapshot content: the shard's counters "
+                                f"{wire.clip(counts)} are not counts below 2**62")
+        if counts["limiter_inserts"] != buffer.total_added:
+            raise SnapshotError(
+                f"{path}: invalid snapshot content: the rate limiter counts "
+                f"{counts['limiter_inserts']} inserts, the buffer {buffer.total_added}")
+        limiter = copy.copy(self.limiter)
+        limiter.inserts, limiter.samples = counts["limiter_inserts"], counts["limiter_samples"]
+        try:
+            limiter.check()
+        except ValueError as error:
+            raise SnapshotError(f"{path}: invalid snapshot content: rate limiter: "
+                                f"{error}") from None
+        return counts
 
     def restore_latest(self, store: CheckpointStore) -> tuple[str | None, str | None]:
         """Restore this shard's snapshot from the newest checkpoint in `store` that holds an

@@ -20,12 +20,15 @@ insert about to overwrite frames the snapshot has not saved yet copies them asid
 and builds a new buffer; the running one is only replaced once that has succeeded. Sizes are
 checked before anything is allocated or decompressed (each array's declared dtype, shape and
 rows against this shard's spec; each piece's size, and a compressed piece's declared size,
-against the rows it claims), and the content as strictly as an insert's.
+against the rows it claims); the content as strictly as an insert's, and the state it makes
+against every invariant the running shard relies on (`ReplayBuffer.check_invariants`: bounded
+priorities and a finite sum, consistent counters, each row's frames, the stream table, the
+random state), so a restored shard can sample, update and insert.
 """
 from __future__ import annotations
 
 import collections
-import math
+import contextlib
 import os
 import zlib
 from collections.abc import Callable
@@ -36,7 +39,8 @@ import msgpack
 import numpy as np
 import zstandard
 
-from replay_server.buffer import InvalidTransitions, ReplayBuffer, ReplaySpec, check_values
+from common.wire import clip
+from replay_server.buffer import COUNT_LIMIT, ReplayBuffer, ReplaySpec
 from replay_server.streams import StreamTable
 
 FORMAT = "dqn-replay-snapshot"
@@ -62,7 +66,11 @@ class SnapshotWriter:
         self.compressor = zstandard.ZstdCompressor(level=1)
         self.pieces = 0
         self.bytes = 0
-        self._write(header)
+        try:
+            self._write(header)
+        except BaseException:
+            self.abort()
+            raise
 
     def _write(self, obj) -> None:
         data = self.packer.pack(obj)
@@ -98,8 +106,12 @@ class SnapshotWriter:
         return self.bytes
 
     def abort(self) -> None:
-        self.file.close()
-        self.tmp.unlink(missing_ok=True)
+        """Remove the temporary file. Never raises: the error that made the writer give up is
+        the one to report (on a full disk, closing fails again as it flushes the buffer)."""
+        with contextlib.suppress(OSError):
+            self.file.close()  # closes the descriptor even when the flush fails
+        with contextlib.suppress(OSError):
+            self.tmp.unlink(missing_ok=True)
 
 
 class FrameSaver:
@@ -156,22 +168,23 @@ def write_snapshot(buffer: ReplayBuffer, path: str | os.PathLike, lock: ContextM
                                       "first": first_frame,
                                       "rows": buffer.frames_written - first_frame}
         buffer.snapshot_hook = saver.rescue
-    writer = SnapshotWriter(path, header)
-    try:
-        for name, array in copies.items():
-            writer.write_array(name, 0, array)
-        del copies
-        frame_bytes = max(1, buffer.frames[:1].nbytes)
-        while True:
-            with lock:
-                piece = saver.take(max(1, PIECE_BYTES // frame_bytes))
-            if piece is None:
-                break
-            writer.write_array("frames", *piece)
-        written = writer.close()
-    except BaseException:
-        writer.abort()
-        raise
+    try:  # (the hook goes whatever fails, the writer's opening too)
+        writer = SnapshotWriter(path, header)
+        try:
+            for name, array in copies.items():
+                writer.write_array(name, 0, array)
+            del copies
+            frame_bytes = max(1, buffer.frames[:1].nbytes)
+            while True:
+                with lock:
+                    piece = saver.take(max(1, PIECE_BYTES // frame_bytes))
+                if piece is None:
+                    break
+                writer.write_array("frames", *piece)
+            written = writer.close()
+        except BaseException:
+            writer.abort()
+            raise
     finally:
         with lock:
             buffer.snapshot_hook = None
@@ -252,7 +265,7 @@ def _allocate(path: Path, declared, layout: dict[str, np.ndarray]) -> dict:
                 or not _is_count(first) or (first and name != "frames")
                 or not _is_count(rows) or rows > len(like)):
             raise SnapshotError(
-                f"{path}: array {name!r} is declared as {_clip(info)}; this shard stores "
+                f"{path}: array {name!r} is declared as {clip(info)}; this shard stores "
                 f"{like.dtype.name}{list(like.shape[1:])} rows, at most {len(like)}")
         arrays[name] = {"first": first, "filled": 0,
                         "data": np.empty((rows, *like.shape[1:]), like.dtype)}
@@ -263,28 +276,22 @@ def _is_count(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def _clip(value) -> str:
-    """A value for an error message: one line, however large the value is."""
-    text = repr(value)
-    return text if len(text) <= 120 else text[:117] + "..."
-
-
 def _place_piece(path: Path, piece: dict, arrays: dict, decompressor) -> None:
     name = piece.get("array")
     if not isinstance(name, str) or name not in arrays:
-        raise SnapshotError(f"{path}: piece of unknown array {_clip(name)}")
+        raise SnapshotError(f"{path}: piece of unknown array {clip(name)}")
     target = arrays[name]
     data, rows, filled = piece.get("data"), piece.get("rows"), target["filled"]
     if piece.get("start") != target["first"] + filled or not isinstance(data, bytes):
         raise SnapshotError(f"{path}: piece of {name!r} out of order or malformed")
     if not _is_count(rows) or not 0 < rows <= len(target["data"]) - filled:
-        raise SnapshotError(f"{path}: piece of {name!r} has {_clip(rows)} rows; "
+        raise SnapshotError(f"{path}: piece of {name!r} has {clip(rows)} rows; "
                             f"{len(target['data']) - filled} are left to fill")
     destination = target["data"][filled:filled + rows]
     if piece.get("codec") == "zstd":
         data = _decompress(path, name, data, destination.nbytes, decompressor)
     elif piece.get("codec") != "raw":
-        raise SnapshotError(f"{path}: unknown codec {_clip(piece.get('codec'))}")
+        raise SnapshotError(f"{path}: unknown codec {clip(piece.get('codec'))}")
     if len(data) != destination.nbytes:
         raise SnapshotError(f"{path}: piece of {name!r} has {len(data)} bytes; its {rows} rows "
                             f"need {destination.nbytes}")
@@ -311,7 +318,9 @@ def _decompress(path: Path, name: str, data: bytes, size: int, decompressor) -> 
 def _build_buffer(path: Path, buffer: ReplayBuffer, state, arrays: dict
                   ) -> tuple[ReplayBuffer, dict]:
     """`buffer` filled from the snapshot's arrays and counters, once they agree with each
-    other and hold only what an insert could have stored."""
+    other and the buffer holds every invariant a running shard relies on
+    (`ReplayBuffer.check_invariants`: values an insert could have stored, priorities, counters,
+    frames, the stream table, the random state)."""
     spec = buffer.spec
     try:
         if not isinstance(state, dict) or not isinstance(state.get("extra", {}), dict):
@@ -319,9 +328,6 @@ def _build_buffer(path: Path, buffer: ReplayBuffer, state, arrays: dict
         frames_written, transitions_written, scan_key, stale_dropped = (
             _count(state, key) for key in ("frames_written", "transitions_written",
                                            "scan_key", "stale_dropped"))
-        max_priority = state["max_priority"]
-        if not isinstance(max_priority, float) or not 0 < max_priority < math.inf:
-            raise ValueError(f"max_priority {max_priority!r} is not a positive float")
         rows = min(transitions_written, spec.capacity)
         frames = arrays["frames"]
         if (frames["first"] != max(0, frames_written - spec.frame_capacity)
@@ -330,7 +336,6 @@ def _build_buffer(path: Path, buffer: ReplayBuffer, state, arrays: dict
                 or scan_key > transitions_written):
             raise ValueError("array sizes disagree with the counters")
         data = {name: array["data"] for name, array in arrays.items()}
-        _check_content(data, spec, frames_written)
         streams = StreamTable.from_state(state["streams"], frames_written)
         slots = np.arange(frames["first"], frames_written) % spec.frame_capacity
         buffer.frames[slots] = frames["data"]
@@ -338,34 +343,25 @@ def _build_buffer(path: Path, buffer: ReplayBuffer, state, arrays: dict
             getattr(buffer, name)[:rows] = data[name]
         all_leaves = np.zeros(spec.capacity)
         all_leaves[:rows] = data["leaves"]
-        buffer.tree.set_all(all_leaves)
+        with np.errstate(over="ignore", invalid="ignore"):  # forged leaves: refused below
+            buffer.tree.set_all(all_leaves)
         buffer.live = int(np.count_nonzero(data["leaves"]))
         buffer.frames_written, buffer.transitions_written = frames_written, transitions_written
-        buffer.scan_key, buffer.max_priority = scan_key, max_priority
+        buffer.scan_key, buffer.max_priority = scan_key, state["max_priority"]
         buffer.stale_dropped, buffer.streams = stale_dropped, streams
         buffer.set_rng_state(state["rng"])
+        buffer.check_invariants()
         return buffer, dict(state.get("extra", {}))
-    except (KeyError, TypeError, ValueError, AttributeError) as error:
-        # InvalidTransitions (a bad value) is a ValueError; AttributeError: a list or a
-        # number where the random state has a map.
+    except KeyError as error:
+        raise SnapshotError(f"{path}: invalid snapshot content: no field {error}") from None
+    except (TypeError, ValueError, AttributeError, OverflowError) as error:
+        # InvalidTransitions (a bad value) is a ValueError; the others: a value of the wrong
+        # kind or size that slipped past a check (none should).
         raise SnapshotError(f"{path}: invalid snapshot content: {error}") from None
 
 
 def _count(state: dict, key: str) -> int:
-    if not _is_count(state[key]):
-        raise ValueError(f"{key} {_clip(state[key])} is not a count")
+    if not _is_count(state[key]) or state[key] >= COUNT_LIMIT:
+        raise ValueError(f"{key} {clip(state[key])} is not a count below 2**62")
     return state[key]
 
-
-def _check_content(data: dict[str, np.ndarray], spec: ReplaySpec, frames_written: int) -> None:
-    """What an insert checks, and the indices only the buffer itself writes."""
-    check_values(data, spec.num_actions)
-    for name in ("obs_slots", "next_slots"):
-        slots = data[name]
-        if slots.size and (slots.min() < 0 or slots.max() >= spec.frame_capacity):
-            raise InvalidTransitions(f"{name} outside the frame ring")
-    if data["oldest_frame"].size and data["oldest_frame"].max() >= frames_written:
-        raise InvalidTransitions("oldest_frame names a frame not yet written")
-    leaves = data["leaves"]
-    if not np.isfinite(leaves).all() or (leaves < 0).any():
-        raise InvalidTransitions("priorities must be finite and >= 0")

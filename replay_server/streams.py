@@ -17,6 +17,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from common.wire import clip
+
 MAX_RANGES_PER_STREAM = 64  # a reference may reach back this many chunks of its own stream
 MAX_REMEMBERED_STREAMS = 100_000
 EVICTED = -1  # what `resolve` returns for a frame the stream sent that has left the ring
@@ -112,6 +114,8 @@ class StreamTable:
         """The table `state()` described, of a buffer that has written `frames_written`
         frames. Raises ValueError unless it is one `add` could have built."""
         table = cls()
+        if not isinstance(state, dict):
+            raise ValueError(f"stream table: expected a map, got {clip(state)}")
         ranges, next_numbers = state["ranges"], state["next_numbers"]
         if not (isinstance(ranges, list) and isinstance(next_numbers, list)
                 and len(ranges) <= len(next_numbers) <= MAX_REMEMBERED_STREAMS):
@@ -122,17 +126,45 @@ class StreamTable:
             table.next_numbers[stream] = n
         for entry in ranges:
             if not isinstance(entry, list) or len(entry) != 4 or not isinstance(entry[1], list):
-                raise ValueError(f"stream table: a range entry is {str(entry)[:60]}")
+                raise ValueError(f"stream table: a range entry is {clip(entry)}")
             (stream,) = _integers(entry[:1], 1)
+            if stream in table.streams:
+                raise ValueError(f"stream table: stream {stream} is listed twice")
             firsts, counts, globals_ = (_integers(column, len(entry[1])) for column in entry[1:])
+            table.streams[stream] = StreamRanges(firsts, counts, globals_)
+        if len(table.next_numbers) != len(next_numbers):
+            raise ValueError("stream table: a stream's next number is listed twice")
+        table.check(frames_written)
+        return table
+
+    def check(self, frames_written: int) -> None:
+        """Raises ValueError unless `add` could have built this table in a buffer that has
+        written `frames_written` frames: each stream's ranges in its numbering order, within
+        what it has sent, in the order their frames were written, none past the frames written;
+        no frame claimed by two ranges; streams in the order they last brought frames."""
+        last_starts = []
+        for stream, (firsts, counts, globals_) in self.streams.items():
             ends = [first + count for first, count in zip(firsts, counts)]
             if (not 0 < len(firsts) <= MAX_RANGES_PER_STREAM or min(counts) <= 0
-                    or ends[-1] > table.next_numbers.get(stream, ends[-1])
+                    or ends[-1] > self.next_numbers.get(stream, ends[-1])
                     or any(end > first for end, first in zip(ends, firsts[1:]))
+                    or any(start + count > next_start for start, count, next_start
+                           in zip(globals_, counts, globals_[1:]))
                     or globals_[-1] + counts[-1] > frames_written):
                 raise ValueError(f"stream table: stream {stream}'s ranges are inconsistent")
-            table.streams[stream] = StreamRanges(firsts, counts, globals_)
-        return table
+            last_starts.append(globals_[-1])
+        if any(later <= earlier for earlier, later in zip(last_starts, last_starts[1:])):
+            raise ValueError("stream table: streams are not in the order they last sent frames")
+        self._check_frames_claimed_once()
+
+    def _check_frames_claimed_once(self) -> None:
+        starts = np.array([g for ranges in self.streams.values() for g in ranges.first_globals],
+                          np.int64)
+        counts = np.array([c for ranges in self.streams.values() for c in ranges.counts],
+                          np.int64)
+        order = np.argsort(starts)
+        if (starts[order][:-1] + counts[order][:-1] > starts[order][1:]).any():
+            raise ValueError("stream table: two ranges claim the same frames")
 
 
 def _integers(values, length: int) -> list[int]:
@@ -140,5 +172,5 @@ def _integers(values, length: int) -> list[int]:
     if not (isinstance(values, list) and len(values) == length
             and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < STREAM_ID_LIMIT
                     for v in values)):
-        raise ValueError(f"stream table: expected {length} integers, got {str(values)[:60]}")
+        raise ValueError(f"stream table: expected {length} integers, got {clip(values)}")
     return values

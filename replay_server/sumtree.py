@@ -63,6 +63,22 @@ class SumTree:
             np.add(children[:, 0], children[:, 1], out=parents)
             start //= 2
 
+    def check(self) -> None:
+        """Raises ValueError unless the tree is one `set` and `set_all` could have built:
+        leaves finite and >= 0, the padding past `capacity` empty, every parent exactly the
+        sum of its children (both compute it that way), the total finite."""
+        leaves = self.leaves
+        if not np.isfinite(leaves).all() or (leaves < 0).any():
+            raise ValueError("priorities must be finite and >= 0")
+        if self.nodes[0] != 0.0 or self.nodes[self.size + self.capacity:].any():
+            raise ValueError("the sum-tree holds values outside its leaves")
+        with np.errstate(over="ignore"):  # an overflowing sum is refused below
+            children = self.nodes[2::2] + self.nodes[3::2]
+        if not np.array_equal(self.nodes[1:self.size], children):
+            raise ValueError("the sum-tree's sums disagree with its leaves")
+        if not np.isfinite(self.total):
+            raise ValueError(f"the sum-tree's total {self.total} is not finite")
+
     def find(self, values: np.ndarray) -> np.ndarray:
         """Slot of the leaf whose cumulative interval contains each of `values` (each in
         [0, total)): leaf j is chosen for values in [sum of leaves < j, that + leaf j)."""

@@ -1,4 +1,6 @@
 """One Ray session for all integration tests (ray.init costs ~5 s), on loopback only."""
+import errno
+import itertools
 import os
 import subprocess
 import sys
@@ -41,3 +43,66 @@ def evaluate(*args, timeout: float = 300) -> subprocess.CompletedProcess:
     """`python evaluate.py ARGS` as a user runs it, its output captured."""
     return subprocess.run([sys.executable, "evaluate.py", *map(str, args)], cwd=ROOT,
                           capture_output=True, text=True, timeout=timeout)
+
+
+# --- Full disks: a real small filesystem -------------------------------------------------------
+
+PAGE = 4096  # tmpfs counts whole pages
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """`mount(size_kib, inodes=None)`: a tmpfs of that size (and inode count) mounted on a new
+    folder under tmp_path, unmounted at the end (also when the test fails)."""
+    mounted = []
+
+    def mount(size_kib: int, inodes: int | None = None) -> Path:
+        folder = tmp_path / f"disk{len(mounted)}"
+        folder.mkdir()
+        options = f"size={size_kib}k" + (f",nr_inodes={inodes}" if inodes else "")
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)],
+                                capture_output=True, text=True)
+        if result.returncode != 0:
+            reason = (f"a full disk needs a tmpfs mount, which is not permitted here "
+                      f"(root and CAP_SYS_ADMIN): {result.stderr.strip()}")
+            if os.environ.get("CI"):
+                pytest.fail(f"CI is set but {reason}")
+            pytest.skip(reason)
+        mounted.append(folder)
+        return folder
+
+    if os.geteuid() != 0:
+        reason = "a full disk needs a tmpfs mount, which only root may make"
+        if os.environ.get("CI"):
+            pytest.fail(f"CI is set but {reason}")
+        pytest.skip(reason)
+    yield mount
+    for folder in reversed(mounted):
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+def fill(disk: Path, leave_bytes: int) -> None:
+    """Fills `disk` until only `leave_bytes` (whole pages) are free."""
+    stats = os.statvfs(disk)
+    free = stats.f_bavail * stats.f_frsize
+    assert free >= leave_bytes, (free, leave_bytes)
+    with open(disk / "filler", "ab") as filler:
+        filler.write(b"\0" * (free - leave_bytes))
+    stats = os.statvfs(disk)
+    assert stats.f_bavail * stats.f_frsize == leave_bytes
+
+
+def fill_inodes(disk: Path) -> None:
+    """Uses up `disk`'s inodes: no file or folder can be made any more."""
+    for i in itertools.count():
+        try:
+            (disk / f"inode-{i}").touch()
+        except OSError as error:
+            assert error.errno == errno.ENOSPC
+            return
+
+
+def leftovers(disk: Path) -> list[str]:
+    """Anything a failed write may leave: temporary files, staging folders."""
+    return sorted(str(path.relative_to(disk)) for path in disk.rglob("*")
+                  if ".tmp" in path.name or path.name.startswith("dqn-"))

@@ -1,8 +1,10 @@
 """Fuzzing what the replay service reads from the wire and from disk: inserts, sampled batches
 (the learner's side), priority updates and snapshots, each mutated byte by byte and in its
-decoded structure. Every mutation is either refused with the format's own error, leaving the
-stored data as it was, or accepted as exactly what a valid message would have done; memory
-stays bounded throughout. Seeded, so a failure reproduces."""
+decoded structure: every field of a message, at every level, replaced by a value of each
+msgpack type, deleted, or joined by an unknown one, and random structures seeded likewise.
+Every mutation is either refused with the format's own error, leaving the stored data as it
+was, or accepted as exactly what a valid message would have done; memory stays bounded
+throughout. Seeded, so a failure reproduces."""
 import copy
 import dataclasses
 import io
@@ -119,19 +121,23 @@ def rss() -> int:
     return psutil.Process().memory_info().rss
 
 
-def fuzz_server(make, messages, apply, kind, count, bomb, seed):
-    """Apply `count` mutations of `messages` to a server from `make()`: a refusal is a
-    WireError, counted, leaving the server's data as it was; an acceptance does exactly what
-    the canonical encoding of what was accepted does to another fresh server."""
-    rng = np.random.default_rng(seed)
+def shard_state(server) -> tuple:
+    """What a refused message must leave as it was: the stored data and the limiter's counts."""
+    return state_fingerprint(server.buffer), server.limiter.inserts, server.limiter.samples
+
+
+def fuzz_server(make, mutated_messages, apply, kind):
+    """Apply each of `mutated_messages` to a server from `make()`: a refusal is a WireError,
+    counted, leaving the server's data as it was; an acceptance does exactly what the
+    canonical encoding of what was accepted does to another fresh server."""
     server, accepted = make(), 0
-    before = state_fingerprint(server.buffer)
-    for mutated in mutations(messages, count, rng, bomb):
+    before = shard_state(server)
+    for mutated in mutated_messages:
         rejected = server.stats().rejected_messages
         try:
             result = apply(server, mutated)
         except wire.WireError:
-            assert state_fingerprint(server.buffer) == before
+            assert shard_state(server) == before
             assert server.stats().rejected_messages == rejected + 1
             continue
         accepted += 1
@@ -159,10 +165,12 @@ def test_mutated_inserts_and_priority_updates_are_refused_or_equal_to_valid_ones
     keys = np.arange(16)
     priorities = wire.encode_priorities(keys, np.linspace(0.5, 2.0, 16))
     grown = rss()
-    accepted = fuzz_server(make, [bytes(chunks[1]), bytes(chunks[2])], insert,
-                           wire.TRANSITIONS, 10_000, bomb, seed=1)
-    accepted_priorities = fuzz_server(make, [bytes(priorities)], update_priorities,
-                                      wire.PRIORITIES, 2_000, bomb, seed=2)
+    accepted = fuzz_server(make, mutations([bytes(chunks[1]), bytes(chunks[2])], 10_000,
+                                           np.random.default_rng(1), bomb),
+                           insert, wire.TRANSITIONS)
+    accepted_priorities = fuzz_server(make, mutations([bytes(priorities)], 2_000,
+                                                      np.random.default_rng(2), bomb),
+                                      update_priorities, wire.PRIORITIES)
     grown = rss() - grown
     assert grown < MAX_RSS_GROWTH, f"RSS grew by {grown >> 20} MiB"
     assert 0 < accepted < 10_000 and 0 < accepted_priorities < 2_000
@@ -176,7 +184,8 @@ def update_priorities(server, message):
     return server.update_priorities(message)
 
 
-def test_mutated_batches_are_refused_or_decode_like_valid_ones(bomb):
+def sampled_batches() -> list[bytes]:
+    """A batch a shard sampled, and one like it whose frames went compressed."""
     server = make_server(capacity=200)
     for chunk in interleaved_chunks(np.random.default_rng(3), senders=1, envs=2, steps=30)[0]:
         server.insert(chunk)
@@ -187,21 +196,203 @@ def test_mutated_batches_are_refused_or_decode_like_valid_ones(bomb):
     compressed = bytes(wire.encode(wire.BATCH, {**arrays, "frames": frames}, meta,
                                    compress=("frames",)))
     assert msgpack.unpackb(compressed)["arrays"]["frames"]["codec"] == "zstd"
-    batches = [sampled, compressed]
-    rng, accepted, grown = np.random.default_rng(4), 0, rss()
-    for mutated in mutations(batches, 3_000, rng, bomb):
+    return [sampled, compressed]
+
+
+def test_mutated_batches_are_refused_or_decode_like_valid_ones(bomb):
+    batches = sampled_batches()
+    grown = rss()
+    accepted = fuzz_batches(mutations(batches, 3_000, np.random.default_rng(4), bomb))
+    grown = rss() - grown
+    assert grown < MAX_RSS_GROWTH, f"RSS grew by {grown >> 20} MiB"
+    assert 0 < accepted < 3_000
+
+
+def packed(value) -> bytes:
+    """`value` as msgpack: equal for equal values, NaN included."""
+    return msgpack.packb(value, use_bin_type=True)
+
+
+def fuzz_batches(mutated_messages) -> int:
+    """Decode each as a batch: refused with a WireError, or decoded as its canonical
+    encoding is; returns how many were accepted."""
+    accepted = 0
+    for mutated in mutated_messages:
         try:
             batch, meta = wire.decode_batch(mutated)
         except wire.WireError:
             continue
         accepted += 1
         again, again_meta = wire.decode_batch(canonical(mutated, wire.BATCH))
-        assert meta == again_meta and set(batch) == set(again)
+        assert packed(meta) == packed(again_meta) and set(batch) == set(again)
         for name, array in batch.items():
             np.testing.assert_array_equal(array, again[name])
-    grown = rss() - grown
-    assert grown < MAX_RSS_GROWTH, f"RSS grew by {grown >> 20} MiB"
-    assert 0 < accepted < 3_000
+    return accepted
+
+
+# A value of each msgpack type, with the edges a decoder mishandles: the extreme integers,
+# non-finite floats, empty and nested containers, strings that are valid elsewhere.
+MSGPACK_VALUES = [None, True, False, 0, 1, -1, 2**64 - 1, -2**63, 0.5, math.nan, math.inf,
+                  -math.inf, "", "uint8", "zstd", "transitions", b"", bytes(8), [], [1, "x"],
+                  ["uint8"], [[[2]]], {}, {"k": 1}, {"uint8": None},
+                  {"dtype": "uint8", "shape": [1], "data": b"\x00"}, {"a": {"b": [None, {}]}}]
+
+
+def field_paths(node, path: tuple = ()):
+    """The path of every field under `node` (map keys and list indices), depth first."""
+    items = node.items() if isinstance(node, dict) else \
+        enumerate(node) if isinstance(node, list) else ()
+    for key, value in items:
+        yield path + (key,)
+        yield from field_paths(value, path + (key,))
+
+
+def at(body, path: tuple):
+    for key in path:
+        body = body[key]
+    return body
+
+
+def with_change(body: dict, path: tuple, change) -> bytes:
+    """`body` re-encoded with `change(parent, key)` applied to the field at `path`."""
+    body = copy.deepcopy(body)
+    change(at(body, path[:-1]), path[-1])
+    return msgpack.packb(body, use_bin_type=True)
+
+
+def replace_by(value):
+    def change(parent, key):
+        parent[key] = copy.deepcopy(value)
+    return change
+
+
+def delete(parent, key):
+    del parent[key]
+
+
+def structure_mutations(message: bytes):
+    """Every field at every level (format, version, kind, meta and each of its keys, arrays,
+    each array and its dtype, shape, each size, data, codec) replaced by each of
+    MSGPACK_VALUES, and deleted; an unknown field added to every map."""
+    body = msgpack.unpackb(message)
+    paths = list(field_paths(body))
+    for path in paths:
+        for value in MSGPACK_VALUES:
+            yield with_change(body, path, replace_by(value))
+        yield with_change(body, path, delete)
+    for path in [()] + [p for p in paths if isinstance(at(body, p), dict)]:
+        for value in (1, {}, [b"x"]):
+            yield with_change(body, path + ("unknown",), replace_by(value))
+
+
+def random_value(rng, depth: int = 0):
+    """A random msgpack value: a scalar of any type, or a container of random values."""
+    kind = rng.integers(9 if depth < 3 else 7)
+    if kind == 7:
+        return [random_value(rng, depth + 1) for _ in range(rng.integers(0, 4))]
+    if kind == 8:
+        return {one_of(rng, ["dtype", "shape", "data", "codec", "stream", "x"]):
+                random_value(rng, depth + 1) for _ in range(rng.integers(0, 4))}
+    if kind == 6:
+        return int(rng.integers(-3, 300))
+    if kind == 5:
+        return bytes(int(rng.integers(0, 40)))
+    return one_of(rng, RANDOM_SCALARS[kind])
+
+
+# Per kind of random_value's scalars: nil, bools, integers, floats, strings.
+RANDOM_SCALARS = [[None], [True, False], [0, 1, 3, 7, 255, 2**31, 2**63 - 1, 2**64 - 1, -1, -2**63],
+                  [0.0, -1.5, 1e308, math.nan, math.inf, -math.inf],
+                  ["", "uint8", "int64", "float32", "zstd", "frames", "batch", "transitions",
+                   "dqn-wire", "\u00e9"]]
+
+
+def one_of(rng, values: list):
+    """One of `values`, as it is (numpy's choice would convert them to one dtype)."""
+    return values[rng.integers(len(values))]
+
+
+def random_structure_mutations(messages: list[bytes], count: int, rng):
+    """`count` messages, each with one to three random fields replaced by random structures,
+    deleted, or added."""
+    bodies = [msgpack.unpackb(message) for message in messages]
+    for _ in range(count):
+        body = copy.deepcopy(bodies[rng.integers(len(bodies))])
+        for _ in range(rng.integers(1, 4)):
+            paths = list(field_paths(body))
+            path = paths[rng.integers(len(paths))]
+            what = rng.integers(3)
+            if what == 0:
+                at(body, path[:-1])[path[-1]] = random_value(rng)
+            elif what == 1:
+                del at(body, path[:-1])[path[-1]]
+            elif isinstance(at(body, path), dict):
+                at(body, path)[str(rng.choice(["extra", "dtype", "codec"]))] = random_value(rng)
+        yield msgpack.packb(body, use_bin_type=True)
+
+
+def decoded_or_refused(messages):
+    """Each message through `wire.decode` without a schema: it decodes, or a WireError says
+    why; passes the messages on."""
+    for message in messages:
+        try:
+            wire.decode(message)
+        except wire.WireError:
+            pass
+        yield message
+
+
+def insert_and_priorities_fuzzing():
+    """A shard holding a chunk, the stream's next chunk (its frames compressed) and a
+    priority update, as the structure-aware tests fuzz them."""
+    chunks, _ = interleaved_chunks(np.random.default_rng(0), senders=1, envs=2, steps=12)
+
+    def make():
+        server = make_server(capacity=200, priority_exponent=0.6)
+        server.insert(chunks[0])
+        return server
+
+    arrays, meta = wire.decode(chunks[1], expect_kind=wire.TRANSITIONS)
+    frames = np.zeros_like(arrays["frames"])  # compressible, as Atari frames are
+    frames[:, 0, 0] = np.arange(len(frames))
+    chunk = bytes(wire.encode_transitions(
+        frames, arrays["obs_frames"], arrays["next_obs_frames"], arrays["action"],
+        arrays["reward"], arrays["discount"], priority=np.linspace(0.1, 3.0, 8), **meta))
+    assert "codec" in msgpack.unpackb(chunk)["arrays"]["frames"]
+    priorities = wire.encode_priorities(np.arange(16), np.linspace(0.5, 2.0, 16))
+    return make, chunk, bytes(priorities)
+
+
+def test_every_field_of_an_insert_and_a_priority_update_replaced_by_each_msgpack_type():
+    """Each mutation is refused with a WireError (never TypeError, OverflowError, KeyError...),
+    counted, the shard unchanged; or accepted like its canonical encoding."""
+    make, chunk, priorities = insert_and_priorities_fuzzing()
+    mutated = list(structure_mutations(chunk))
+    assert len(mutated) > 1_000
+    accepted = fuzz_server(make, decoded_or_refused(mutated), insert, wire.TRANSITIONS)
+    assert 0 < accepted < len(mutated)
+    mutated = list(structure_mutations(priorities))
+    accepted = fuzz_server(make, decoded_or_refused(mutated), update_priorities,
+                           wire.PRIORITIES)
+    assert 0 < accepted < len(mutated)
+
+
+def test_every_field_of_a_batch_replaced_by_each_msgpack_type():
+    messages = sampled_batches()
+    mutated = [m for message in messages for m in structure_mutations(message)]
+    assert 0 < fuzz_batches(decoded_or_refused(mutated)) < len(mutated)
+
+
+def test_random_structures_in_every_field_are_refused_or_accepted_like_valid_messages():
+    make, chunk, priorities = insert_and_priorities_fuzzing()
+    rng = np.random.default_rng(7)
+    accepted = fuzz_server(make, decoded_or_refused(random_structure_mutations(
+        [chunk], 3_000, rng)), insert, wire.TRANSITIONS)
+    accepted_priorities = fuzz_server(make, decoded_or_refused(random_structure_mutations(
+        [priorities], 1_000, rng)), update_priorities, wire.PRIORITIES)
+    accepted_batches = fuzz_batches(decoded_or_refused(random_structure_mutations(
+        sampled_batches(), 1_000, rng)))
+    assert accepted < 3_000 and accepted_priorities < 1_000 and accepted_batches < 1_000
 
 
 def snapshot_objects(data: bytes) -> list:
@@ -278,7 +469,9 @@ def test_mutated_snapshots_are_refused_or_restore_a_valid_state(tmp_path, bomb):
         again = make()
         again.restore(server.snapshot(str(tmp_path / "again.msgpack"))["path"])
         assert state_fingerprint(again.buffer) == state_fingerprint(server.buffer)
-        wire.decode_batch(server.sample(8))  # and it serves
+        server.buffer.check_invariants()  # what every accepted restore must leave
+        batch, _ = wire.decode_batch(server.sample(8))  # and it serves
+        assert np.isfinite(batch["weight"]).all() and (batch["weight"] > 0).all()
         server = make()
     grown = rss() - grown
     assert grown < MAX_RSS_GROWTH, f"RSS grew by {grown >> 20} MiB"

@@ -51,8 +51,10 @@ class FakeShards:
 
 
 def shards_holding(sizes, **changes):
+    # Each shard is filled by one chunk: they may be as large as 300 transitions.
     config = PRESETS["cartpole"].replace(**{"min_replay_size": 0, "samples_per_insert": 1.0,
-                                            "samples_per_insert_tolerance": 1e12, **changes})
+                                            "samples_per_insert_tolerance": 1e12,
+                                            "chunk_transitions": 300, **changes})
     servers = [ReplayServer.from_config(config, CARTPOLE, i) for i in range(len(sizes))]
     rng = np.random.default_rng(0)
     for i, (server, size) in enumerate(zip(servers, sizes)):

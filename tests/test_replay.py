@@ -7,12 +7,13 @@ import time
 import numpy as np
 import pytest
 
+from actors.adder import FrameAdder
 from common import wire
 from common.config import PRESETS
 from common.env_info import EnvInfo
-from replay_server.buffer import InvalidTransitions, ReplayBuffer, ReplaySpec
+from replay_server.buffer import ChunkLimits, InvalidTransitions, ReplayBuffer, ReplaySpec
 from replay_server.rate_limiter import RateLimiter
-from replay_server.server import ReplayServer
+from replay_server.server import ReplayServer, SharedExclusiveLock
 from tests.synthetic import FRAME_SHAPE, STACK, SyntheticEnvs, make_adder, play
 
 SPEC = dict(obs_shape=(STACK, *FRAME_SHAPE), frame_shape=FRAME_SHAPE, stack=STACK,
@@ -273,8 +274,8 @@ def test_a_learner_held_by_the_limiter_observes_the_target_ratio():
 
 
 def make_server(capacity=2_000, **changes):
-    config = PRESETS["seed"].replace(replay_capacity=capacity, chunk_transitions=8,
-                                     min_replay_size=10, **changes)
+    config = PRESETS["seed"].replace(**{"replay_capacity": capacity, "chunk_transitions": 8,
+                                        "min_replay_size": 10, **changes})
     info = EnvInfo("test", (STACK, *FRAME_SHAPE), "uint8", 4, 4)
     return ReplayServer.from_config(config, info)
 
@@ -333,7 +334,7 @@ def test_small_batches_come_compressed_and_large_ones_raw(monkeypatch):
     import msgpack
 
     from replay_server import server as server_module
-    server = make_server()
+    server = make_server(chunk_transitions=20)
     frames = np.zeros((21, *FRAME_SHAPE), np.uint8)  # compressible, as Atari frames are
     frames[np.arange(21), 0, 0] = np.arange(21)
     refs = np.repeat(np.arange(20)[:, None], STACK, axis=1)
@@ -584,3 +585,154 @@ def test_a_specs_nbytes_is_what_its_buffer_allocates():
         buffer = ReplayBuffer(spec)
         arrays = [value for value in vars(buffer).values() if isinstance(value, np.ndarray)]
         assert spec.nbytes == sum(a.nbytes for a in arrays) + buffer.tree.nodes.nbytes
+
+
+@pytest.mark.parametrize("chunk, envs, n_step, priorities", [
+    (8, 3, 3, True), (128, 64, 3, True), (5, 16, 1, False), (1, 1, 1, False), (7, 2, 5, True)])
+def test_an_actors_chunks_fit_the_limits_its_knobs_set(chunk, envs, n_step, priorities):
+    """The adder driven as an actor drives it (the values of the current observations, one
+    step of every env, a first observation after each end, then every full chunk), with the
+    most frames a step can bring: no frame of a stack shared with its predecessor, and
+    stretches of long episodes (steps wait for their n-step return) between bursts of
+    episodes of one step. Every chunk fits a shard built from the same knobs."""
+    rng = np.random.default_rng(chunk)
+    limits = ChunkLimits.of_actors(chunk, envs, n_step, STACK)
+    schema = ReplaySpec(10**6, **SPEC, chunk=limits).insert_schema()
+    adder = FrameAdder(envs, STACK, FRAME_SHAPE, "uint8", n_step, 0.9, chunk,
+                       compute_priorities=priorities)
+
+    def unshared_stack():
+        return rng.integers(0, 256, (STACK, *FRAME_SHAPE), dtype=np.uint8)
+
+    for env in range(envs):
+        adder.observe_first(env, unshared_stack())
+    most = sent = 0
+    for step in range(40):
+        if priorities:
+            adder.observe_values(rng.random(envs))
+        ending = 0.9 if step % 10 > 6 else 0.02
+        for env in range(envs):
+            ended, terminated = rng.random() < ending, rng.random() < 0.5
+            adder.observe(env, 0, 1.0, unshared_stack(), ended and terminated,
+                          ended and not terminated, q_taken=0.5 if priorities else None,
+                          final_value=0.0)
+            if ended:
+                adder.observe_first(env, unshared_stack())
+        while (taken := adder.take_chunk()) is not None:
+            arrays, _ = wire.decode(taken[0], expect_kind=wire.TRANSITIONS, schema=schema)
+            most, sent = max(most, len(arrays["frames"])), sent + 1
+    assert sent > 1 and 0 < most <= limits.frames
+
+
+def apex_shard() -> ReplayServer:
+    """A shard of Ape-X's knobs on Atari frames, its rings small enough that half of its
+    frame ring is more than a chunk may hold."""
+    config = PRESETS["apex"].replace(replay_capacity=6_000, min_replay_size=100)
+    return ReplayServer.from_config(config, EnvInfo("test", (4, 84, 84), "uint8", 4, 4))
+
+
+def zero_frames_chunk(frames: int, transitions: int = 128) -> memoryview:
+    """An insert of `transitions` transitions over `frames` frames of zeros: a few KB."""
+    refs = np.minimum(np.arange(transitions)[:, None] + np.arange(4), frames - 2)
+    return wire.encode_transitions(
+        np.zeros((frames, 84, 84), np.uint8), refs, refs + 1, np.zeros(transitions),
+        np.zeros(transitions), np.full(transitions, 0.9), stream=1, first_frame=0)
+
+
+def shard_counts(server: ReplayServer) -> tuple:
+    return (server.buffer.counters(), server.buffer.streams.state(), server.limiter.inserts,
+            server.limiter.samples)
+
+
+def test_an_insert_larger_than_an_actors_chunk_is_refused_from_its_header():
+    """Ape-X's knobs (chunks of 128 transitions, 64 envs an actor, 3-step, 4-frame stacks)
+    bound what one insert may bring to 2,816 frames (19.9 MB of Atari frames), not to half
+    the frame ring nor the 2 GiB wire budget: a message of a few KB declaring more is refused
+    from its header, nothing decompressed, the shard unchanged; a chunk of the bound is
+    stored."""
+    from tests.test_wire import refusal_and_peak
+    server = apex_shard()
+    assert server.buffer.insert_schema.limits == {"frames": 2_816, "transitions": 128}
+    assert server.buffer.spec.frame_capacity // 2 > 2_816
+    before = shard_counts(server)
+    for message, needle in [
+            (zero_frames_chunk(2_817), "'frames' has shape (2817, 84, 84): 2817 frames, more "
+             "than the 2816 a message may hold (an actor's chunk: 128 transitions of 64 envs, "
+             "3-step, 4-frame stacks)"),
+            (zero_frames_chunk(200, transitions=129), "'obs_frames' has shape (129, 4): 129 "
+             "transitions, more than the 128 a message may hold (an actor's chunk")]:
+        assert len(message) < 20_000
+        refusal, peak = refusal_and_peak(lambda: server.insert(message))
+        assert refusal == needle if needle.endswith(")") else needle in refusal
+        assert peak < 1 << 20
+    assert shard_counts(server) == before and server.stats().rejected_messages == 2
+    assert server.insert(zero_frames_chunk(2_816)).inserted == 128
+
+
+class RecordingLock(SharedExclusiveLock):
+    """The shard's lock, noting when it is taken exclusively."""
+
+    def __init__(self, events: list):
+        super().__init__()
+        self.events = events
+
+    def __enter__(self):
+        self.events.append("lock")
+        return super().__enter__()
+
+
+class DecodeRecordingServer(ReplayServer):
+    """The shard, noting when it decodes a message it was sent."""
+    events: list
+
+    def _decode(self, *args):
+        self.events.append("decode")
+        return super()._decode(*args)
+
+
+def test_an_insert_is_decoded_before_the_shards_lock_is_taken():
+    config = PRESETS["seed"].replace(replay_capacity=2_000, chunk_transitions=8)
+    server = DecodeRecordingServer.from_config(config, EnvInfo("t", (STACK, *FRAME_SHAPE),
+                                                               "uint8", 4, 4))
+    server.events = []
+    server.lock = RecordingLock(server.events)
+    chunks, _ = interleaved_chunks(np.random.default_rng(30), senders=1, envs=2, steps=8)
+    assert server.insert(chunks[0]).inserted == 8
+    assert server.events == ["decode", "lock"]
+
+
+@pytest.mark.parametrize("call", ["insert", "update_priorities"])
+def test_a_malformed_message_is_refused_while_another_thread_holds_the_lock(call):
+    """Decoding needs none of the shard's locks: a message refused while a long insert (or a
+    snapshot's copy) holds the lock is refused at once, and counted."""
+    server = make_server()
+    valid = (interleaved_chunks(np.random.default_rng(31), senders=1, envs=2, steps=4)[0][0]
+             if call == "insert" else wire.encode_priorities(np.arange(4), np.ones(4)))
+    forged = msgpack_body_with(valid, dtype=["int64"])
+    outcome: list = []
+
+    def send():
+        try:
+            getattr(server, call)(forged)
+        except wire.WireError as error:
+            outcome.append(str(error))
+
+    with server.lock:
+        sender = threading.Thread(target=send)
+        sender.start()
+        sender.join(timeout=10)
+        refused_while_locked = not sender.is_alive()
+    sender.join()
+    assert refused_while_locked
+    name = "frames" if call == "insert" else "key"
+    assert outcome == [f"array {name!r} has dtype ['int64'], not one of ['bool', 'float16', "
+                       f"'float32', 'float64', 'int32', 'int64', 'int8', 'uint32', 'uint8']"]
+    assert server.stats().rejected_messages == 1
+
+
+def msgpack_body_with(message, **array_fields) -> bytes:
+    """`message` with its first array's fields replaced."""
+    import msgpack
+    body = msgpack.unpackb(message)
+    next(iter(body["arrays"].values())).update(array_fields)
+    return msgpack.packb(body, use_bin_type=True)

@@ -29,8 +29,10 @@ def start_shards(config, sizes):
 
 
 def open_config(**changes):
-    return PRESETS["cartpole"].replace(min_replay_size=0, samples_per_insert=1.0,
-                                       samples_per_insert_tolerance=1e12, **changes)
+    # Each shard is filled by one chunk (start_shards): they may be as large as 300 transitions.
+    return PRESETS["cartpole"].replace(**{"min_replay_size": 0, "samples_per_insert": 1.0,
+                                          "samples_per_insert_tolerance": 1e12,
+                                          "chunk_transitions": 300, **changes})
 
 
 def test_batches_come_from_shards_in_proportion_to_their_mass(ray_address):

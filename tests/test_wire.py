@@ -157,6 +157,19 @@ ZEROS_4K = zstandard.ZstdCompressor().compress(bytes(4096))
     (forged(x_data="text"), "data must be binary"),
     (forged(x_extra=1), "exactly dtype, shape, data"),
     ("a string", "message must be bytes"),
+    # Fields of the wrong msgpack type, where a set lookup or a hash would raise TypeError.
+    (forged(x_dtype=["int32"]), "has dtype ['int32'], not one of"),
+    (forged(x_dtype={"int32": 1}), "has dtype {'int32': 1}, not one of"),
+    (forged(x_codec=["zstd"]), "has codec ['zstd'], not 'zstd'"),
+    (forged(kind=["batch"]), "field 'kind' must be a string, got ['batch']"),
+    (forged(version=[3]), "unsupported dqn-wire version [3]"),
+    (forged(version=3.0), "unsupported dqn-wire version 3.0"),
+    (forged(meta={"n": {"a": 1}}), "meta 'n' is {'a': 1}: a meta value must be nil"),
+    (forged(meta={"n": b"x"}), "meta 'n' is bin[1]: a meta value must be nil"),
+    # Empty, but numpy could not size it: a ValueError of numpy's, not the wire's.
+    (forged(x_shape=[0, 2**31, 2**31]), "invalid shape [0, 2147483648, 2147483648]"),
+    (forged(x_dtype="int32" * 100), "int32i..., not one of"),
+    (np.arange(40, dtype=np.uint8)[::2], "message must be contiguous bytes"),
 ])
 def test_garbage_is_refused_with_a_reason(message, needle):
     with pytest.raises(wire.WireError, match=None) as error:
@@ -299,6 +312,10 @@ def batch_arrays():
     ({"frames": np.zeros((9, 2, 2), np.uint8)}, {"obs_shape": [2, 2, 2]},
      "a batch of 8 stack frames carries 9 distinct frames"),
     ({"frames": np.zeros(3, np.uint8)}, {"obs_shape": [2, 2, 2]}, "is not 2 frames of shape []"),
+    ({}, {"obs_shape": {"2": 2}}, "meta 'obs_shape' is {'2': 2}: a meta value must be nil"),
+    # Frames of no bytes: stacks as large as numpy cannot size, yet of no bytes either.
+    ({"frames": np.zeros((3, 0), np.uint8)}, {"obs_shape": [2, 0, 2**31, 2**31]},
+     "batch meta 'obs_shape' [2, 0, 2147483648, 2147483648] is not 2 frames of shape [0]"),
 ])
 def test_malformed_batches_are_refused_with_a_reason(changes, meta, needle):
     arrays = {**batch_arrays(), **changes}

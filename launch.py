@@ -28,7 +28,7 @@ from typing import Any, NoReturn
 
 from actors.records import ActorReport
 from common import checkpoints
-from common.checkpoints import CheckpointError, CheckpointStore
+from common.checkpoints import CheckpointError, CheckpointStore, write_atomically
 from common.config import (
     BEST_WEIGHTS,
     FINAL_WEIGHTS,
@@ -574,7 +574,7 @@ class Evaluations:
                 progress.new_life("evaluator", 0, result["life"])
                 record = eval_record(result, self.asked_at_steps)
                 if progress.absorb_eval(record):
-                    write_atomically(self.best_path, result["weights_h5"])
+                    write_output(self.best_path, result["weights_h5"])
             except ray.exceptions.RayError as error:  # restarting: ask again next time
                 print(f"evaluation failed: {first_error_line(error)}", file=sys.stderr,
                       flush=True)
@@ -720,21 +720,25 @@ def write_checkpoint(roles: Roles, progress: Progress, store: CheckpointStore, k
     why) when a role did not deliver: the previous checkpoint stays the latest."""
     import ray
     started = time.monotonic()
-    number = store.next_number()
-    staging = store.staging(number)
-    refs = [roles.learner.checkpoint.remote(store.root, staging),
-            *[shard.checkpoint.remote(store.root, staging) for shard in roles.shards]]
+    number = 0  # none yet: listing the checkpoints can fail too
+    refs: list = []
     try:
+        number = store.next_number()
+        staging = store.staging(number)
+        refs = [roles.learner.checkpoint.remote(store.root, staging),
+                *[shard.checkpoint.remote(store.root, staging) for shard in roles.shards]]
         ray.get(refs, timeout=timeout_s)
         store.write_json(f"{staging}/{checkpoints.PROGRESS}", progress.state(elapsed_s))
         name = store.commit(number, keep)
-    except (ray.exceptions.RayError, OSError) as error:
+    except (ray.exceptions.RayError, OSError, CheckpointError) as error:
         # The other roles may still be writing into the staged folder: let them finish first.
         left_s = max(0.0, started + timeout_s - time.monotonic())
-        ray.wait(refs, num_returns=len(refs), timeout=left_s)
-        store.discard(number)
-        print(f"checkpoint {number} not written: {first_error_line(error)}", file=sys.stderr,
-              flush=True)
+        if refs:
+            ray.wait(refs, num_returns=len(refs), timeout=left_s)
+        if number:
+            store.discard(number)
+        which = f"checkpoint {number}" if number else "checkpoint"
+        print(f"{which} not written: {first_error_line(error)}", file=sys.stderr, flush=True)
         return None
     print(f"checkpoint {store.describe(name)} ({time.monotonic() - started:.1f} s)", flush=True)
     return name
@@ -770,10 +774,16 @@ def new_run_store(config: Config, logdir: Path) -> CheckpointStore:
     return store
 
 
-def write_atomically(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+def write_output(path: Path, data: bytes) -> str | None:
+    """Writes one of the run's files (weights, summary); on failure (a full disk) nothing
+    of it is left and the reason is returned, said in one line: the run goes on."""
+    try:
+        write_atomically(path, data)
+    except OSError as error:
+        reason = f"{path} not written: {error.strerror or error}"
+        print(f"launch.py: {reason}", file=sys.stderr, flush=True)
+        return reason
+    return None
 
 
 def run_record(config: Config) -> dict:
@@ -863,9 +873,12 @@ def main(argv: list[str] | None = None) -> int:
         progress.agent_steps_at_start, progress.updates_at_start = (progress.agent_steps,
                                                                     learner.updates)
         if not config.resume:
-            logdir.mkdir(parents=True, exist_ok=True)
-            write_atomically(logdir / RUN_CONFIG,
-                             (json.dumps(run_record(config), indent=2) + "\n").encode())
+            try:
+                logdir.mkdir(parents=True, exist_ok=True)
+                write_atomically(logdir / RUN_CONFIG,
+                                 (json.dumps(run_record(config), indent=2) + "\n").encode())
+            except OSError as error:  # without it the run could not be resumed
+                fail(f"{logdir / RUN_CONFIG} not written: {error.strerror or error}")
         device = "GPU" if roles.learner_gpus else "CPU"
         resumed = (f" | resumed from {learner.restored_from} at "
                    f"{progress.agent_steps:,} agent steps" if config.resume else "")
@@ -929,12 +942,18 @@ def run(config: Config, env_info: EnvInfo, roles: Roles, logdir: Path, store: Ch
     summary = make_summary(config, env_info, progress, elapsed, len(roles.actors))
     weights = wait_all([roles.learner.weights_h5.remote()], wait_s)[0]
     if weights is not None:
-        write_atomically(logdir / FINAL_WEIGHTS, weights)
-        summary["weights"] = str(logdir / FINAL_WEIGHTS)
+        unwritten = write_output(logdir / FINAL_WEIGHTS, weights)
+        if unwritten is None:
+            summary["weights"] = str(logdir / FINAL_WEIGHTS)
+        elif status == "ok":  # the run's product is missing: it did not end well
+            status, reason = "failed", unwritten
     if (logdir / BEST_WEIGHTS).is_file():
         summary["best_weights"] = str(logdir / BEST_WEIGHTS)
     summary.update(status=status, reason=reason)
-    write_atomically(logdir / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
+    unwritten = write_output(logdir / "summary.json",
+                             (json.dumps(summary, indent=2) + "\n").encode())
+    if unwritten is not None and status == "ok":  # what stdout shows, and the exit code
+        summary.update(status="failed", reason=unwritten)
     return summary
 
 

@@ -6,12 +6,14 @@
                           manifest.json      every part's size; written last
     ROOT/latest.json      the name of the newest complete checkpoint
 
-ROOT is a local path or a URI that pyarrow's filesystems understand (`s3://`, `gs://`,
-`file://`), so a checkpoint can outlive the node that wrote it. Each part is written by the
-role that owns it, on its own node, into `ckpt-N.tmp/`; then the launcher writes the manifest,
-renames the folder into place, points `latest` at it (write-then-rename as well) and removes
-all but the newest `keep`. A crash at any moment leaves `latest` naming a complete checkpoint.
+ROOT is a local path, or an `s3://` or `gs://` URI (or `file:///path`) that pyarrow opens, so
+a checkpoint can outlive the node that wrote it. Each part is written by the role that owns
+it, on its own node, into `ckpt-N.tmp/`; then the launcher writes the manifest, renames the
+folder into place, points `latest` at it (write-then-rename as well) and removes all but the
+newest `keep`. A crash at any moment leaves `latest` naming a complete checkpoint;
+a failure (a full disk) leaves the previous one the latest and nothing of the new one behind.
 Nothing here unpickles: manifests and pointers are JSON, parts have formats of their own.
+`write_atomically` is the one way the project writes a whole file (here and in a run folder).
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ import re
 import tempfile
 import time
 from collections.abc import Iterator
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 FORMAT = "dqn-run-checkpoint"
 VERSION = 1
@@ -33,6 +35,11 @@ PROGRESS = "progress.json"
 LEARNER = "learner"
 NAME = re.compile(r"ckpt-(\d{8})")
 MAX_JSON_BYTES = 64 << 20  # progress and manifests are small; anything larger is not ours
+# A root that starts like a URI must be one of these: anything else pyarrow may take for a
+# local path (`s3:/bucket`), accept without storing anywhere durable, or load a JVM for.
+URI_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")
+STORE_URI = re.compile(r"(s3|gs)://[^/]+(/.*)?|file:///.*", re.DOTALL)
+ROOT_FORMS = "a local path, file:///path, s3://bucket/path or gs://bucket/path"
 
 
 class CheckpointError(ValueError):
@@ -45,6 +52,61 @@ def shard_part(shard: int) -> str:
 
 def checkpoint_name(number: int) -> str:
     return f"ckpt-{number:08d}"
+
+
+def is_local_root(root: str) -> bool:
+    """Whether checkpoint root `root` is a local path (else a URI); CheckpointError for
+    anything that is neither (a relative name with a colon in it reads `./name:x`)."""
+    if not URI_SCHEME.match(root):
+        return True
+    if STORE_URI.fullmatch(root):
+        return False
+    raise CheckpointError(f"checkpoint directory {root!r}: give {ROOT_FORMS}")
+
+
+def write_atomically(path: str | os.PathLike, data: bytes, filesystem: Any = None) -> None:
+    """`data` at `path` whole or not at all: written to `path.tmp`, then renamed over it.
+    On any failure (a full disk fails the write, the flush or the close) the temporary file
+    is removed and `path` is as it was. `filesystem`: a pyarrow one (an object store);
+    None: the local disk, synced before the rename so a crash cannot leave a torn file."""
+    tmp = f"{os.fspath(path)}.tmp"
+    try:
+        if filesystem is None:
+            with open(tmp, "wb") as file:
+                file.write(data)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(tmp, path)
+        else:
+            with filesystem.open_output_stream(tmp) as stream:
+                stream.write(data)
+            filesystem.move(tmp, os.fspath(path))
+    except BaseException:  # a signal too: the temporary file is never left behind
+        with contextlib.suppress(OSError):
+            if filesystem is None:
+                os.unlink(tmp)
+            else:
+                filesystem.delete_file(tmp)
+        raise
+    if filesystem is None:
+        _sync_folder(os.path.dirname(os.path.abspath(path)))
+
+
+def _sync_folder(folder: str) -> None:
+    """Makes a rename in `folder` durable; the file is in place whether or not this works."""
+    with contextlib.suppress(OSError):
+        descriptor = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+
+
+def is_inside(relpath: str) -> bool:
+    """Whether manifest part name `relpath` names a file inside its checkpoint: what
+    `commit` writes (`learner/state.index`), never `..`, an absolute or empty name."""
+    return ("\\" not in relpath and "\0" not in relpath
+            and all(part not in ("", ".", "..") for part in relpath.split("/")))
 
 
 class StoredPart(NamedTuple):
@@ -64,7 +126,7 @@ class CheckpointStore:
         self.root = root
         # A URI goes through pyarrow's copies even where it names a local disk (file://), so
         # that path is the one tested; a plain path is read and written in place.
-        self.local = "://" not in root
+        self.local = is_local_root(root)
         if self.local:
             self.fs, self.base = fs.LocalFileSystem(), os.path.abspath(root)
         else:
@@ -156,12 +218,10 @@ class CheckpointStore:
         return value
 
     def write_json(self, relpath: str, value: dict) -> None:
-        """Written whole or not at all: to a temporary name, then renamed."""
+        """Written whole or not at all (`write_atomically`)."""
         self.fs.create_dir(os.path.dirname(self.path(relpath)), recursive=True)
-        tmp = self.path(relpath) + ".tmp"
-        with self.fs.open_output_stream(tmp) as stream:
-            stream.write((json.dumps(value, indent=2) + "\n").encode())
-        self.fs.move(tmp, self.path(relpath))
+        write_atomically(self.path(relpath), (json.dumps(value, indent=2) + "\n").encode(),
+                         None if self.local else self.fs)
 
     # Whole checkpoints: the launcher's side.
     def next_number(self) -> int:
@@ -181,7 +241,9 @@ class CheckpointStore:
             self.fs.delete_dir(self.path(checkpoint_name(number) + ".tmp"))
 
     def commit(self, number: int, keep: int) -> str:
-        """Make staged checkpoint `number` the latest: manifest, rename, pointer, pruning."""
+        """Make staged checkpoint `number` the latest: manifest, rename, pointer, pruning.
+        When it fails (OSError) before the pointer names it, the renamed folder is removed
+        again and the previous checkpoint stays the latest; `discard` removes the staging."""
         from pyarrow import fs
         staged, name = checkpoint_name(number) + ".tmp", checkpoint_name(number)
         selector = fs.FileSelector(self.path(staged), recursive=True)
@@ -191,10 +253,21 @@ class CheckpointStore:
         self.write_json(f"{staged}/{MANIFEST}", {
             "format": FORMAT, "version": VERSION, "number": number, "time": time.time(),
             "parts": parts})
-        self._move_dir(staged, name)
-        self.write_json(LATEST, {"format": FORMAT, "latest": name})
-        self._prune(keep)
+        try:
+            self._move_dir(staged, name)
+            self.write_json(LATEST, {"format": FORMAT, "latest": name})
+        except BaseException:
+            self._undo_move(name)
+            raise
+        self._prune(name, keep)
         return name
+
+    def _undo_move(self, name: str) -> None:
+        """Removes checkpoint `name` (fully or partly moved into place) unless the pointer
+        already names it: a checkpoint no pointer names must not count as the newest."""
+        with contextlib.suppress(OSError, CheckpointError):
+            if self.latest() != name:
+                self.fs.delete_dir(self.path(name))
 
     def _move_dir(self, source: str, destination: str) -> None:
         from pyarrow import fs
@@ -214,14 +287,16 @@ class CheckpointStore:
         """The complete checkpoints' names, oldest first."""
         return [name for name in self._names() if NAME.fullmatch(name)]
 
-    def _prune(self, keep: int) -> None:
-        latest = self.latest()
-        for name in self._complete()[:-keep]:
-            if name != latest:
-                self.fs.delete_dir(self.path(name))
-        for name in self._names():  # staging folders of checkpoints that never finished
-            if name.endswith(".tmp") and NAME.match(name) and name[:-4] < (latest or ""):
-                self.fs.delete_dir(self.path(name))
+    def _prune(self, latest: str, keep: int) -> None:
+        """Best effort, as `latest` already counts: what is not removed now is next time."""
+        with contextlib.suppress(OSError):
+            stale = [name for name in self._complete()[:-keep] if name != latest]
+            # Staging folders of checkpoints that never finished.
+            stale += [name for name in self._names()
+                      if name.endswith(".tmp") and NAME.match(name) and name[:-4] < latest]
+            for name in stale:
+                with contextlib.suppress(OSError):
+                    self.fs.delete_dir(self.path(name))
 
     # Reading: the restoring roles' and the launcher's side.
     def latest(self) -> str | None:
@@ -250,10 +325,17 @@ class CheckpointStore:
                 isinstance(part, dict) and type(part.get("bytes")) is int
                 and isinstance(part.get("sha256"), str) for part in parts.values()):
             raise CheckpointError(f"{where}: lists no parts")
+        for relpath in parts:  # before any is read: a forged name must not make us read it
+            if not is_inside(relpath):
+                raise CheckpointError(f"{where}: part {relpath!r} is not a path inside the "
+                                      f"checkpoint")
         for relpath, part in parts.items():
             if not relpath.startswith(under):
                 continue
             path = self.path(f"{name}/{relpath}")
+            if self._links_out(name, path):
+                raise CheckpointError(f"{where}: part {relpath!r} is not a path inside the "
+                                      f"checkpoint")
             size = self.fs.get_file_info(path).size
             if size != part["bytes"]:
                 found = "missing" if size is None else f"{size} bytes"
@@ -263,6 +345,15 @@ class CheckpointStore:
                 raise CheckpointError(f"{self.describe(f'{name}/{relpath}')}: its contents "
                                       f"differ from what was written (sha256)")
         return manifest
+
+    def _links_out(self, name: str, path: str) -> bool:
+        """Whether local file `path` of checkpoint `name` resolves (through a link) outside
+        it; object stores have no links."""
+        from pyarrow import fs
+        if not isinstance(self.fs, fs.LocalFileSystem):
+            return False
+        folder = os.path.realpath(self.path(name))
+        return not os.path.realpath(path).startswith(folder + os.sep)
 
     def _sha256(self, path: str) -> str:
         digest = hashlib.sha256()

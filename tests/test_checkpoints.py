@@ -1,16 +1,26 @@
 """Run checkpoints without Ray: the store's commit protocol, on a path and a file:// URI."""
 import hashlib
 import json
+import os
 
 import pytest
 
+from common import checkpoints
 from common.checkpoints import CheckpointError, CheckpointStore, checkpoint_name
-from launch import Progress, eval_record
+from common.config import PRESETS
+from launch import (
+    Progress,
+    Roles,
+    eval_record,
+    new_run_store,
+    write_checkpoint,
+    write_output,
+)
+from tests.conftest import PAGE, fill, fill_inodes, leftovers
 
 
 def write_parts(store: CheckpointStore, staging: str, payload: bytes) -> None:
     with store.writing(f"{staging}/learner") as folder:  # a role's folder part
-        import os
         os.makedirs(folder)
         with open(os.path.join(folder, "state.index"), "wb") as f:
             f.write(payload)
@@ -136,3 +146,172 @@ def test_launcher_progress_round_trips_and_bad_progress_is_refused():
                 {"evals": {"last": {"mean": "high"}}}, {"evals": {"worst": {}}}]:
         with pytest.raises(CheckpointError, match="progress.json: not the launcher progress"):
             Progress.from_state({**state, **bad}, frame_skip=4, where="progress.json")
+
+
+# --- Checkpoint paths and roots ---------------------------------------------------------------
+
+def forge_part(folder, name: str, relpath: str, data: bytes) -> None:
+    """Checkpoint `name`'s manifest made to list `relpath` with `data`'s size and sha256."""
+    manifest_path = folder / name / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["parts"][relpath] = {"bytes": len(data),
+                                  "sha256": hashlib.sha256(data).hexdigest()}
+    manifest_path.write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("relpath", ["../outside", "../../outside", "learner/../../outside",
+                                     "/etc/hostname", "", "learner/", "learner//state.index",
+                                     "./progress.json", "learner\\..\\..\\outside",
+                                     "learner/state.index\0", "\0"])
+def test_a_manifest_part_outside_the_checkpoint_is_refused_naming_it(store, tmp_path,
+                                                                     relpath):
+    """Verification reads and hashes only files inside the checkpoint: a forged part name
+    never makes it read another file."""
+    outside = b"a file of the user's, not of the checkpoint"
+    (tmp_path / "outside").write_bytes(outside)
+    write_parts(store, store.staging(1), b"abc")
+    name = store.commit(1, keep=3)
+    forge_part(tmp_path / "checkpoints", name, relpath, outside)
+    with pytest.raises(CheckpointError) as refused:
+        store.verify(name)
+    assert str(refused.value) == (f"{store.describe(name + '/manifest.json')}: part "
+                                  f"{relpath!r} is not a path inside the checkpoint")
+    with pytest.raises(CheckpointError, match="is not a path inside the checkpoint"):
+        store.verify(name, under="learner/")  # whatever part a role asks for
+
+
+def test_a_part_that_links_out_of_the_checkpoint_is_refused(store, tmp_path):
+    outside = tmp_path / "outside"
+    outside.write_bytes(b"abc")
+    write_parts(store, store.staging(1), b"abc")
+    name = store.commit(1, keep=3)
+    part = tmp_path / "checkpoints" / name / "learner" / "state.index"
+    part.unlink()
+    part.symlink_to(outside)  # the same bytes, so size and sha256 hold
+    with pytest.raises(CheckpointError, match=r"part 'learner/state.index' is not a path "
+                                              r"inside the checkpoint$"):
+        store.verify(name)
+    part.unlink()
+    (tmp_path / "checkpoints" / name / "learner").rmdir()
+    (tmp_path / "checkpoints" / name / "learner").symlink_to(tmp_path)  # a folder, the same
+    (tmp_path / "state.index").write_bytes(b"abc")
+    with pytest.raises(CheckpointError, match="'learner/state.index' is not a path inside"):
+        store.verify(name)
+
+
+@pytest.mark.parametrize("root", ["s3:/bucket/run", "s3:bucket", "s3://", "s3:///run",
+                                  "gs:/bucket", "mock://bucket/run", "hdfs://namenode/run",
+                                  "abfs://container/run", "file:relative", "file:/x",
+                                  "S3://bucket/run", "http://example.com/run", "c:run"])
+def test_checkpoint_roots_other_than_a_path_s3_or_gs_are_refused_in_one_line(root):
+    """Refused before any filesystem is made (nothing here reaches a network or a JVM)."""
+    with pytest.raises(CheckpointError) as refused:
+        CheckpointStore(root)
+    assert str(refused.value) == (
+        f"checkpoint directory {root!r}: give a local path, file:///path, s3://bucket/path or "
+        f"gs://bucket/path")
+
+
+@pytest.mark.parametrize("root, local", [
+    ("runs/ckpt", True), ("/abs/runs", True), ("runs/a:b", True), ("./c:run", True),
+    ("runs/x://y", True), ("file:///abs/runs", False), ("s3://bucket", False),
+    ("s3://bucket/run/x", False), ("gs://bucket/run", False)])
+def test_accepted_checkpoint_roots(root, local):
+    assert checkpoints.is_local_root(root) is local
+
+
+def test_new_run_store_refuses_an_unknown_scheme_in_one_line(tmp_path, capsys):
+    config = PRESETS["cartpole"].replace(checkpoint_dir="mock://bucket/run")
+    with pytest.raises(SystemExit) as exit:
+        new_run_store(config, tmp_path / "run")
+    assert exit.value.code == 2
+    assert capsys.readouterr().err == (
+        "launch.py: error: checkpoint directory 'mock://bucket/run': give a local path, "
+        "file:///path, s3://bucket/path or gs://bucket/path\n")
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- Full disks: a real small filesystem (conftest.small_disk) ----------------------------
+
+@pytest.mark.parametrize("leave_pages", [0, 1])
+@pytest.mark.parametrize("size", [100, 3 * PAGE, 1 << 20])  # fails at close, at write
+@pytest.mark.parametrize("filesystem", ["os", "pyarrow"])
+def test_an_atomic_write_on_a_full_disk_keeps_the_old_file_and_leaves_no_temporary(
+        small_disk, leave_pages, size, filesystem):
+    from pyarrow import fs
+    disk = small_disk(2048)
+    target = disk / "summary.json"
+    target.write_bytes(b"old")
+    fill(disk, leave_pages * PAGE)
+    data = b"n" * size
+    where = fs.LocalFileSystem() if filesystem == "pyarrow" else None
+    if size <= leave_pages * PAGE:
+        checkpoints.write_atomically(str(target), data, where)
+        assert target.read_bytes() == data
+    else:
+        with pytest.raises(OSError, match="No space left on device"):
+            checkpoints.write_atomically(str(target), data, where)
+        assert target.read_bytes() == b"old"
+    assert sorted(os.listdir(disk)) == ["filler", "summary.json"]
+
+
+CHECKPOINT_PAYLOAD = b"p" * (3 * PAGE // 2)  # learner 2 pages, shard 3, progress 1, manifest 1
+
+
+@pytest.mark.parametrize("root", ["path", "file-uri"])
+@pytest.mark.parametrize("leave_pages", range(0, 9))
+def test_a_checkpoint_on_a_full_disk_keeps_the_previous_one_and_leaves_nothing(
+        small_disk, root, leave_pages):
+    """Every point where a checkpoint can run out of room, as the launcher writes one: its
+    parts, progress, manifest, the folder's rename and the pointer (8 pages in all, with
+    the pointer's temporary). The one before stays the latest and verifies; a failed one
+    leaves no temporary file, staging folder or renamed folder."""
+    disk = small_disk(2048)
+    store = CheckpointStore(str(disk / "ckpt") if root == "path" else f"file://{disk}/ckpt")
+    write_parts(store, store.staging(1), CHECKPOINT_PAYLOAD)
+    store.commit(1, keep=3)
+    fill(disk, leave_pages * PAGE)
+    number = store.next_number()
+    try:  # what write_checkpoint does with the roles' parts
+        write_parts(store, store.staging(number), CHECKPOINT_PAYLOAD)
+        store.commit(number, keep=3)
+    except OSError as error:
+        assert "No space left on device" in str(error)
+        store.discard(number)
+        assert store.latest() == checkpoint_name(1)
+        assert sorted(os.listdir(disk / "ckpt")) == [checkpoint_name(1), "latest.json"]
+    else:
+        assert leave_pages == 8
+        assert store.latest() == checkpoint_name(2)
+        store.verify(checkpoint_name(2))
+    store.verify(checkpoint_name(1))
+    assert leftovers(disk) == []
+
+
+def test_write_checkpoint_without_room_for_its_staging_folder_says_so_and_goes_on(
+        small_disk, capsys):
+    """The launcher's side: one line, the previous checkpoint still the latest."""
+    disk = small_disk(2048, inodes=64)
+    store = CheckpointStore(str(disk / "ckpt"))
+    write_parts(store, store.staging(1), b"abc")
+    store.commit(1, keep=3)
+    fill_inodes(disk)
+    roles = Roles(shards=[], learner=None, actors=[], learner_gpus=0.0)  # never asked: no room
+    assert write_checkpoint(roles, Progress(frame_skip=4), store, keep=3, elapsed_s=1.0) is None
+    line = capsys.readouterr().err
+    assert line.startswith("checkpoint 2 not written: ") and "No space left on device" in line
+    assert line.count("\n") == 1 and line.endswith("\n")
+    assert store.latest() == checkpoint_name(1)
+    store.verify(checkpoint_name(1))
+    assert leftovers(disk) == []
+
+
+def test_a_run_file_the_disk_has_no_room_for_is_one_line_and_leaves_nothing(small_disk,
+                                                                             capsys):
+    """Final weights, best weights, summary.json: the run ends in order without them."""
+    disk = small_disk(2048)
+    fill(disk, 0)
+    reason = write_output(disk / "summary.json", b"{}\n")
+    assert reason == f"{disk / 'summary.json'} not written: No space left on device"
+    assert capsys.readouterr().err == f"launch.py: {reason}\n"
+    assert sorted(os.listdir(disk)) == ["filler"]

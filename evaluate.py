@@ -24,7 +24,9 @@ from common import checkpoints
 from common.checkpoints import CheckpointError, CheckpointStore
 from common.config import (
     FINAL_WEIGHTS,
+    MAX_ENVS,
     RUN_CONFIG,
+    SEED,
     Config,
     ConfigError,
     OneLineErrorParser,
@@ -58,14 +60,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--sticky-actions", type=float, default=None, metavar="P",
                         help="Atari: repeat the previous action with probability P (0.25 is "
                              "Dopamine's protocol; default: the env id's own)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the games and the policy")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the games and the policy, in [0, 2**30)")
     parser.add_argument("--video", type=Path, default=None, metavar="OUT.mp4",
                         help="also play one episode and write it as an mp4")
     parser.add_argument("--json", type=Path, default=None, metavar="OUT.json",
                         help="also write the scores to this file")
     args = parser.parse_args(argv)
-    if args.episodes < 1:
-        parser.error(f"--episodes must be positive, got {args.episodes}")
+    if not 1 <= args.episodes <= MAX_ENVS:  # played side by side, an env each
+        parser.error(f"--episodes must be in [1, {MAX_ENVS:,}], got {args.episodes:,}")
+    if not SEED.holds(args.seed):
+        parser.error(f"--seed {SEED.says}, got {args.seed:,}")
     if not 0.0 <= args.epsilon <= 1.0:
         parser.error(f"--epsilon must be in [0, 1], got {args.epsilon}")
     if args.sticky_actions is not None and not 0.0 <= args.sticky_actions <= 1.0:

@@ -33,6 +33,7 @@ from common.config import (
     BEST_WEIGHTS,
     FINAL_WEIGHTS,
     RUN_CONFIG,
+    SEED_LIMIT,
     Config,
     config_to_json,
     epsilon_at,
@@ -221,17 +222,72 @@ def missing_room(config: Config, num_actors: int) -> str | None:
     return None
 
 
-def check_replay_fits_memory(config: Config, env_info: EnvInfo) -> None:
-    """On this machine, the replay shards must fit in its memory."""
-    import psutil
+# A local Ray is told it has a CPU for every role (connect_ray) even where roles outnumber
+# cores. Up to this many a CPU they share it usefully (actors wait on replay and the learner
+# much of the time); beyond, they only time-share, each a process of ~0.5 GiB, and Ray would
+# be given CPUs by the thousand: a typo, not a plan.
+ROLES_PER_LOCAL_CPU = 8
+# What an env takes in its actor: ALE's emulator and buffers (~1.7 MiB measured), a vector
+# env's state and observations.
+ATARI_ENV_BYTES = 2 << 20
+VECTOR_ENV_BYTES = 64 << 10
+# Float32 copies of the network the learner's process holds: online and target networks,
+# Adam's two moments, the gradients; and the published copy in the object store.
+LEARNER_NETWORK_COPIES = 6
 
+
+def network_parameters(config: Config, env_info: EnvInfo) -> int:
+    """The weights of `common.networks.build_q_network`'s network, counted without building
+    it (a network too large for memory is refused before anything builds it)."""
+    hidden: tuple[int, ...]
+    if len(env_info.obs_shape) == 3:  # Nature CNN
+        channels, height, width = env_info.obs_shape
+        count = 0
+        for c_in, c_out, kernel, stride in [(channels, 32, 8, 4), (32, 64, 4, 2), (64, 64, 3, 1)]:
+            count += (c_in * kernel * kernel + 1) * c_out
+            height, width = (height - kernel) // stride + 1, (width - kernel) // stride + 1
+        features, hidden = 64 * height * width, (512,)
+    else:
+        count, features, hidden = 0, math.prod(env_info.obs_shape), config.mlp_hidden_units
+    for outputs in ([1, env_info.num_actions] if config.dueling else [env_info.num_actions]):
+        width = features
+        for units in (*hidden, outputs):
+            count += (width + 1) * units
+            width = units
+    return count
+
+
+def check_fits_this_machine(config: Config, env_info: EnvInfo, cpus: int,
+                            memory_bytes: int) -> None:
+    """A local run's roles are processes of this machine: no more than its Ray can be given
+    CPUs for, and their replay, networks and envs within its memory."""
     from replay_server.buffer import ReplaySpec
+    num_actors = actor_count(machine_layout(config, cpus, local=True))
+    roles = 1 + config.replay_shards + num_actors
+    most = ROLES_PER_LOCAL_CPU * cpus
+    if roles > most:
+        fits = most - 1 - config.replay_shards
+        fail(f"the run needs {roles:,} processes (learner 1, replay shards "
+             f"{config.replay_shards:,}, actors {num_actors:,}) and this machine's {cpus} CPUs "
+             f"take at most {most:,} ({ROLES_PER_LOCAL_CPU} a CPU"
+             + (f"; --num-actors {fits} fits)" if fits > 0 else ")"))
+    evaluating = config.eval_every_s > 0
     spec = ReplaySpec.for_env(config.replay_capacity, env_info, config.priority_exponent)
-    needed = config.replay_shards * spec.nbytes
-    total = psutil.virtual_memory().total
-    if needed > 0.8 * total:
-        fail(f"--replay-capacity {config.replay_capacity:,} x {config.replay_shards} shard(s) "
-             f"needs ~{needed / 2**30:.1f} GiB and this machine has {total / 2**30:.1f} GiB")
+    env_bytes = ATARI_ENV_BYTES if len(env_info.obs_shape) == 3 else VECTOR_ENV_BYTES
+    weights = network_parameters(config, env_info)
+    copies = LEARNER_NETWORK_COPIES + num_actors + evaluating
+    needs = {
+        f"replay (--replay-capacity {config.replay_capacity:,} x {config.replay_shards:,} "
+        f"shard(s))": config.replay_shards * spec.nbytes,
+        f"networks ({weights:,} weights x {copies:,} copies)": 4 * weights * copies,
+        f"envs ({num_actors:,} actors x --envs-per-actor {config.envs_per_actor:,}"
+        + (f" + --eval-episodes {config.eval_episodes:,})" if evaluating else ")"):
+            env_bytes * (num_actors * config.envs_per_actor
+                         + evaluating * config.eval_episodes)}
+    if sum(needs.values()) > 0.8 * memory_bytes:
+        parts = ", ".join(f"{what} {size / 2**30:.1f} GiB" for what, size in needs.items())
+        fail(f"the run needs ~{sum(needs.values()) / 2**30:.1f} GiB and this machine has "
+             f"{memory_bytes / 2**30:.1f} GiB: {parts}")
 
 
 def wait_for_room(config: Config, num_actors: int, timeout_s: float) -> None:
@@ -805,6 +861,13 @@ def run_record(config: Config) -> dict:
 
 # --- Main ------------------------------------------------------------------------------------
 
+def sitting_seed(seed: int, sitting: int) -> int:
+    """The base seed of a sitting's roles: other games each sitting (the stride is odd, so
+    2**30 sittings differ), within the base seeds' range that keeps every seed derived from
+    it in ALE's (SEED_LIMIT)."""
+    return (seed + SITTING_SEED_STRIDE * (sitting - 1)) % SEED_LIMIT
+
+
 def resolve_logdir(config: Config) -> Path:
     if config.logdir:
         return Path(config.logdir)
@@ -844,9 +907,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         store, progress = new_run_store(config, logdir), Progress(env_info.frame_skip)
     secure_ray_environment(config)
-    if config.address is None:  # replay will live on this machine
-        check_replay_fits_memory(config, env_info)
     local_cpus = os.cpu_count() or 1
+    if config.address is None:  # every role will live on this machine
+        import psutil
+        check_fits_this_machine(config, env_info, local_cpus, psutil.virtual_memory().total)
     dashboard_url = connect_ray(
         config, actor_count(machine_layout(config, local_cpus, local=True)))
     started_ray = dashboard_url is not None
@@ -860,7 +924,7 @@ def main(argv: list[str] | None = None) -> int:
                       0.0 if started_ray else config.placement_timeout_s)
         # Each sitting's actors play new games; the saved config keeps the base seed.
         roles_config = config.replace(
-            seed=config.seed + SITTING_SEED_STRIDE * (progress.sitting - 1))
+            seed=sitting_seed(config.seed, progress.sitting))
         roles = place_roles(roles_config, env_info, actor_count(config), store.root)
         learner, shards = wait_until_serving(roles)
         check_checkpoints_reachable(store, learner)

@@ -29,8 +29,9 @@ class Evaluator:
 
     @property
     def last_seed(self) -> int:
-        """The envs' seed at the latest call: every evaluation starts new games."""
-        return self.seed + 7_919 * self.evaluations
+        """The envs' seed at the latest call: every evaluation starts new games (for 65,536
+        evaluations, then again: the offset stays within ALE's seeds, common.config.SEED_LIMIT)."""
+        return self.seed + 7_919 * (self.evaluations % 2**16)
 
     def play(self, epsilon: float) -> list[float]:
         """One episode in each env, with new starts at every call; their raw game scores

@@ -18,7 +18,7 @@ from actors.remotes import RayWeightSource
 from actors.scheduling import lower_to_idle
 from actors.weight_client import WeightClient
 from common import metrics
-from common.config import Config
+from common.config import SEED_LIMIT, Config
 from common.env_info import EnvInfo
 from common.networks import configure_cpu_threads, weights_h5_bytes
 
@@ -34,7 +34,7 @@ class EvaluatorService:
         self.config = config
         seed = config.seed + EVALUATOR_SEED_OFFSET  # other games than any actor's
         if ray.get_runtime_context().was_current_actor_reconstructed:
-            seed = secrets.randbelow(1 << 31)  # as a restarted actor does
+            seed = secrets.randbelow(SEED_LIMIT)  # as a restarted actor does
         self.evaluator = Evaluator(config, env_info, config.eval_episodes, seed)
         self.weights = WeightClient(RayWeightSource(ray.get_actor(learner_name)),
                                     self.evaluator.policy.set_weights)

@@ -33,7 +33,7 @@ from actors.remotes import RayReplay, RayWeightSource
 from actors.scheduling import lower_to_idle, pin_to_cpus, thread_ids
 from actors.weight_client import SourceLost, WeightClient
 from common import metrics
-from common.config import Config
+from common.config import SEED_LIMIT, Config
 from common.env_info import EnvInfo
 from common.networks import configure_cpu_threads
 
@@ -50,7 +50,7 @@ class ActorService:
         self.restarted = ray.get_runtime_context().was_current_actor_reconstructed
         if self.restarted:
             # A restarted process plays new games, not a replay of its first life's.
-            config = config.replace(seed=secrets.randbelow(1 << 31))
+            config = config.replace(seed=secrets.randbelow(SEED_LIMIT))
         self.config, self.env_info, self.index = config, env_info, actor_index
         self.replay, self.learner = ray.get_actor(replay_name), ray.get_actor(learner_name)
         # Built by `_play` on its thread before this constructor returns (or raises).

@@ -27,14 +27,64 @@ class Rule:
     says: str
 
 
+# Counters are int64 everywhere (checkpoints, metrics).
+MAX_COUNT = 2**62
+
+
+def up_to(limit: float, why: str = "", zero: bool = False) -> Rule:
+    """Positive (or >= 0 with `zero`) and at most `limit`, which the message gives with its
+    reason."""
+    low = "be >= 0" if zero else "be positive"
+    return Rule((lambda v: 0 <= v <= limit) if zero else (lambda v: 0 < v <= limit),
+                f"must {low} and at most {limit:,}{why}")
+
+
+# Counts (ints): also at most MAX_COUNT (`_check_field`).
 POSITIVE = Rule(lambda v: v > 0, "must be positive")
 NONNEGATIVE = Rule(lambda v: v >= 0, "must be >= 0")
 UNIT = Rule(lambda v: 0 <= v <= 1, "must be in [0, 1]")
 UNIT_OPEN = Rule(lambda v: 0 < v <= 1, "must be in (0, 1]")
+ANY = Rule(lambda v: True, "")  # only ever compared: any finite number works
 # Replay slots are indexed with int32.
 SLOTS = Rule(lambda v: 0 < v < 2**31, "must be positive and below 2**31")
-# Counters are int64 everywhere (checkpoints, metrics).
-MAX_COUNT = 2**62
+# Durations reach time.sleep, threading waits and Ray timeouts, which overflow past
+# threading.TIMEOUT_MAX (~292 years); a year is longer than any run needs to wait.
+MAX_DURATION_S = 365 * 24 * 3600
+SECONDS = up_to(MAX_DURATION_S, " s (a year)")
+SECONDS_OR_0 = up_to(MAX_DURATION_S, " s (a year)", zero=True)
+# The learner's optimizer holds its learning rate and clip norm as float32.
+FLOAT32 = Rule(lambda v: 1.1754943508222875e-38 <= v <= 3.4028234663852886e+38,
+               "must be positive and a float32 (1.2e-38 to 3.4e38)")
+# ALE's vector env takes int32 seeds. From a base seed, env j of actor i plays base + 10,000 x
+# (i + 1) + j (MAX_ACTORS, MAX_ENVS), the evaluator base + 7,777,777 + 7,919 x (its
+# evaluations mod 2**16) + episode: both below 2**31 for a base below 2**30 (the learner's
+# Keras seed takes below 2**32). A resumed sitting's base (launch.sitting_seed), a restarted
+# actor's or evaluator's, is drawn below the limit too.
+SEED_LIMIT = 2**30
+SEED = Rule(lambda v: 0 <= v < SEED_LIMIT, "must be in [0, 2**30)")
+# Actors' seeds are 10,000 apart: more envs would replay another actor's games, and 10,000
+# actors of 10,000 envs keep every seed in ALE's range (SEED_LIMIT).
+MAX_ACTORS = 10_000
+MAX_ENVS = 10_000
+# The learner host's share (0.5) is split among the shards in Ray's resource unit, 0.0001.
+MAX_REPLAY_SHARDS = 5_000
+# ALE counts an episode's emulator frames (4 per agent step, plus no-op starts) in int32.
+MAX_EPISODE_AGENT_STEPS = 10**8
+# Ray counts resources in units of 0.0001; a learner is one process on one node.
+MAX_LEARNER_GPUS = 16
+GPUS = Rule(lambda v: v == 0 or 0.0001 <= v <= MAX_LEARNER_GPUS,
+            f"must be 0 or in [0.0001, {MAX_LEARNER_GPUS}] (Ray's unit; one node's GPUs)")
+# The rate limiter counts inserts x ratio - samples in float64: up to 10,000 it stays exact to
+# a sample (below 2**53) for any run's inserts; below 0.0001 a transition would be sampled
+# less than once in 10,000 inserts. Its tolerance is a count of samples.
+RATIO = Rule(lambda v: 0.0001 <= v <= 10_000, "must be in [0.0001, 10,000]")
+# Items one replay sample call returns, and one priority update names, at most.
+MAX_SAMPLE_ITEMS = 1 << 20
+MAX_WIDTH = 1 << 16
+# An actor pins one CPU a thread (actors.scheduling.pin_to_cpus), the frames of a stack
+# travel in every transition: beyond these, a typo.
+MAX_ACTOR_THREADS = 1024
+MAX_FRAME_STACK = 1024
 
 
 def flag(name: str) -> str:
@@ -57,29 +107,37 @@ class Config:
     env: str = knob("BreakoutNoFrameskip-v4",
                     "Gymnasium env id: any ALE/... or *NoFrameskip-v4 Atari id, or a vector-"
                     "observation env such as CartPole-v1. Action count comes from the env.")
-    seed: int = knob(42, "Base random seed for envs, exploration and network initialisation.")
+    seed: int = knob(42, "Base random seed for envs, exploration and network initialisation, "
+                         "in [0, 2**30): each actor, env, evaluation and resumed sitting "
+                         "plays a seed derived from it, which ALE takes below 2**31.",
+                     rule=SEED)
     max_seconds: float | None = knob(
         None, "Stop after this many seconds of this sitting (a resumed sitting counts afresh "
-              "and has no limit unless given again; default: no limit).", rule=POSITIVE)
+              "and has no limit unless given again; default: no limit; at most a year).",
+        rule=SECONDS)
     total_agent_steps: int | None = knob(
         None, "Stop once the run has taken this many agent steps, summed over actors and "
               "sittings (default: no limit).", rule=POSITIVE)
     target_mean_return: float | None = knob(
         None, "Stop once the mean return of the last 100 episodes reaches this (e.g. 195 "
-              "solves CartPole; default: never).")
+              "solves CartPole; default: never).", rule=ANY)
 
     # Where it runs.
     address: str | None = knob(
         None, "Ray cluster to join ('auto' or host:port). Default: start an embedded local Ray.")
     num_actors: int | None = knob(
         None, "Actor processes (default: one per CPU left after the learner and the replay "
-              "shards, at least 2).", rule=POSITIVE)
+              "shards, at least 2; at most 10,000, and on a local machine at most 8 "
+              "processes a CPU with the learner and the shards).",
+        rule=up_to(MAX_ACTORS))
     envs_per_actor: int = knob(
         64, "Envs each actor steps together with one batched forward pass (larger batches "
-            "use the CPU better: see benchmarks/throughput.py --scaling).", rule=POSITIVE)
+            "use the CPU better: see benchmarks/throughput.py --scaling; at most 10,000, "
+            "and a local run's envs must fit its memory).", rule=up_to(MAX_ENVS))
     actor_threads: int | None = knob(
         None, "CPU threads each actor's emulators and forward pass use (default: a local "
-              "machine's CPUs shared among its actors, at least 1; 1 on a cluster).", rule=POSITIVE)
+              "machine's CPUs shared among its actors, at least 1; 1 on a cluster; at most "
+              "1,024).", rule=up_to(MAX_ACTOR_THREADS))
     pin_actor_cpus: bool | None = knob(
         None, "Pin each actor's playing threads (emulators, forward pass) to CPUs of its own: "
               "actor i takes --actor-threads CPUs from i x that count (mod the CPUs), so its "
@@ -94,11 +152,11 @@ class Config:
     placement_timeout_s: float = knob(
         60.0, "Seconds to wait for the cluster to have room for every role (CPUs for the "
               "learner, shards and actors; a node with the learner's GPUs) before giving up "
-              "with one line. Raise it on an autoscaling cluster, whose nodes take minutes.",
-        rule=NONNEGATIVE)
+              "with one line. Raise it on an autoscaling cluster, whose nodes take minutes "
+              "(at most a year).", rule=SECONDS_OR_0)
     learner_gpus: float | None = knob(
-        None, "GPUs for the learner (default: 1 if the cluster has a GPU, else 0 = CPU).",
-        rule=NONNEGATIVE)
+        None, "GPUs for the learner: 0 (CPU), a fraction from 0.0001, or up to 16 "
+              "(default: 1 if the cluster has a GPU, else 0).", rule=GPUS)
     dashboard_host: str = knob(
         "127.0.0.1", "Interface the local Ray dashboard listens on (0.0.0.0 exposes it, and "
                      "with it the power to run code on this machine, to the network).")
@@ -108,8 +166,8 @@ class Config:
     logdir: str | None = knob(
         None, "The run directory: config.json, checkpoints, TensorBoard events, final weights "
               "and summary.json (default: runs/<preset>-<time>).")
-    report_every_s: float = knob(5.0, "Seconds between progress lines and TensorBoard points.",
-                                 rule=POSITIVE)
+    report_every_s: float = knob(5.0, "Seconds between progress lines and TensorBoard points "
+                                      "(at most a year).", rule=SECONDS)
     verbose: bool = knob(False, "Also show the workers' output (TensorFlow, ALE and Ray "
                                 "start-up lines) and Ray's own info; by default a run prints "
                                 "its header, progress, checkpoints, failures and summary.")
@@ -120,12 +178,13 @@ class Config:
               "config.json; flags may change only limits, actors, address, logging and "
               "evaluation.")
     checkpoint_every_s: float = knob(
-        600.0, "Seconds between checkpoints (one is also written at every stop).", rule=POSITIVE)
+        600.0, "Seconds between checkpoints (one is also written at every stop; at most a "
+               "year).", rule=SECONDS)
     keep_checkpoints: int = knob(3, "Checkpoints kept; older ones are deleted.", rule=POSITIVE)
     role_timeout_s: float = knob(
         600.0, "Seconds the learner or a replay shard may stay silent (not back from a "
-               "restart) before the run gives up: it stops the rest and writes what it has.",
-        rule=POSITIVE)
+               "restart) before the run gives up: it stops the rest and writes what it has "
+               "(at most a year).", rule=SECONDS)
     checkpoint_dir: str | None = knob(
         None, "Where checkpoints go: a local path, or a URI such as s3://bucket/run or "
               "gs://bucket/run so they outlive the node (default: <run directory>/checkpoints).")
@@ -133,19 +192,22 @@ class Config:
     # Evaluation of the greedy policy, apart from training (never fed to replay).
     eval_every_s: float = knob(
         300.0, "Seconds between evaluations of the latest weights: --eval-episodes whole "
-               "episodes at --eval-epsilon, reported as eval/return_mean (0: no evaluator).",
-        rule=NONNEGATIVE)
-    eval_episodes: int = knob(10, "Episodes per evaluation, played side by side.", rule=POSITIVE)
+               "episodes at --eval-epsilon, reported as eval/return_mean (0: no evaluator; "
+               "at most a year).", rule=SECONDS_OR_0)
+    eval_episodes: int = knob(10, "Episodes per evaluation, played side by side (at most "
+                                  "10,000).", rule=up_to(MAX_ENVS))
     eval_epsilon: float = knob(0.05, "Epsilon of evaluation play (Nature DQN's 0.05).", rule=UNIT)
 
     # Q-learning.
     gamma: float = knob(0.99, "Discount factor.", rule=UNIT)
-    n_step: int = knob(1, "Steps summed into each transition's return before bootstrapping.",
-                       rule=POSITIVE)
+    n_step: int = knob(1, "Steps summed into each transition's return before bootstrapping "
+                          "(at most --max-episode-agent-steps).", rule=POSITIVE)
     batch_size: int = knob(32, "Transitions per learner update.", rule=POSITIVE)
-    learning_rate: float = knob(0.00025, "Adam learning rate.", rule=POSITIVE)
+    learning_rate: float = knob(0.00025, "Adam learning rate (a positive float32).",
+                                rule=FLOAT32)
     grad_clip_norm: float = knob(1.0, "Gradient norm clip (per variable: Keras clipnorm, "
-                                      "unless --grad-clip-global).", rule=POSITIVE)
+                                      "unless --grad-clip-global; a positive float32).",
+                                 rule=FLOAT32)
     grad_clip_global: bool = knob(False, "Clip the norm of all gradients together (Ape-X) "
                                          "instead of each variable's (the seed).")
     target_sync_updates: int = knob(
@@ -157,7 +219,9 @@ class Config:
     clip_rewards: bool = knob(False, "Clip each step's training reward to [-1, 1] (episode "
                                      "returns are always reported unclipped).")
     mlp_hidden_units: tuple[int, ...] = knob(
-        (256, 256), "Hidden layer widths of the MLP used for vector observations.")
+        (256, 256), "Hidden layer widths of the MLP used for vector observations (each in "
+                    "[1, 65536]; a local run's networks must fit its memory).",
+        rule=up_to(MAX_WIDTH))
 
     # Exploration (epsilon-greedy, one global schedule over all actors' agent steps).
     epsilon_start: float = knob(1.0, "Epsilon at the first agent step.", rule=UNIT)
@@ -176,17 +240,20 @@ class Config:
                                           rule=NONNEGATIVE)
 
     # Environment.
-    max_episode_agent_steps: int = knob(10_000, "Agent steps after which an episode is truncated.",
-                                        rule=POSITIVE)
-    frame_stack: int = knob(4, "Atari frames stacked into one observation.", rule=POSITIVE)
+    max_episode_agent_steps: int = knob(
+        10_000, "Agent steps after which an episode is truncated (at most 10**8: ALE counts "
+                "an episode's frames in int32).", rule=up_to(MAX_EPISODE_AGENT_STEPS))
+    frame_stack: int = knob(4, "Atari frames stacked into one observation (at most 1,024).",
+                            rule=up_to(MAX_FRAME_STACK))
 
     # Replay and its rate limiter (Reverb's SampleToInsertRatio semantics).
     replay_capacity: int = knob(100_000, "Transitions each replay shard keeps.", rule=SLOTS)
     replay_shards: int = knob(1, "Replay actors; actor i sends to shard i mod shards and the "
-                                 "learner samples all of them.", rule=POSITIVE)
+                                 "learner samples all of them (at most 5,000).",
+                              rule=up_to(MAX_REPLAY_SHARDS))
     priority_exponent: float = knob(
-        0.0, "Prioritized replay exponent alpha: P(i) ~ priority_i^alpha (0 = uniform).",
-        rule=NONNEGATIVE)
+        0.0, "Prioritized replay exponent alpha in [0, 1]: P(i) ~ priority_i^alpha (0 = "
+             "uniform, 1 = proportional; Ape-X: 0.6).", rule=UNIT)
     importance_exponent: float = knob(
         0.4, "Importance-sampling exponent beta at the first update; it rises linearly to 1.",
         rule=UNIT)
@@ -200,11 +267,12 @@ class Config:
                                 rule=NONNEGATIVE)
     samples_per_insert: float = knob(
         8.0, "Sampled transitions per inserted one (seed: batch 32 every 4 agent steps = 8). "
-             "The learner waits when it runs ahead, actors wait when they do.", rule=POSITIVE)
+             "The learner waits when it runs ahead, actors wait when they do. In "
+             "[0.0001, 10,000].", rule=RATIO)
     samples_per_insert_tolerance: float | None = knob(
         None, "How far, in sampled transitions, the ratio may drift before a side waits "
-              "(default: 2 x chunk_transitions x samples_per_insert + one learner call's samples).",
-        rule=POSITIVE)
+              "(default: 2 x chunk_transitions x samples_per_insert + one learner call's samples; "
+              "at most 2**62).", rule=up_to(MAX_COUNT))
 
     # Data flow between roles.
     chunk_transitions: int = knob(
@@ -227,7 +295,8 @@ class Config:
     learner_batches_per_call: int = knob(
         2, "Batches per replay call, trained one after the other in one compiled call: "
            "amortizes the per-call cost of replay and of the compiled step. Sync and publish "
-           "periods must be multiples of it.", rule=POSITIVE)
+           "periods must be multiples of it, and it x --batch-size at most 2**20 (one replay "
+           "call's items).", rule=POSITIVE)
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -243,6 +312,13 @@ class Config:
             if getattr(self, name) > self.replay_capacity:
                 raise ConfigError(f"--{flag(name)} ({getattr(self, name)}) exceeds "
                                   f"--replay-capacity ({self.replay_capacity})")
+        if self.n_step > self.max_episode_agent_steps:  # the whole episode's return already
+            raise ConfigError(f"--n-step ({self.n_step:,}) exceeds --max-episode-agent-steps "
+                              f"({self.max_episode_agent_steps:,})")
+        if self.batch_size * self.learner_batches_per_call > MAX_SAMPLE_ITEMS:
+            raise ConfigError(f"--batch-size x --learner-batches-per-call "
+                              f"({self.batch_size:,} x {self.learner_batches_per_call:,}) "
+                              f"exceeds one replay call's {MAX_SAMPLE_ITEMS:,} items")
         for name in ["target_sync_updates", "weight_publish_updates"]:
             if getattr(self, name) % self.learner_batches_per_call:
                 raise ConfigError(f"--{flag(name)} ({getattr(self, name)}) must be a multiple "
@@ -267,22 +343,26 @@ class Config:
 
 def _check_field(f: dataclasses.Field, value) -> None:
     """One knob's own rules: finite numbers within its rule and MAX_COUNT, one of its
-    choices, no empty paths or widths."""
+    choices, no empty paths, widths each within the rule."""
     if value is None:
         return
     name, choices, rule = f"--{flag(f.name)}", f.metadata["choices"], f.metadata["rule"]
+    if isinstance(value, tuple):  # widths: each one a number of the rule
+        if not value or not all(type(v) is int and rule.holds(v) for v in value):
+            raise ConfigError(f"{name} must be positive widths, each at most {MAX_WIDTH:,}, "
+                              f"got {value}")
+        return
     if isinstance(value, float) and not math.isfinite(value):
         raise ConfigError(f"{name} must be finite, got {value}")
     if rule is not None and not rule.holds(value):
-        raise ConfigError(f"{name} {rule.says}, got {value}")
+        raise ConfigError(f"{name} {rule.says}, got {value:,}" if type(value) is int
+                          else f"{name} {rule.says}, got {value}")
     if type(value) is int and value > MAX_COUNT:
         raise ConfigError(f"{name} must be at most {MAX_COUNT:,}, got {value:,}")
     if choices and value not in choices:
         raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
     if isinstance(value, str) and not value.strip():
         raise ConfigError(f"{name} must not be empty")
-    if isinstance(value, tuple) and (not value or min(value) <= 0 or max(value) > 1 << 16):
-        raise ConfigError(f"{name} must be positive widths, got {value}")
 
 
 def epsilon_at(config: Config, agent_steps: int) -> float:

@@ -1,12 +1,16 @@
 """Presets, the epsilon schedule and the command line."""
+import math
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from actors.actor import epsilon_ladder
 from common.config import (
+    MAX_COUNT,
     PRESETS,
     Config,
     ConfigError,
@@ -124,7 +128,7 @@ def test_every_field_is_a_flag_in_help(capsys):
     (["--target-sync-updates", "10", "--learner-batches-per-call", "4"], "multiple"),
     (["--n-step", "0"], "--n-step must be positive"),
     (["--replay-shards", "0"], "--replay-shards must be positive"),
-    (["--priority-exponent", "-1"], "--priority-exponent must be >= 0"),
+    (["--priority-exponent", "-1"], "--priority-exponent must be in [0, 1]"),
     (["--initial-priority", "td"], "invalid choice: 'td'"),
     (["--epsilon-ladder-base", "0"], "--epsilon-ladder-base must be in (0, 1]"),
     (["--importance-exponent", "2"], "--importance-exponent must be in [0, 1]"),
@@ -144,6 +148,34 @@ def test_every_field_is_a_flag_in_help(capsys):
     (["--checkpoint-dir", " "], "--checkpoint-dir must not be empty"),
     (["--mlp-hidden-units", "64", "0"], "--mlp-hidden-units must be positive widths"),
     (["--eval-epsilon", "1.5"], "--eval-epsilon must be in [0, 1]"),
+    # Each knob's range is what its consumers take (ALE's int32 seeds, time.sleep, Ray, ...).
+    (["--seed", "-1"], "--seed must be in [0, 2**30), got -1"),
+    (["--seed", "4294967296"], "--seed must be in [0, 2**30), got 4,294,967,296"),
+    (["--seed", str(2**30)], "--seed must be in [0, 2**30)"),
+    (["--report-every-s", "1e300"],
+     "--report-every-s must be positive and at most 31,536,000 s (a year), got 1e+300"),
+    (["--checkpoint-every-s", "1e10"], "--checkpoint-every-s must be positive and at most"),
+    (["--placement-timeout-s", "-1"], "--placement-timeout-s must be >= 0 and at most"),
+    (["--max-seconds", "1e300"], "--max-seconds must be positive and at most"),
+    (["--priority-exponent", "10"], "--priority-exponent must be in [0, 1], got 10.0"),
+    (["--num-actors", "1000000"], "--num-actors must be positive and at most 10,000"),
+    (["--envs-per-actor", str(2**62)], "--envs-per-actor must be positive and at most 10,000"),
+    (["--eval-episodes", str(2**62)], "--eval-episodes must be positive and at most 10,000"),
+    (["--n-step", str(2**62)], "--n-step (4,611,686,018,427,387,904) exceeds "
+                               "--max-episode-agent-steps (10,000)"),
+    (["--replay-shards", "5001"], "--replay-shards must be positive and at most 5,000"),
+    (["--learner-gpus", "1e300"], "--learner-gpus must be 0 or in [0.0001, 16]"),
+    (["--learner-gpus", "0.00001"], "--learner-gpus must be 0 or in [0.0001, 16]"),
+    (["--max-episode-agent-steps", str(2**29)], "--max-episode-agent-steps must be positive "
+                                                "and at most 100,000,000"),
+    (["--learning-rate", "1e300"], "--learning-rate must be positive and a float32"),
+    (["--samples-per-insert", "1e-300"], "--samples-per-insert must be in [0.0001, 10,000]"),
+    (["--samples-per-insert-tolerance", "1e300"], "--samples-per-insert-tolerance must be"),
+    (["--batch-size", "4096", "--learner-batches-per-call", "512", "--replay-capacity",
+      "100000"], "--batch-size x --learner-batches-per-call (4,096 x 512) exceeds one "
+                 "replay call's 1,048,576 items"),
+    (["--actor-threads", str(2**62)], "--actor-threads must be positive and at most 1,024"),
+    (["--frame-stack", str(2**40)], "--frame-stack must be positive and at most 1,024"),
 ])
 def test_bad_flags_exit_2_with_one_line(argv, needle, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -224,3 +256,185 @@ def test_a_bad_run_config_is_refused_with_one_line(tmp_path, capsys, content, ne
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and needle in err
+
+
+def numeric_knobs() -> list:
+    """Config's knobs that hold numbers (or widths), as (field, kind)."""
+    import dataclasses
+    kinds = {"int": int, "float": float, "tuple[int, ...]": tuple}
+    return [(f, kinds[f.type.replace(" | None", "")]) for f in dataclasses.fields(Config)
+            if f.type.replace(" | None", "") in kinds]
+
+
+# Each kind's values that some consumer cannot take: beyond int64, time.sleep's range or
+# float32, negative, not finite.
+HOSTILE = {int: [2**62, 2**63, 10**30, -1, -(2**63)],
+           float: [1e300, 1e20, -1.0, -1e300, float("nan"), float("inf"), float("-inf"), 1e-320],
+           tuple: [(2**62,), (65537,), (-1,), (0,), ()]}
+
+
+# Knobs whose consumers take any finite value: a return only compared, and the exponent of a
+# base in (0, 1] (epsilon_ladder).
+ANY_FINITE = {"target_mean_return", "epsilon_ladder_exponent"}
+# Knobs the learner's optimizer holds as float32.
+FLOAT32 = {"learning_rate", "grad_clip_norm"}
+
+
+def test_every_numeric_knob_has_a_rule():
+    """A new knob without a range fails here: its consumers' range must be decided."""
+    assert len(numeric_knobs()) > 30
+    for f, _kind in numeric_knobs():
+        assert f.metadata["rule"] is not None, f"--{f.name.replace('_', '-')} has no rule"
+
+
+def test_every_numeric_knob_refuses_what_its_consumers_cannot_take():
+    """Huge, negative and non-finite values of every numeric knob: refused naming the flag,
+    or accepted only where every consumer takes them (int64 counts, sleeps and waits below
+    threading.TIMEOUT_MAX, negative numbers only where they are merely compared)."""
+    import threading
+    seed = PRESETS["seed"]
+    for f, kind in numeric_knobs():
+        name = f"--{f.name.replace('_', '-')}"
+        for value in HOSTILE[kind]:
+            try:
+                seed.replace(**{f.name: value})
+            except ConfigError as error:
+                assert name in str(error), (name, value, str(error))
+                continue
+            assert kind is not tuple and math.isfinite(value), (name, value)
+            assert value >= 0 or f.name == "target_mean_return", (name, value)
+            if f.name in FLOAT32:  # as the optimizer holds it
+                assert 0 < np.float32(value) < np.inf, (name, value)
+            elif f.name not in ANY_FINITE:
+                assert value <= MAX_COUNT, (name, value)  # int64 counters, checkpoints, metrics
+            if f.name.endswith("_s"):
+                assert value <= threading.TIMEOUT_MAX, (name, value)
+    # What the ladder's exponent becomes, whatever its size: an epsilon.
+    apex = PRESETS["apex"].replace(epsilon_ladder_exponent=1e300)
+    assert [epsilon_ladder(apex, i, 3) for i in range(3)] == [0.4, 0.0, 0.0]
+
+
+def test_every_derived_seed_stays_in_ales_range():
+    """ALE's vector env takes int32 seeds: the largest base, actor, env, evaluator and
+    resumed-sitting offsets together stay below 2**31 (strides as actors/actor.py,
+    actors/evaluator_service.py and launch.py derive them)."""
+    import types
+
+    from actors.env_batch import EnvBatch
+    from actors.evaluator import Evaluator
+    from actors.evaluator_service import EVALUATOR_SEED_OFFSET
+    from common.config import MAX_ACTORS, MAX_ENVS, SEED_LIMIT
+    from launch import sitting_seed
+    base = SEED_LIMIT - 1
+    assert parse_args(["--seed", str(base)]).seed == base
+    # Every sitting plays other games, from a base within the range.
+    sittings = [sitting_seed(base, sitting) for sitting in (*range(1, 2_000), 2**40)]
+    assert len(set(sittings)) == len(sittings) and max(sittings) < SEED_LIMIT
+    PRESETS["seed"].replace(seed=max(sittings))  # what launch.py makes the roles' config
+    actor_env = 10_000 * MAX_ACTORS + MAX_ENVS - 1  # actor MAX_ACTORS - 1's last env
+    evaluator = EVALUATOR_SEED_OFFSET + 7_919 * (2**16 - 1) + MAX_ENVS - 1
+    largest = SEED_LIMIT - 1 + max(actor_env, evaluator)
+    assert largest < 2**31
+    # However many evaluations one evaluator plays, its offset stays within that bound.
+    playing = types.SimpleNamespace(seed=0, evaluations=2**40 - 1)
+    assert Evaluator.last_seed.fget(playing) <= 7_919 * (2**16 - 1)
+    # The consumer: ALE's envs take the largest (env j of a batch plays seed + j), not 2**31.
+    EnvBatch("BreakoutNoFrameskip-v4", 2, largest - 1, 100).reset()
+    with pytest.raises(TypeError):
+        EnvBatch("BreakoutNoFrameskip-v4", 2, 2**31 - 1, 100).reset()
+
+
+def machine_check(argv: list[str], cpus: int, memory_gib: float, capsys) -> str | None:
+    """The line check_fits_this_machine ends a local launch with, or None when it passes."""
+    from common.envs import describe_env
+    from launch import check_fits_this_machine
+    config = parse_args(argv)
+    info = describe_env(config.env, config.max_episode_agent_steps, config.frame_stack)
+    try:
+        check_fits_this_machine(config, info, cpus, int(memory_gib * 2**30))
+    except SystemExit as exit_info:
+        assert exit_info.code == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1
+        return err
+    return None
+
+
+def test_a_local_run_is_checked_against_the_machines_cpus_and_memory(capsys):
+    """Sizes the config alone cannot judge, refused before a local Ray starts."""
+    assert machine_check([], 2, 24, capsys) is None
+    assert machine_check(["--preset", "apex"], 2, 24, capsys) is None
+    assert machine_check(["--preset", "cartpole", "--num-actors", "14"], 2, 24, capsys) is None
+    assert machine_check(["--preset", "cartpole", "--replay-shards", "1000"], 2, 24, capsys) == (
+        "launch.py: error: the run needs 1,003 processes (learner 1, replay shards 1,000, "
+        "actors 2) and this machine's 2 CPUs take at most 16 (8 a CPU)\n")
+    assert "(8 a CPU; --num-actors 14 fits)" in machine_check(
+        ["--preset", "cartpole", "--num-actors", "15"], 2, 24, capsys)
+    wide = machine_check(["--preset", "cartpole", "--mlp-hidden-units", "65536", "65536",
+                          "65536"], 2, 24, capsys)
+    assert wide.startswith("launch.py: error: the run needs ~288.0 GiB and this machine has "
+                           "24.0 GiB: ") and "networks (8,590,524,418 weights x 9 copies)" in wide
+    envs = machine_check(["--envs-per-actor", "10000"], 2, 24, capsys)
+    assert "envs (2 actors x --envs-per-actor 10,000 + --eval-episodes 10) 39.1 GiB" in envs
+    replay = machine_check(["--replay-capacity", "2000000000"], 64, 256, capsys)
+    assert "replay (--replay-capacity 2,000,000,000 x 1 shard(s))" in replay
+
+
+def test_the_network_is_counted_as_keras_builds_it():
+    from common.envs import describe_env
+    from common.networks import build_q_network
+    from launch import network_parameters
+    for preset in ("cartpole", "seed"):
+        for dueling in (False, True):
+            config = PRESETS[preset].replace(dueling=dueling)
+            info = describe_env(config.env, config.max_episode_agent_steps, config.frame_stack)
+            built = build_q_network(info.obs_shape, info.num_actions, config.mlp_hidden_units,
+                                    dueling)
+            assert network_parameters(config, info) == built.count_params()
+
+
+def test_launch_refuses_bad_values_and_sizes_before_ray_starts(tmp_path):
+    """As a user sees it: one line, exit 2, no run directory, and too quick for a Ray start
+    (that takes seconds before the roles' failures would come)."""
+    import time
+    cpus = os.cpu_count() or 1
+    for flags, line in [
+            (["--seed", "-1"], "launch.py: error: --seed must be in [0, 2**30), got -1"),
+            (["--preset", "cartpole", "--replay-shards", "5000"],
+             "launch.py: error: the run needs 5,003 processes (learner 1, replay shards "
+             f"5,000, actors 2) and this machine's {cpus} CPUs take at most {8 * cpus:,} "
+             "(8 a CPU)")]:
+        started = time.monotonic()
+        result = subprocess.run([sys.executable, "launch.py", *flags, "--logdir",
+                                 str(tmp_path / "run")], cwd=ROOT, capture_output=True,
+                                text=True, timeout=60)
+        assert (result.returncode, result.stderr, result.stdout) == (2, line + "\n", "")
+        assert time.monotonic() - started < 10 and not (tmp_path / "run").exists()
+
+
+def test_help_gives_each_bounded_knobs_range(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    helps: dict[str, str] = {}
+    for line in capsys.readouterr().out.splitlines():
+        if line.startswith("  --"):  # an option's first line; its help goes on below it
+            flag = line.split()[0][2:].split(",")[0]
+            helps[flag] = ""
+        if helps:
+            helps[flag] += " " + " ".join(line.split())
+    for flag, bound in [
+            ("seed", "[0, 2**30)"), ("priority-exponent", "[0, 1]"),
+            ("importance-exponent", "to 1"), ("report-every-s", "at most a year"),
+            ("max-seconds", "at most a year"), ("checkpoint-every-s", "at most a year"),
+            ("role-timeout-s", "at most a year"), ("eval-every-s", "at most a year"),
+            ("placement-timeout-s", "at most a year"), ("num-actors", "at most 10,000"),
+            ("num-actors", "8 processes a CPU"), ("envs-per-actor", "at most 10,000"),
+            ("eval-episodes", "at most 10,000"), ("replay-shards", "at most 5,000"),
+            ("learner-gpus", "up to 16"), ("n-step", "at most --max-episode-agent-steps"),
+            ("max-episode-agent-steps", "at most 10**8"), ("frame-stack", "at most 1,024"),
+            ("actor-threads", "at most 1,024"), ("mlp-hidden-units", "[1, 65536]"),
+            ("learning-rate", "float32"), ("grad-clip-norm", "float32"),
+            ("samples-per-insert", "[0.0001, 10,000]"),
+            ("samples-per-insert-tolerance", "at most 2**62"),
+            ("learner-batches-per-call", "at most 2**20")]:
+        assert bound in helps[flag], (flag, helps[flag])

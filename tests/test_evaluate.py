@@ -71,6 +71,11 @@ def test_bad_input_ends_with_one_line_naming_it(breakout_run, tmp_path):
     assert "--epsilon must be in [0, 1]" in one_error_line(
         evaluate(breakout_run, "--epsilon", 2))
     assert "name it *.mp4" in one_error_line(evaluate(breakout_run, "--video", "x.avi"))
+    # Seeds ALE cannot take, episodes no machine can play side by side: refused at once.
+    assert "--seed must be in [0, 2**30), got -1" in one_error_line(
+        evaluate(breakout_run, "--seed", -1))
+    assert "--episodes must be in [1, 10,000], got 4,611,686,018,427,387,904" in \
+        one_error_line(evaluate(breakout_run, "--episodes", 2**62))
 
 
 @pytest.mark.slow

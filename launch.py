@@ -18,6 +18,7 @@ import os
 import re
 import signal
 import socket
+import stat
 import statistics
 import subprocess
 import sys
@@ -111,6 +112,44 @@ def keep_local_ray_on_loopback() -> None:
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
 
+# Ray's Unix sockets live at <temp dir>/session_<date>_<time>_<usec>_<pid>/sockets/plasma_store
+# and a socket path holds 107 bytes at most: the temp dir gets what the longest session leaves.
+RAY_TEMP_DIR_MAX_BYTES = 107 - len(
+    "/session_2026-12-07_19-14-45_596986_4194304/sockets/plasma_store")
+
+
+def private_ray_temp_dir(system_temp: Path | None = None) -> Path:
+    """Ray's temp dir for a local run: <system temp>/ray-<uid>/ray. Ray makes its temp, session
+    and socket folders world-writable (0777, no sticky bit), its own `ray` folder included, so
+    they go inside a folder only this user can enter: ray-<uid>, created 0700, and refused when
+    it is a symlink, another user's, or open to others (anything could be planted in it)."""
+    if system_temp is None:
+        from ray._common.utils import get_default_system_temp_dir  # RAY_TMPDIR, TMPDIR or /tmp
+        system_temp = Path(get_default_system_temp_dir())
+    private = system_temp / f"ray-{os.getuid()}"
+    temp_dir = private / "ray"
+    if len(os.fsencode(temp_dir)) > RAY_TEMP_DIR_MAX_BYTES:
+        fail(f"{temp_dir} is too long a path for Ray's sockets in it ({RAY_TEMP_DIR_MAX_BYTES} "
+             f"bytes at most): set RAY_TMPDIR to a shorter folder, e.g. /tmp")
+    try:
+        private.mkdir(mode=0o700)
+    except FileExistsError:
+        pass
+    except OSError as error:
+        fail(f"cannot create {private} for the local Ray: {error.strerror or error}")
+    info = private.lstat()
+    where = f"{private} (the folder of your local runs' Ray)"
+    if not stat.S_ISDIR(info.st_mode):  # lstat: a symlink is not a folder
+        kind = "a symlink" if stat.S_ISLNK(info.st_mode) else "not a folder"
+        fail(f"{where} is {kind}: remove it")
+    if info.st_uid != os.getuid():
+        fail(f"{where} belongs to uid {info.st_uid}, not to you (uid {os.getuid()}): remove it")
+    if info.st_mode & 0o077:
+        fail(f"{where} is open to other users (mode {stat.S_IMODE(info.st_mode):o}; anything "
+             f"could have been planted in it): remove it")
+    return temp_dir
+
+
 def connect_ray(config: Config, num_actors_hint: int) -> str | None:
     """Start or join Ray. Returns the dashboard URL when this process started Ray (and so
     stops it), else None."""
@@ -128,7 +167,8 @@ def connect_ray(config: Config, num_actors_hint: int) -> str | None:
         cpus = os.cpu_count() or 1
         # Logical CPUs: every role gets a slot even where actors outnumber cores.
         kwargs.update(num_cpus=max(cpus, num_actors_hint + 1 + config.replay_shards),
-                      resources={LEARNER_HOST: 1}, dashboard_host=config.dashboard_host)
+                      resources={LEARNER_HOST: 1}, dashboard_host=config.dashboard_host,
+                      _temp_dir=str(private_ray_temp_dir()))
     else:
         check_address_answers(config.address)
         kwargs.update(address=config.address)

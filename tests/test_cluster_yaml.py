@@ -1,12 +1,15 @@
 """cluster.yaml is a config `ray up` accepts (Ray's own validation, offline) and it keeps the
 promises the launcher and the README rely on."""
 import copy
+import subprocess
+import sys
 
 import pytest
 import tomllib
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
+from common.cluster_check import constraints_text, file_problems
 from launch import LEARNER_HOST
 from tests.conftest import ROOT
 
@@ -63,3 +66,183 @@ def test_the_cluster_is_locked_down_by_default(cluster):
     assert cluster["setup_commands"][0] == "chmod 600 ~/.ray/auth_token"
     docker = cluster["docker"]
     assert all(":2.60.0-py311-" in docker[key] for key in ("image", "worker_image"))
+
+
+# --- `python -m common.cluster_check`: what Ray's validation lets through, refused before `ray up`
+
+NO_NETWORK_CHECK = """
+import runpy, sys
+def refuse(event, args):
+    if event in ("socket.connect", "socket.getaddrinfo", "socket.gethostbyname"):
+        raise RuntimeError(f"the check reached for the network: {event} {args}")
+sys.addaudithook(refuse)
+sys.argv[0] = "cluster_check"
+runpy.run_module("common.cluster_check", run_name="__main__")
+"""
+DIGEST = "@sha256:" + "0123456789abcdef" * 4
+
+
+def run_check(*args) -> subprocess.CompletedProcess:
+    """`python -m common.cluster_check ARGS` as a user runs it, any attempt to reach the
+    network (a connection, a name lookup) refused."""
+    return subprocess.run([sys.executable, "-c", NO_NETWORK_CHECK, *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture
+def filled(cluster):
+    """cluster.yaml with its placeholders set as a user sets them."""
+    config = copy.deepcopy(cluster)
+    config["provider"]["security_group"]["IpPermissions"][0]["IpRanges"][0]["CidrIp"] = \
+        "203.0.113.7/32"
+    for key in ("image", "worker_image"):
+        config["docker"][key] = config["docker"][key].split("@")[0] + DIGEST
+    return config
+
+
+def problems_of(config, tmp_path) -> list[str]:
+    """The check's lines for `config` saved as tmp_path/cluster.yaml (its "." mounts tmp_path)."""
+    path = tmp_path / "cluster.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return file_problems(path)
+
+
+def test_the_check_refuses_the_shipped_file_only_for_its_placeholders_without_network():
+    result = run_check("cluster.yaml")
+    assert result.returncode == 2 and result.stdout == ""
+    gpu, cpu = "rayproject/ray:2.60.0-py311-gpu", "rayproject/ray:2.60.0-py311-cpu"
+    assert result.stderr.splitlines() == [
+        "cluster.yaml: provider.security_group.IpPermissions[0].IpRanges[0].CidrIp = "
+        "SET-YOUR-IP/32 still holds the placeholder SET-YOUR-IP: set it to your public "
+        "address/32 (curl https://checkip.amazonaws.com)",
+        f"cluster.yaml: docker.image = {gpu}@sha256:SET-IMAGE-DIGEST still holds the "
+        f"placeholder SET-IMAGE-DIGEST: set it to the digest of {gpu} (docker buildx imagetools "
+        f"inspect {gpu}: its Digest: line)",
+        f"cluster.yaml: docker.worker_image = {cpu}@sha256:SET-IMAGE-DIGEST still holds the "
+        f"placeholder SET-IMAGE-DIGEST: set it to the digest of {cpu} (docker buildx "
+        f"imagetools inspect {cpu}: its Digest: line)"]
+
+
+def test_the_check_passes_a_copy_with_the_placeholders_set(filled, tmp_path):
+    problems_of(filled, tmp_path)  # written there
+    result = run_check(tmp_path / "cluster.yaml")
+    assert (result.returncode, result.stdout, result.stderr) == (
+        0, f"{tmp_path / 'cluster.yaml'}: ok\n", "")
+
+
+def drop(config, *keys):
+    *path, last = keys
+    node = config
+    for key in path:
+        node = node[key]
+    del node[last]
+
+
+def set_to(value):
+    def change(config, *keys):
+        *path, last = keys
+        node = config
+        for key in path:
+            node = node[key]
+        node[last] = value
+    return change
+
+
+HEAD = ("available_node_types", "head", "node_config")
+WORKER = ("available_node_types", "cpu_actor", "node_config")
+SSH_CIDR = ("provider", "security_group", "IpPermissions", 0, "IpRanges", 0, "CidrIp")
+
+
+@pytest.mark.parametrize("change, keys, named", [
+    (drop, (*HEAD, "MetadataOptions"),
+     "available_node_types.head.node_config.MetadataOptions.HttpTokens is not required"),
+    (set_to({"HttpTokens": "optional"}), (*WORKER, "MetadataOptions"),
+     "available_node_types.cpu_actor.node_config.MetadataOptions.HttpTokens is not required"),
+    (set_to(False), (*HEAD, "BlockDeviceMappings", 0, "Ebs", "Encrypted"),
+     "available_node_types.head.node_config.BlockDeviceMappings[0].Ebs.Encrypted is not true"),
+    (drop, (*WORKER, "BlockDeviceMappings"),
+     "available_node_types.cpu_actor.node_config.BlockDeviceMappings is not set: the root "
+     "volume would be the AMI's default, unencrypted"),
+    (set_to("rayproject/ray:2.60.0-py311-gpu"), ("docker", "image"),
+     "docker.image = rayproject/ray:2.60.0-py311-gpu is not pinned by digest"),
+    (drop, (*WORKER, "ImageId"),
+     "available_node_types.cpu_actor.node_config.ImageId is not an AMI ID"),
+    (set_to("pip install -q -e ~/ray-apex-dqn"), ("setup_commands", 1),
+     "setup_commands[1] = `pip install -q -e ~/ray-apex-dqn` installs without the constraints"),
+    (set_to('pip install -e "$HOME/ray-apex-dqn[gpu]"'), ("head_setup_commands", 0),
+     "head_setup_commands[0] = `pip install -e \"$HOME/ray-apex-dqn[gpu]\"` installs without"),
+    (set_to("0.0.0.0/0"), SSH_CIDR,
+     "CidrIp = 0.0.0.0/0 opens port 22 (SSH) to the whole internet"),
+    (set_to([{"FromPort": 8265, "ToPort": 8265, "IpProtocol": "TCP",
+              "Ipv6Ranges": [{"CidrIpv6": "::/0"}]}]),
+     ("provider", "security_group", "IpPermissions"),
+     "IpPermissions[0].Ipv6Ranges[0].CidrIpv6 = ::/0 opens port 8265 (the dashboard) to the "
+     "whole internet"),
+    (drop, ("provider", "security_group"),
+     "provider.security_group.IpPermissions is not set: Ray's default group opens SSH (22) to "
+     "0.0.0.0/0"),
+    (set_to(["runs/", "**/__pycache__"]), ("rsync_exclude",),
+     "rsync_exclude does not keep .git (its git history) out of the mounted ."),
+    (set_to([".git"]), ("rsync_exclude",),
+     "rsync_exclude does not keep runs (its run folders) out of the mounted ."),
+    (set_to({}), ("available_node_types", "head", "node_confg"),
+     "Ray refuses it: Additional properties are not allowed ('node_confg' was unexpected)"),
+])
+def test_the_check_names_each_hardening_a_copy_lacks(filled, tmp_path, change, keys, named):
+    change(filled, *keys)
+    problems = problems_of(filled, tmp_path)
+    assert len(problems) == 1 and named in problems[0], problems
+
+
+def test_the_check_holds_for_an_on_premise_cluster_too(tmp_path):
+    """Ray's `local` provider: its hosts are placeholders until set, and the rules that are not
+    AWS's still hold (images, installs); nothing asks it for AWS's keys."""
+    config = {"cluster_name": "on-premise", "auth": {"ssh_user": "ubuntu"},
+              "provider": {"type": "local", "head_ip": "SET-HEAD-HOST",
+                           "worker_ips": ["SET-WORKER-HOST"]},
+              "docker": {"image": "rayproject/ray:2.60.0-py311-cpu",
+                         "container_name": "ray_container"},
+              "setup_commands": ["pip install -e ~/ray-apex-dqn"]}
+    assert problems_of(config, tmp_path) == [
+        "provider.head_ip = SET-HEAD-HOST still holds the placeholder SET-HEAD-HOST: set it to "
+        "the node's address",
+        "provider.worker_ips[0] = SET-WORKER-HOST still holds the placeholder SET-WORKER-HOST: "
+        "set it to the node's address",
+        "docker.image = rayproject/ray:2.60.0-py311-cpu is not pinned by digest (a tag can be "
+        "pushed again): append @sha256:<digest> (docker buildx imagetools inspect "
+        "rayproject/ray:2.60.0-py311-cpu)",
+        "setup_commands[0] = `pip install -e ~/ray-apex-dqn` installs without the constraints: "
+        "add -c <the checkout on the node>/constraints.txt, so every node gets the versions the "
+        "tests ran"]
+    config["provider"].update(head_ip="10.0.0.1", worker_ips=["10.0.0.2"])
+    config["docker"]["image"] += DIGEST
+    config["setup_commands"] = ["pip install -c ~/ray-apex-dqn/constraints.txt -e ~/ray-apex-dqn"]
+    assert problems_of(config, tmp_path) == []
+
+
+def test_unreadable_or_malformed_files_end_in_one_line(tmp_path):
+    (tmp_path / "broken.yaml").write_text("provider: [unclosed\n")
+    (tmp_path / "list.yaml").write_text("- a\n")
+    result = run_check(tmp_path / "missing.yaml", tmp_path / "broken.yaml",
+                       tmp_path / "list.yaml")
+    assert result.returncode == 2 and result.stdout == ""
+    missing, broken, listed = result.stderr.splitlines()
+    assert missing == f"{tmp_path / 'missing.yaml'}: cannot read it: No such file or directory"
+    assert broken.startswith(f"{tmp_path / 'broken.yaml'}: is not YAML: ")
+    assert listed == f"{tmp_path / 'list.yaml'}: is not a mapping of Ray's cluster keys"
+
+
+def test_every_node_installs_the_versions_the_tests_run(cluster):
+    """constraints.txt pins each package `pip install -e .` pulls in at the version these tests
+    run with, and every install on the nodes takes it from the mounted checkout."""
+    shipped = (ROOT / "constraints.txt").read_text()
+    assert shipped == constraints_text(), (
+        "constraints.txt differs from this environment: install with `pip install -c "
+        "constraints.txt -e .[test]`, or regenerate it (python -m common.cluster_check "
+        "--freeze > constraints.txt)")
+    pins = dict(line.split("==") for line in shipped.splitlines() if not line.startswith("#"))
+    assert {"ray", "tensorflow", "keras", "numpy", "gymnasium", "ale-py"} <= set(pins)
+    assert pins["ray"] == "2.60.0" and "ray-apex-dqn" not in pins and "pip" not in pins
+    installs = [c for key in ("setup_commands", "head_setup_commands") for c in cluster[key]
+                if "pip install" in c]
+    assert installs and all("ray-apex-dqn/constraints.txt" in c for c in installs)

@@ -1,13 +1,16 @@
 """The whole system on real Ray, real ale-py and real Keras, driven through `launch.py`."""
 import contextlib
 import json
+import os
 import re
 import signal
+import stat
 import subprocess
 import sys
 import threading
 import time
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -297,9 +300,17 @@ def test_a_run_the_cluster_cannot_hold_ends_with_one_line_within_the_timeout(ray
         assert time.monotonic() - started < 30 and not (tmp_path / "run").exists()
 
 
+def only_this_user_enters(path: Path) -> bool:
+    """Some folder on the way to `path` is this user's and closed to everyone else."""
+    return any(stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid()
+               and not info.st_mode & 0o077 for info in map(os.lstat, path.parents))
+
+
 def test_a_local_run_listens_on_loopback_only(tmp_path):
     """`python launch.py` on a laptop: every port its own Ray opens (GCS, raylet, workers,
-    dashboard, metrics export) listens on 127.0.0.1, none on the machine's network address."""
+    dashboard, metrics export) listens on 127.0.0.1, none on the machine's network address;
+    and its session folder (sockets, logs), which Ray makes world-writable, is inside a folder
+    only this user can enter."""
     import psutil
     process = subprocess.Popen(
         [sys.executable, "launch.py", "--preset", "cartpole", "--num-actors", "2",
@@ -310,12 +321,14 @@ def test_a_local_run_listens_on_loopback_only(tmp_path):
     try:
         first_line = process.stdout.readline()  # the header: every role is serving
         assert "dashboard 127.0.0.1:" in first_line, process.stderr.read()[-2000:]
-        listening = set()
+        listening, session_dirs = set(), set()
         for child in psutil.Process(process.pid).children(recursive=True):
             with contextlib.suppress(psutil.Error):
                 listening |= {(conn.laddr.ip, conn.laddr.port, child.name())
                               for conn in child.net_connections(kind="inet")
                               if conn.status == psutil.CONN_LISTEN}
+                session_dirs |= {Path(arg.split("=", 1)[1]) for arg in child.cmdline()
+                                 if arg.startswith("--session_dir=")}  # the raylet's
     finally:
         watchdog.cancel()
         process.send_signal(signal.SIGINT)
@@ -327,6 +340,7 @@ def test_a_local_run_listens_on_loopback_only(tmp_path):
     exposed = {entry for entry in listening
                if entry[0] not in ("127.0.0.1", "::ffff:127.0.0.1", "::1")}
     assert not exposed, exposed
+    assert session_dirs and all(map(only_this_user_enters, session_dirs)), session_dirs
 
 
 def test_ray_refuses_a_client_without_the_token_and_auth_cannot_be_switched_off_by_accident(

@@ -243,18 +243,26 @@ def learner_gpus(config: Config) -> float:
     return 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
 
 
-def missing_room(config: Config, num_actors: int) -> str | None:
+def missing_room(config: Config, num_actors: int, replay_bytes: int = 0) -> str | None:
     """What the cluster lacks now to hold every role, or None when they all fit: CPUs for
-    the learner, the shards and the actors (one each), and a node with the learner's GPUs."""
+    the learner, the shards and the actors (one each), a node with the learner's GPUs, and
+    memory for the `replay_bytes` of all shards on the learner's node (0: not checked)."""
     import ray
     cpus_needed = 1 + config.replay_shards + num_actors
     cpus = ray.cluster_resources().get("CPU", 0)
     gpus = learner_gpus(config)
-    most_gpus = max((node["Resources"].get("GPU", 0) for node in ray.nodes() if node["Alive"]),
-                    default=0)
+    nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+    most_gpus = max((node.get("GPU", 0) for node in nodes), default=0)
     if gpus > most_gpus:
         return (f"the learner asks for {gpus:g} GPU(s) and the largest node has "
                 f"{most_gpus:g} (--learner-gpus 0 trains on the CPU)")
+    # The shards go where the learner goes (place_roles), on any node where none is marked.
+    hosts = [node for node in nodes if node.get(LEARNER_HOST, 0) >= 1] or nodes
+    memory = max((node.get("memory", 0) for node in hosts), default=0)
+    if replay_bytes > memory:
+        return (f"the replay needs ~{replay_bytes / 2**30:.1f} GiB (--replay-capacity "
+                f"{config.replay_capacity:,} x {config.replay_shards:,} shard(s)) and the "
+                f"learner's node has {memory / 2**30:.1f} GiB for its processes")
     if cpus_needed > cpus:
         return (f"the run needs {cpus_needed:g} CPUs (learner 1, replay shards "
                 f"{config.replay_shards}, actors {num_actors}) and the cluster has {cpus:g} "
@@ -301,7 +309,6 @@ def check_fits_this_machine(config: Config, env_info: EnvInfo, cpus: int,
                             memory_bytes: int) -> None:
     """A local run's roles are processes of this machine: no more than its Ray can be given
     CPUs for, and their replay, networks and envs within its memory."""
-    from replay_server.buffer import ReplaySpec
     num_actors = actor_count(machine_layout(config, cpus, local=True))
     roles = 1 + config.replay_shards + num_actors
     most = ROLES_PER_LOCAL_CPU * cpus
@@ -312,13 +319,12 @@ def check_fits_this_machine(config: Config, env_info: EnvInfo, cpus: int,
              f"take at most {most:,} ({ROLES_PER_LOCAL_CPU} a CPU"
              + (f"; --num-actors {fits} fits)" if fits > 0 else ")"))
     evaluating = config.eval_every_s > 0
-    spec = ReplaySpec.for_env(config.replay_capacity, env_info, config.priority_exponent)
     env_bytes = ATARI_ENV_BYTES if len(env_info.obs_shape) == 3 else VECTOR_ENV_BYTES
     weights = network_parameters(config, env_info)
     copies = LEARNER_NETWORK_COPIES + num_actors + evaluating
     needs = {
         f"replay (--replay-capacity {config.replay_capacity:,} x {config.replay_shards:,} "
-        f"shard(s))": config.replay_shards * spec.nbytes,
+        f"shard(s))": replay_bytes(config, env_info),
         f"networks ({weights:,} weights x {copies:,} copies)": 4 * weights * copies,
         f"envs ({num_actors:,} actors x --envs-per-actor {config.envs_per_actor:,}"
         + (f" + --eval-episodes {config.eval_episodes:,})" if evaluating else ")"):
@@ -330,11 +336,38 @@ def check_fits_this_machine(config: Config, env_info: EnvInfo, cpus: int,
              f"{memory_bytes / 2**30:.1f} GiB: {parts}")
 
 
-def wait_for_room(config: Config, num_actors: int, timeout_s: float) -> None:
+def replay_bytes(config: Config, env_info: EnvInfo) -> int:
+    """What all of the run's shards hold when full."""
+    from replay_server.buffer import ReplaySpec
+    return config.replay_shards * ReplaySpec.of_run(config, env_info).nbytes
+
+
+def check_messages_fit(config: Config, env_info: EnvInfo) -> None:
+    """The largest messages the roles may exchange fit the wire's budget: an actor's insert
+    (what a shard accepts at most) and a learner call's batch (each stack's frames sent once:
+    at most two stacks of distinct frames an item); else no insert or sample could ever pass."""
+    import numpy as np
+
+    from common import wire
+    from replay_server.buffer import ReplaySpec
+    frame_bytes = math.prod(env_info.frame_shape) * np.dtype(env_info.obs_dtype).itemsize
+    items = config.batch_size * config.learner_batches_per_call
+    for what, size, fix in [
+            ("an actor's insert", ReplaySpec.of_run(config, env_info).insert_schema().max_bytes,
+             "lower --chunk-transitions or --envs-per-actor"),
+            ("a learner call's batch", items * 2 * env_info.stack * frame_bytes,
+             "lower --batch-size or --learner-batches-per-call")]:
+        if size > wire.MAX_MESSAGE_BYTES:
+            fail(f"{what} may take {size / 2**30:.1f} GiB, more than the "
+                 f"{wire.MAX_MESSAGE_BYTES / 2**30:g} GiB a message may: {fix}")
+
+
+def wait_for_room(config: Config, num_actors: int, timeout_s: float,
+                  replay_bytes: int = 0) -> None:
     """Give an autoscaling cluster `timeout_s` to grow until every role fits; else end with
     the one line saying what is missing (instead of roles pending forever)."""
     deadline = time.monotonic() + timeout_s
-    while (missing := missing_room(config, num_actors)) is not None:
+    while (missing := missing_room(config, num_actors, replay_bytes)) is not None:
         if time.monotonic() >= deadline:
             waited = f" within --placement-timeout-s {timeout_s:g}" if timeout_s else ""
             fail(f"cannot place the run{waited}: {missing}")
@@ -948,6 +981,7 @@ def main(argv: list[str] | None = None) -> int:
         store, progress = new_run_store(config, logdir), Progress(env_info.frame_skip)
     secure_ray_environment(config)
     local_cpus = os.cpu_count() or 1
+    check_messages_fit(config, env_info)
     if config.address is None:  # every role will live on this machine
         import psutil
         check_fits_this_machine(config, env_info, local_cpus, psutil.virtual_memory().total)
@@ -959,9 +993,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cpus = local_cpus if started_ray else int(ray.cluster_resources().get("CPU", 1))
         config = machine_layout(config, cpus, local=started_ray)
-        # A local Ray cannot grow: what does not fit now never will.
+        # A local Ray cannot grow: what does not fit now never will (and its memory was
+        # checked against the machine's).
         wait_for_room(config, actor_count(config),
-                      0.0 if started_ray else config.placement_timeout_s)
+                      0.0 if started_ray else config.placement_timeout_s,
+                      0 if started_ray else replay_bytes(config, env_info))
         # Each sitting's actors play new games; the saved config keeps the base seed.
         roles_config = config.replace(
             seed=sitting_seed(config.seed, progress.sitting))

@@ -27,6 +27,8 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from common.config import Config
+from common.env_info import EnvInfo
 from common.wire import Field, Gather, Schema, WireError, clip
 from replay_server.streams import STREAM_ID_LIMIT, StreamTable, UnresolvedFrames
 from replay_server.sumtree import SumTree
@@ -109,6 +111,13 @@ class ReplaySpec:
                 chunk: ChunkLimits | None = None) -> "ReplaySpec":
         return cls(capacity, tuple(env_info.obs_shape), env_info.frame_shape, env_info.stack,
                    env_info.obs_dtype, env_info.num_actions, priority_exponent, chunk)
+
+    @classmethod
+    def of_run(cls, config: Config, env_info: EnvInfo) -> "ReplaySpec":
+        """A run's shards' spec, inserts bounded by its actors' chunks."""
+        chunk = ChunkLimits.of_actors(config.chunk_transitions, config.envs_per_actor,
+                                      config.n_step, env_info.stack)
+        return cls.for_env(config.replay_capacity, env_info, config.priority_exponent, chunk)
 
     @property
     def frame_capacity(self) -> int:

@@ -32,7 +32,6 @@ from common.env_info import EnvInfo
 from common.records import InsertAck
 from replay_server.buffer import (
     COUNT_LIMIT,
-    ChunkLimits,
     InvalidTransitions,
     ReplayBuffer,
     ReplaySpec,
@@ -110,11 +109,7 @@ class ReplayServer:
 
     @classmethod
     def from_config(cls, config: Config, env_info: EnvInfo, shard: int = 0) -> "ReplayServer":
-        chunk = ChunkLimits.of_actors(config.chunk_transitions, config.envs_per_actor,
-                                      config.n_step, env_info.stack)
-        spec = ReplaySpec.for_env(config.replay_capacity, env_info, config.priority_exponent,
-                                  chunk)
-        buffer = ReplayBuffer(spec, seed=config.seed + 1_000 * shard)
+        buffer = ReplayBuffer(ReplaySpec.of_run(config, env_info), seed=config.seed + 1_000 * shard)
         limiter = RateLimiter(config.samples_per_insert, config.min_replay_size,
                               config.rate_tolerance)
         return cls(buffer, limiter, shard)

@@ -380,6 +380,32 @@ def test_a_local_run_is_checked_against_the_machines_cpus_and_memory(capsys):
     assert "replay (--replay-capacity 2,000,000,000 x 1 shard(s))" in replay
 
 
+def test_messages_larger_than_the_wire_takes_are_refused_before_ray_starts(capsys):
+    """A chunk or a learner call whose message could pass 2 GiB: the shard would refuse every
+    insert, or fail every sample, inside a running cluster."""
+    from common.envs import describe_env
+    from launch import check_messages_fit
+
+    def refusal(argv: list[str]) -> str | None:
+        config = parse_args(argv)
+        info = describe_env(config.env, config.max_episode_agent_steps, config.frame_stack)
+        try:
+            check_messages_fit(config, info)
+        except SystemExit as exit_info:
+            assert exit_info.code == 2
+            return capsys.readouterr().err
+        return None
+
+    for preset in PRESETS:
+        assert refusal(["--preset", preset]) is None
+    assert refusal(["--chunk-transitions", "100000", "--replay-capacity", "2000000"]) == (
+        "launch.py: error: an actor's insert may take 5.3 GiB, more than the 2 GiB a message "
+        "may: lower --chunk-transitions or --envs-per-actor\n")
+    assert refusal(["--batch-size", "300000", "--replay-capacity", "2000000"]) == (
+        "launch.py: error: a learner call's batch may take 31.5 GiB, more than the 2 GiB a "
+        "message may: lower --batch-size or --learner-batches-per-call\n")
+
+
 def test_the_network_is_counted_as_keras_builds_it():
     from common.envs import describe_env
     from common.networks import build_q_network

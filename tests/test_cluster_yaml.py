@@ -235,12 +235,15 @@ def test_unreadable_or_malformed_files_end_in_one_line(tmp_path):
 def test_every_node_installs_the_versions_the_tests_run(cluster):
     """constraints.txt pins each package `pip install -e .` pulls in at the version these tests
     run with, and every install on the nodes takes it from the mounted checkout."""
+    def pinned(text: str) -> list[str]:  # (the header names the Python that made them)
+        return [line for line in text.splitlines() if not line.startswith("#")]
+
     shipped = (ROOT / "constraints.txt").read_text()
-    assert shipped == constraints_text(), (
+    assert pinned(shipped) == pinned(constraints_text()), (
         "constraints.txt differs from this environment: install with `pip install -c "
         "constraints.txt -e .[test]`, or regenerate it (python -m common.cluster_check "
         "--freeze > constraints.txt)")
-    pins = dict(line.split("==") for line in shipped.splitlines() if not line.startswith("#"))
+    pins = dict(line.split("==") for line in pinned(shipped))
     assert {"ray", "tensorflow", "keras", "numpy", "gymnasium", "ale-py"} <= set(pins)
     assert pins["ray"] == "2.60.0" and "ray-apex-dqn" not in pins and "pip" not in pins
     installs = [c for key in ("setup_commands", "head_setup_commands") for c in cluster[key]

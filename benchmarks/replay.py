@@ -179,10 +179,11 @@ def measure_snapshot(transitions: int, pool: np.ndarray) -> dict:
 
 def replay_config(capacity: int, alpha: float):
     from common.config import PRESETS
-    # Rate limiter open: a tolerance no run reaches, so only the shard's own speed counts.
+    # Rate limiter open: a tolerance no run reaches, so only the shard's own speed counts;
+    # the senders' chunks are CHUNK transitions (a shard refuses more than its run's chunk).
     return PRESETS["apex"].replace(replay_capacity=capacity, min_replay_size=0,
                                    priority_exponent=alpha, samples_per_insert=1.0,
-                                   samples_per_insert_tolerance=1e15)
+                                   samples_per_insert_tolerance=1e15, chunk_transitions=CHUNK)
 
 
 def start_shard(capacity: int, alpha: float):

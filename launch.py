@@ -915,8 +915,9 @@ def write_output(path: Path, data: bytes) -> str | None:
     return None
 
 
-def run_record(config: Config) -> dict:
-    """config.json: the config, and what it ran on (package versions, the git commit)."""
+def run_record(config: Config, learner: LearnerStats) -> dict:
+    """config.json: the config, and what it ran on (package versions, the git commit, how the
+    learner computes)."""
     from importlib import metadata
     packages = ["ray", "tensorflow", "keras", "gymnasium", "ale-py", "numpy", "msgpack"]
     versions = {}
@@ -928,8 +929,8 @@ def run_record(config: Config) -> dict:
                                 capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit = ""
-    return {**config_to_json(config), "versions": versions, "git_commit": commit or None,
-            "python": sys.version.split()[0]}
+    return {**config_to_json(config), "learner": learner.compute(), "versions": versions,
+            "git_commit": commit or None, "python": sys.version.split()[0]}
 
 
 # --- Main ------------------------------------------------------------------------------------
@@ -1015,16 +1016,16 @@ def main(argv: list[str] | None = None) -> int:
         if not config.resume:
             try:
                 logdir.mkdir(parents=True, exist_ok=True)
+                record = run_record(config, learner)
                 write_atomically(logdir / RUN_CONFIG,
-                                 (json.dumps(run_record(config), indent=2) + "\n").encode())
+                                 (json.dumps(record, indent=2) + "\n").encode())
             except OSError as error:  # without it the run could not be resumed
                 fail(f"{logdir / RUN_CONFIG} not written: {error.strerror or error}")
-        device = "GPU" if roles.learner_gpus else "CPU"
         resumed = (f" | resumed from {learner.restored_from} at "
                    f"{progress.agent_steps:,} agent steps" if config.resume else "")
         print(f"{config.preset}: {config.env} | {config.num_actors} actors x "
               f"{config.envs_per_actor} envs | {config.replay_shards} replay shard(s) | learner "
-              f"on {device} | logdir {logdir}" + resumed
+              f"on {learner.describe_compute()} | logdir {logdir}" + resumed
               + (f" | dashboard {dashboard_url}" if started_ray else "")
               + (" | INSECURE: no token authentication" if config.insecure else ""), flush=True)
         summary = run(config, env_info, roles, logdir, store, progress)
@@ -1146,7 +1147,7 @@ def make_summary(config: Config, env_info: EnvInfo, progress: Progress, elapsed_
         "run_seconds": round(progress.elapsed_before_s + elapsed_s, 2),
         "sitting": progress.sitting,
         "num_actors": num_actors, "envs_per_actor": config.envs_per_actor,
-        "learner_device": learner.device,
+        **learner.compute(),
         "agent_steps": steps, "env_frames": steps * env_info.frame_skip, "updates": updates,
         "weight_version": learner.weight_version, "target_syncs": learner.target_syncs,
         "episodes": progress.episodes, "mean_return_100": progress.mean_return_100,

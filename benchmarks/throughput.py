@@ -83,10 +83,13 @@ def raw_env_rate(config: Config, num_envs: int, seconds: float) -> float:
 
 
 def bare_learner_rate(config: Config, seconds: float) -> float:
-    """Updates/s of the train step alone on a fixed in-memory batch."""
+    """Updates/s of the train step alone on a fixed in-memory batch, in the precision and
+    compile mode the system's learner resolves to."""
     from learner.learner import DQNLearner
     info = describe_env(config.env)
     learner = DQNLearner(config, info)
+    if config.xla == "auto":  # as LearnerService does
+        learner.choose_compile_mode()
     rng = np.random.default_rng(0)
     shape = (config.learner_batches_per_call, config.batch_size)
     batch: dict[str, np.ndarray] = {

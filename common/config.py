@@ -85,6 +85,8 @@ MAX_WIDTH = 1 << 16
 # travel in every transition: beyond these, a typo.
 MAX_ACTOR_THREADS = 1024
 MAX_FRAME_STACK = 1024
+# What the learner may compute in (learner.learner.resolve_precision reads "auto").
+PRECISIONS = ("auto", "float32", "bfloat16", "float16")
 
 
 def flag(name: str) -> str:
@@ -175,8 +177,8 @@ class Config:
     # Checkpoints and resuming.
     resume: str | None = knob(
         None, "Carry on the run in this run directory from its latest checkpoint, with its "
-              "config.json; flags may change only limits, actors, address, logging and "
-              "evaluation.")
+              "config.json; flags may change only limits, actors, address, logging, "
+              "evaluation and the learner's precision and XLA.")
     checkpoint_every_s: float = knob(
         600.0, "Seconds between checkpoints (one is also written at every stop; at most a "
                "year).", rule=SECONDS)
@@ -285,13 +287,19 @@ class Config:
     weight_refresh_env_frames: int = knob(
         0, "Emulator frames each env of an actor plays between the actor's checks for newer "
            "weights (Ape-X: 400; 0: after every chunk sent).", rule=NONNEGATIVE)
-    mixed_precision: bool | None = knob(
-        None, "The learner computes in float16 with float32 weights and a dynamic loss scale "
-              "(Keras 'mixed_float16'; weights sent to actors stay float32). Default: on when "
-              "the learner has a GPU with tensor cores (compute capability 7.0 or newer), off "
-              "otherwise: CPUs here have no fast float16.")
-    xla: bool = knob(True, "Compile the learner's train step with XLA (faster on this "
-                           "project's CPU benchmark, and on GPUs).")
+    learner_precision: str = knob(
+        "auto", "What the learner computes in: 'float32'; 'bfloat16' or 'float16' (Keras mixed "
+                "precision: float32 weights, low-precision compute; the output layer, the TD "
+                "target and the loss stay float32, and float16 scales the loss). The weights "
+                "actors get and checkpoints are float32 in every mode. 'auto', for the CNN: "
+                "bfloat16 on a GPU of compute capability 8.0 or newer and on a CPU with "
+                "AVX512-BF16, AMX or Arm BF16; float16 on a GPU of 7.x (Volta, Turing); float32 "
+                "otherwise, and always for the MLP (too small to gain).",
+        choices=PRECISIONS)
+    xla: str = knob(
+        "auto", "Compile the learner's train step with XLA ('on'), as a plain tf.function "
+                "('off'), or 'auto': at start, time a few train steps each way on the learner's "
+                "device (a few seconds) and keep the faster.", choices=("auto", "on", "off"))
     learner_batches_per_call: int = knob(
         2, "Batches per replay call, trained one after the other in one compiled call: "
            "amortizes the per-call cost of replay and of the compiled step. Sync and publish "
@@ -458,13 +466,14 @@ def build_parser(prog: str, defaults: Config,
     return parser
 
 
-# What may change when a run is resumed: its limits, where and how many actors play, logging.
+# What may change when a run is resumed: its limits, where and how many actors play, logging,
+# and how the learner computes (a checkpoint restores into every precision and compile mode).
 RESUME_OVERRIDES = frozenset({
     "resume", "max_seconds", "total_agent_steps", "target_mean_return", "address",
     "num_actors", "envs_per_actor", "actor_threads", "pin_actor_cpus", "actor_cpu_priority",
     "learner_gpus", "dashboard_host", "report_every_s", "checkpoint_every_s",
     "keep_checkpoints", "role_timeout_s", "verbose", "eval_every_s", "eval_episodes",
-    "eval_epsilon", "placement_timeout_s", "insecure"})
+    "eval_epsilon", "placement_timeout_s", "insecure", "learner_precision", "xla"})
 RUN_CONFIG = "config.json"
 # A run directory's networks: the learner's at the stop, and the one of the best evaluation.
 FINAL_WEIGHTS = "q_network.weights.h5"
@@ -499,8 +508,8 @@ def _resumed(parser: argparse.ArgumentParser, argv: list[str], run_dir: str) -> 
     refused = sorted(set(given) - RESUME_OVERRIDES)
     if refused:
         parser.error(f"--{flag(refused[0])} cannot change when a run is resumed (its "
-                     f"config.json holds it); only limits, actors, address, logging and "
-                     f"evaluation can")
+                     f"config.json holds it); only limits, actors, address, logging, "
+                     f"evaluation and the learner's precision and XLA can")
     try:
         saved = read_run_config(run_dir)
         # A sitting's time limit is that sitting's: the next one runs until its own (if any).
@@ -535,6 +544,23 @@ def config_to_json(config: Config) -> dict:
     return {"format": RUN_CONFIG_FORMAT, "config": dataclasses.asdict(config)}
 
 
+def _current_knobs(path: Path, saved: dict) -> dict:
+    """A config.json's knobs under today's names and values. Runs written before the learner's
+    precision and compile mode were chosen at start held `mixed_precision` (None: float16 on
+    a GPU with tensor cores, else float32) and `xla` as a bool. A resumed run keeps what it
+    trained with: None becomes float32, what it meant on the CPUs every such run here
+    trained on (`--learner-precision` may change it on resume)."""
+    saved = dict(saved)
+    if "mixed_precision" in saved and "learner_precision" not in saved:
+        mixed = saved.pop("mixed_precision")
+        if mixed is not None and type(mixed) is not bool:
+            raise ConfigError(f"{path}: mixed_precision holds {mixed!r}, not a bool | None")
+        saved["learner_precision"] = "float16" if mixed else "float32"
+    if type(saved.get("xla")) is bool:
+        saved["xla"] = "on" if saved["xla"] else "off"
+    return saved
+
+
 def read_run_config(run_dir: str) -> Config:
     """The config a run directory was started with (its config.json), checked as strictly as
     the command line. Raises ConfigError naming the file."""
@@ -549,7 +575,7 @@ def read_run_config(run_dir: str) -> Config:
     if not isinstance(data, dict) or data.get("format") != RUN_CONFIG_FORMAT \
             or not isinstance(data.get("config"), dict):
         raise ConfigError(f"{path}: not a run config of this project")
-    saved = data["config"]
+    saved = _current_knobs(path, data["config"])
     names = {f.name for f in dataclasses.fields(Config)}
     unknown = sorted(set(saved) - names)
     if unknown or saved.get("preset") not in PRESETS:

@@ -10,17 +10,20 @@ import keras
 import tensorflow as tf
 from keras import layers
 
+# The Keras dtype policy of the hidden layers for each learner precision (None: float32).
+MIXED_POLICIES = {"float32": None, "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
+
 
 def build_q_network(obs_shape: tuple[int, ...], num_actions: int,
                     mlp_hidden_units: tuple[int, ...] = (256, 256),
-                    dueling: bool = False, mixed_precision: bool = False) -> keras.Model:
+                    dueling: bool = False, precision: str = "float32") -> keras.Model:
     """Nature CNN (Mnih et al. 2015, as in the keras.io seed) for stacked frames (C, H, W) of
     uint8; an MLP for vector observations. Frames are scaled to [0, 1] inside the model, so
     uint8 travels everywhere and the float copy exists only on the device. With `dueling`
     (Wang et al. 2016) the last hidden layer splits into a value and an advantage stream,
-    Q = V + A - mean(A). With `mixed_precision` the hidden layers compute in float16 on
-    float32 weights; Q-values always come out float32."""
-    dtype = "mixed_float16" if mixed_precision else None
+    Q = V + A - mean(A). With `precision` "bfloat16" or "float16" the hidden layers compute
+    in it on float32 weights (Keras mixed precision); Q-values always come out float32."""
+    dtype = MIXED_POLICIES[precision]
     head_units: tuple[int, ...]
     if len(obs_shape) == 3:
         inputs = keras.Input(shape=obs_shape, dtype="uint8")

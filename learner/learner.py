@@ -10,6 +10,7 @@ zero, as in the DQN paper. |y - Q(s, a)| goes back to prioritized replay as the 
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,31 +33,96 @@ class UpdateResult:
     td_error: np.ndarray  # [k, batch_size]: y - Q(s, a), the new priorities' source
 
 
-def tensor_cores_present() -> bool:
-    """A GPU of compute capability 7.0 or newer, where float16 runs on tensor cores."""
-    for gpu in tf.config.list_physical_devices("GPU"):
-        if tf.config.experimental.get_device_details(gpu).get("compute_capability",
-                                                              (0, 0)) >= (7, 0):
-            return True
-    return False
+# CPU flags of fast bfloat16 matrix math: x86's AVX512-BF16 and AMX-BF16, Arm's BF16.
+BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
+# Seconds of train steps `choose_compile_mode` times each way, after its compile.
+COMPILE_PROBE_S = 1.5
+
+
+def auto_precision(gpu_capability: tuple[int, int] | None, cpu_info: str,
+                   convolutional: bool = True) -> str:
+    """What `--learner-precision auto` picks for a network (`convolutional`: the Nature CNN;
+    else the MLP of vector observations) on a GPU of `gpu_capability` (None: a CPU, whose
+    /proc/cpuinfo text is `cpu_info`). bfloat16 needs no loss scale, so it comes first
+    wherever the hardware computes it natively: GPUs from Ampere (8.0) on, CPUs with
+    BF16_CPU_FLAGS (elsewhere it is emulated, slower than float32). Volta and Turing (7.x)
+    have float16 tensor cores only. An MLP of a few hundred units is too small to gain: its
+    step is the casts and the calls around the math (CartPole's: 1,540 updates/s in bfloat16,
+    1,834 in float32 on an AVX512-BF16 CPU), so it stays float32."""
+    if not convolutional:
+        return "float32"
+    if gpu_capability is not None:
+        if gpu_capability >= (8, 0):
+            return "bfloat16"
+        return "float16" if gpu_capability >= (7, 0) else "float32"
+    flags: set[str] = set()
+    for line in cpu_info.splitlines():
+        key, _, values = line.partition(":")
+        if key.strip() in ("flags", "Features"):  # x86, aarch64
+            flags.update(values.split())
+    return "bfloat16" if flags & BF16_CPU_FLAGS else "float32"
+
+
+def resolve_precision(setting: str, env_info: EnvInfo) -> str:
+    """`setting`, or for "auto" `auto_precision` of this env's network on this process's
+    device (its first GPU, where TensorFlow places the networks)."""
+    if setting != "auto":
+        return setting
+    convolutional = len(env_info.obs_shape) == 3  # as build_q_network decides
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        details = tf.config.experimental.get_device_details(gpus[0])
+        return auto_precision(tuple(details.get("compute_capability", (0, 0))), "",
+                              convolutional)
+    try:
+        with open("/proc/cpuinfo") as file:
+            cpu_info = file.read()
+    except OSError:  # not Linux: no flags to read, no claim of bfloat16
+        cpu_info = ""
+    return auto_precision(None, cpu_info, convolutional)
+
+
+def synthetic_batch(env_info: EnvInfo, batch_size: int, k: int,
+                    rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """k random batches stacked, of the shapes and dtypes replay samples."""
+    shape = (k, batch_size)
+    obs: np.ndarray
+    next_obs: np.ndarray
+    if env_info.obs_dtype == "uint8":
+        obs, next_obs = (rng.integers(0, 256, shape + env_info.obs_shape, dtype=np.uint8)
+                         for _ in range(2))
+    else:
+        obs, next_obs = (rng.normal(size=shape + env_info.obs_shape).astype(np.float32)
+                         for _ in range(2))
+    return {"obs": obs, "next_obs": next_obs,
+            "action": rng.integers(0, env_info.num_actions, shape).astype(np.int32),
+            "reward": rng.normal(size=shape).astype(np.float32),
+            "discount": np.where(rng.random(shape) < 0.1, 0.0, 0.99).astype(np.float32),
+            "weight": np.ones(shape, np.float32)}
 
 
 class DQNLearner:
+    """`config.learner_precision` is resolved here (`precision`). `config.xla` "on" and "off"
+    are taken as they are; "auto" compiles with XLA until `choose_compile_mode` (which
+    LearnerService calls) has timed both ways."""
+
     def __init__(self, config: Config, env_info: EnvInfo):
-        self.config = config
+        self.config, self.env_info = config, env_info
         keras.utils.set_random_seed(config.seed)
-        self.mixed_precision = (tensor_cores_present() if config.mixed_precision is None
-                                else config.mixed_precision)
+        self.precision = resolve_precision(config.learner_precision, env_info)
         build = lambda: build_q_network(env_info.obs_shape, env_info.num_actions,  # noqa: E731
                                         config.mlp_hidden_units, config.dueling,
-                                        self.mixed_precision)
+                                        self.precision)
         self.online = build()
         self.target = build()
         clip = ({"global_clipnorm": config.grad_clip_norm} if config.grad_clip_global
                 else {"clipnorm": config.grad_clip_norm})
-        self.optimizer = keras.optimizers.Adam(learning_rate=config.learning_rate, **clip)
-        if self.mixed_precision:  # float16 gradients underflow unless the loss is scaled up
-            self.optimizer = keras.optimizers.LossScaleOptimizer(self.optimizer)
+        # Checkpoints hold this Adam alone, so they restore into every precision; a float16
+        # learner wraps it in a loss scale (float16 gradients underflow unless the loss is
+        # scaled up; bfloat16 has float32's range), which starts afresh at each restore.
+        self.adam = keras.optimizers.Adam(learning_rate=config.learning_rate, **clip)
+        self.optimizer = (keras.optimizers.LossScaleOptimizer(self.adam)
+                          if self.precision == "float16" else self.adam)
         self.optimizer.build(self.online.trainable_variables)
         # Per-item losses, weighted and averaged here: Keras's own sample_weight reduction
         # divides by the sum of the weights, which would undo the importance weights' scale.
@@ -65,8 +131,50 @@ class DQNLearner:
         self.target_syncs = 0
         self.sync_target()
         self.target_syncs = 0  # the initial copy is not a scheduled sync
-        self._train_steps = tf.function(self._train_steps_body, jit_compile=config.xla)
-        self._td_error = tf.function(self._td_error_body, jit_compile=config.xla)
+        # Updates/s of each compile mode ("xla", "plain") once `choose_compile_mode` timed them.
+        self.compile_rates: dict[str, float] | None = None
+        xla = config.xla != "off"
+        self._use_compile_mode(xla, tf.function(self._train_steps_body, jit_compile=xla))
+
+    def _use_compile_mode(self, xla: bool, train_steps) -> None:
+        self.xla = xla
+        self._train_steps = train_steps
+        self._td_error = tf.function(self._td_error_body, jit_compile=xla)
+
+    def choose_compile_mode(self, seconds_each: float = COMPILE_PROBE_S) -> None:
+        """Times the train step compiled with XLA and as a plain tf.function on a synthetic
+        batch of the run's shapes, each after its compile and a warm-up call, for about
+        `seconds_each` of steps each (at least one call); keeps the faster. The two take
+        turns, so a load that comes and goes weighs on both. The networks and the optimizer
+        are left as they were."""
+        batch = synthetic_batch(self.env_info, self.config.batch_size,
+                                self.config.learner_batches_per_call, np.random.default_rng(0))
+        args = [batch[name] for name in BATCH_FIELDS]
+        saved = [variable.numpy() for variable in self._state_variables()]
+        ways = {xla: tf.function(self._train_steps_body, jit_compile=xla)
+                for xla in (True, False)}
+        for way in ways.values():
+            for _ in range(2):  # compile, warm up
+                float(way(*args)[0][-1])
+        seconds, calls = dict.fromkeys(ways, 0.0), dict.fromkeys(ways, 0)
+        while min(seconds.values()) < seconds_each:
+            for xla, way in ways.items():
+                started = time.perf_counter()
+                while time.perf_counter() - started < seconds_each / 4:
+                    float(way(*args)[0][-1])  # waits until the device is done
+                    calls[xla] += 1
+                seconds[xla] += time.perf_counter() - started
+        for variable, value in zip(self._state_variables(), saved):
+            variable.assign(value)
+        rate = {xla: round(calls[xla] * self.config.learner_batches_per_call / seconds[xla], 2)
+                for xla in ways}
+        self.compile_rates = {"xla": rate[True], "plain": rate[False]}
+        faster = rate[True] >= rate[False]  # as reported
+        self._use_compile_mode(faster, ways[faster])
+
+    def _state_variables(self) -> list:
+        """Everything an update changes: both networks, the optimizer's slots and step."""
+        return [*self.online.weights, *self.target.weights, *self.optimizer.variables]
 
     def _target(self, reward, discount, next_obs):
         next_q = self.target(next_obs, training=False)
@@ -158,14 +266,13 @@ class DQNLearner:
         """Whether every float of the networks (and the optimizer's slots) is finite: an
         update can overflow the weights while the loss it reports, computed before it, is
         still finite."""
-        variables = self.online.weights if online_only else [
-            *self.online.weights, *self.target.weights, *self.optimizer.variables]
+        variables = self.online.weights if online_only else self._state_variables()
         return all(bool(tf.reduce_all(tf.math.is_finite(v))) for v in variables
                    if tf.as_dtype(v.dtype).is_floating)
 
     def _checkpoint(self, counters: dict) -> tf.train.Checkpoint:
         return tf.train.Checkpoint(
-            online=self.online, target=self.target, optimizer=self.optimizer,
+            online=self.online, target=self.target, optimizer=self.adam,
             counters={name: value if isinstance(value, tf.Variable)
                       else tf.Variable(value, dtype=tf.int64)
                       for name, value in counters.items()})

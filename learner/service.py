@@ -84,6 +84,8 @@ class LearnerService:
         self.restored_updates = 0
         if checkpoint_root is not None:
             self._restore_latest(CheckpointStore(checkpoint_root))
+        if config.xla == "auto":  # after the restore, which may fail: a few seconds of steps
+            self.learner.choose_compile_mode()
         # Training and saving take turns, so a checkpoint is one consistent state.
         self.step_lock = threading.Lock()
         self.metrics = metrics.for_role(metrics.LEARNER)
@@ -181,7 +183,9 @@ class LearnerService:
         return LearnerStats(
             updates=self.learner.updates, target_syncs=self.learner.target_syncs,
             weight_version=self.version, loss=self.last_loss, q_mean=self.last_q_mean,
-            device=self.device, starved_s=self.starved_s, error=self.error, life=self.life,
+            device=self.device, precision=self.learner.precision, xla=self.learner.xla,
+            compile_rates=self.learner.compile_rates,
+            starved_s=self.starved_s, error=self.error, life=self.life,
             restored_from=self.restored_from, passed_over=self.passed_over,
             restored_updates=self.restored_updates,
             node_ip=ray.util.get_node_ip_address(), pid=os.getpid())

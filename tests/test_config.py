@@ -176,6 +176,9 @@ def test_every_field_is_a_flag_in_help(capsys):
                  "replay call's 1,048,576 items"),
     (["--actor-threads", str(2**62)], "--actor-threads must be positive and at most 1,024"),
     (["--frame-stack", str(2**40)], "--frame-stack must be positive and at most 1,024"),
+    (["--learner-precision", "float64"], "invalid choice: 'float64'"),
+    (["--xla", "maybe"], "invalid choice: 'maybe'"),
+    (["--no-xla"], "unrecognized arguments: --no-xla"),  # the flag of before: now --xla off
 ])
 def test_bad_flags_exit_2_with_one_line(argv, needle, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -237,6 +240,44 @@ def test_resume_takes_the_saved_config_and_only_flags_that_may_change(tmp_path, 
         assert err.count("\n") == 1 and f"{flag[0]} cannot change when a run is resumed" in err
 
 
+def test_the_learner_precision_and_compile_mode_are_auto_unless_given(tmp_path):
+    assert (Config().learner_precision, Config().xla) == ("auto", "auto")
+    config = parse_args(["--learner-precision", "bfloat16", "--xla", "off"])
+    assert (config.learner_precision, config.xla) == ("bfloat16", "off")
+    # A checkpoint restores into every precision and compile mode: both may change on resume.
+    resumed = parse_args(["--resume", saved_run(tmp_path, config), "--learner-precision",
+                          "float32", "--xla", "on"])
+    assert (resumed.learner_precision, resumed.xla) == ("float32", "on")
+
+
+def test_a_run_config_from_before_the_precision_knob_keeps_what_it_trained_with(tmp_path,
+                                                                              capsys):
+    """Its `mixed_precision` (None meant float32 on the CPUs such runs trained on) and
+    boolean `xla` read as today's knobs, as evaluate.py and --resume read them."""
+    import json
+
+    from common.config import read_run_config
+    shipped = ROOT / "pretrained" / "breakout-seed"
+    saved = json.loads((shipped / "config.json").read_text())
+    assert (saved["config"]["mixed_precision"], saved["config"]["xla"]) == (None, True)
+    config = read_run_config(str(shipped))
+    assert (config.learner_precision, config.xla) == ("float32", "on")
+    assert parse_args(["--resume", str(shipped)]).learner_precision == "float32"
+    for mixed, xla, expected in [(True, False, ("float16", "off")),
+                                 (False, True, ("float32", "on"))]:
+        saved["config"].update(mixed_precision=mixed, xla=xla)
+        (tmp_path / "config.json").write_text(json.dumps(saved))
+        config = read_run_config(str(tmp_path))
+        assert (config.learner_precision, config.xla) == expected
+    saved["config"]["mixed_precision"] = 1
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--resume", str(tmp_path)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "config.json: mixed_precision holds 1, not a bool" in err
+
+
 @pytest.mark.parametrize("content, needle", [
     (None, "config.json: cannot be read"),
     (b"\x00\x01", "config.json: not JSON"),
@@ -247,6 +288,8 @@ def test_resume_takes_the_saved_config_and_only_flags_that_may_change(tmp_path, 
      "config.json: gamma holds 'high', not a float"),
     (b'{"format": "dqn-run-config", "config": {"preset": "seed", "batch_size": -4}}',
      "config.json: --batch-size must be positive"),
+    (b'{"format": "dqn-run-config", "config": {"preset": "seed", "xla": "fast"}}',
+     "config.json: --xla must be one of auto, on, off, got 'fast'"),
 ])
 def test_a_bad_run_config_is_refused_with_one_line(tmp_path, capsys, content, needle):
     if content is not None:

@@ -5,25 +5,17 @@ import pytest
 from common.config import PRESETS
 from common.env_info import EnvInfo
 from common.networks import build_q_network
-from learner.learner import DQNLearner
+from learner.learner import BATCH_FIELDS, DQNLearner, auto_precision, synthetic_batch
 
+# The exact-arithmetic checks here run in float32, whatever `auto` picks on this machine; the
+# low-precision tests ask for theirs.
+PRESETS = {name: config.replace(learner_precision="float32") for name, config in PRESETS.items()}
 CARTPOLE = EnvInfo("CartPole-v1", (4,), "float32", 2, 1)
 BREAKOUT = EnvInfo("BreakoutNoFrameskip-v4", (4, 84, 84), "uint8", 4, 4)
 
 
 def fixed_batch(env_info, batch_size, rng, k=1):
-    obs_shape = (k, batch_size, *env_info.obs_shape)
-    if env_info.obs_dtype == "uint8":
-        obs = rng.integers(0, 256, obs_shape, dtype=np.uint8)
-        next_obs = rng.integers(0, 256, obs_shape, dtype=np.uint8)
-    else:
-        obs = rng.normal(size=obs_shape).astype(np.float32)
-        next_obs = rng.normal(size=obs_shape).astype(np.float32)
-    return {"obs": obs, "next_obs": next_obs,
-            "action": rng.integers(0, env_info.num_actions, (k, batch_size)).astype(np.int32),
-            "reward": rng.normal(size=(k, batch_size)).astype(np.float32),
-            "discount": np.where(rng.random((k, batch_size)) < 0.1, 0.0, 0.99).astype(np.float32),
-            "weight": np.ones((k, batch_size), np.float32)}
+    return synthetic_batch(env_info, batch_size, k, rng)
 
 
 def unstack(batch):
@@ -136,26 +128,132 @@ def test_dueling_head_splits_value_and_advantage():
                                atol=1e-6)
 
 
-def test_mixed_precision_is_off_without_tensor_cores_and_trains_when_asked():
-    assert not DQNLearner(PRESETS["seed"], BREAKOUT).mixed_precision  # this machine: CPU
-    config = PRESETS["seed"].replace(mixed_precision=True, xla=False)
+# /proc/cpuinfo as Linux shows it: an x86 CPU's flags, an aarch64 CPU's features.
+EPYC_GENOA = ("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 9R14\n"
+              "flags\t\t: fpu sse2 avx2 avx512f avx512_vnni avx512_bf16 clzero\n\n"
+              "processor\t: 1\nflags\t\t: fpu sse2 avx2 avx512f avx512_vnni avx512_bf16\n")
+SAPPHIRE_RAPIDS = "model name\t: Intel Xeon Platinum 8488C\nflags\t\t: avx512f amx_bf16 amx_tile\n"
+SKYLAKE = "model name\t: Intel Xeon 8175M (bf16 not in flags)\nflags\t\t: avx512f avx2\n"
+GRAVITON3 = "processor\t: 0\nBogoMIPS\t: 2100.00\nFeatures\t: fp asimd sve bf16 i8mm\n"
+GRAVITON2 = "processor\t: 0\nFeatures\t: fp asimd aes pmull sha1 sha2 crc32 atomics\n"
+
+
+@pytest.mark.parametrize("capability, cpu_info, expected", [
+    (None, EPYC_GENOA, "bfloat16"), (None, SAPPHIRE_RAPIDS, "bfloat16"),
+    (None, GRAVITON3, "bfloat16"), (None, SKYLAKE, "float32"), (None, GRAVITON2, "float32"),
+    (None, "", "float32"),  # no /proc/cpuinfo: no claim of bfloat16
+    ((9, 0), "", "bfloat16"), ((8, 0), "", "bfloat16"), ((8, 6), SKYLAKE, "bfloat16"),
+    ((7, 5), EPYC_GENOA, "float16"), ((7, 0), "", "float16"), ((6, 1), EPYC_GENOA, "float32")])
+def test_auto_precision_takes_bfloat16_where_the_device_has_it(capability, cpu_info, expected):
+    """On a GPU its compute capability decides, whatever the host CPU has; an MLP stays
+    float32 everywhere (too small to gain)."""
+    assert auto_precision(capability, cpu_info) == expected
+    assert auto_precision(capability, cpu_info, convolutional=False) == "float32"
+
+
+@pytest.mark.parametrize("precision", ["bfloat16", "float16"])
+@pytest.mark.parametrize("preset, env_info", [("cartpole", CARTPOLE), ("seed", BREAKOUT)])
+def test_a_low_precision_learner_trains_on_float32_weights(preset, env_info, precision,
+                                                           tmp_path):
+    """Hidden layers compute in the low precision on float32 variables; the Q-values, the TD
+    target and the loss are float32, and so are the weights actors get, which load into the
+    actors' float32 network. Only float16 needs a loss scale."""
+    config = PRESETS[preset].replace(learner_precision=precision, xla="off")
+    learner = DQNLearner(config, env_info)
+    assert learner.precision == precision
+    hidden = [layer for layer in learner.online.layers if layer.weights][:-1]
+    assert hidden and all(layer.compute_dtype == precision for layer in hidden)
+    assert all(v.dtype == "float32" for v in learner.online.weights + learner.target.weights)
+    assert learner.online.layers[-1].compute_dtype == "float32"
+    assert (learner.optimizer is not learner.adam) == (precision == "float16")
+    k = config.learner_batches_per_call
+    batch = fixed_batch(env_info, config.batch_size, np.random.default_rng(0), k=k)
+    losses, td, q_means = learner._train_steps(*(batch[name] for name in BATCH_FIELDS))
+    assert losses.dtype == td.dtype == q_means.dtype == "float32"
+    assert td.shape == (k, config.batch_size) and np.isfinite(losses.numpy()).all()
+    assert learner.td_error(unstack(batch)).dtype == np.float32
+    result = learner.step(batch)
+    assert np.isfinite(result.loss) and np.isfinite(result.td_error).all()
+    obs = batch["obs"][0]
+    assert learner.online(obs).dtype == "float32"
+    weights = learner.get_weights()
+    assert all(w.dtype == np.float32 for w in weights)
+    actor_net = build_q_network(env_info.obs_shape, env_info.num_actions,
+                                config.mlp_hidden_units)
+    actor_net.set_weights(weights)
+    np.testing.assert_allclose(actor_net(obs).numpy(), learner.online(obs).numpy(),
+                               rtol=0.05, atol=0.05)
+    (tmp_path / "q.weights.h5").write_bytes(learner.weights_h5_bytes())  # the final weights
+    actor_net.load_weights(str(tmp_path / "q.weights.h5"))
+    for a, b in zip(actor_net.get_weights(), weights):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_low_precision_dueling_head_combines_in_float32():
+    model = build_q_network((4,), 3, (16,), dueling=True, precision="bfloat16")
+    dense = [layer for layer in model.layers if layer.weights]
+    assert sorted(layer.compute_dtype for layer in dense) == ["bfloat16"] * 2 + ["float32"] * 2
+    assert model.layers[-1].compute_dtype == "float32"  # V + A - mean(A)
+    assert model(np.ones((2, 4), np.float32)).dtype == "float32"
+
+
+def test_a_low_precision_learner_lowers_the_td_error_on_a_fixed_batch():
+    config = PRESETS["seed"].replace(learner_precision="bfloat16", xla="off")
     learner = DQNLearner(config, BREAKOUT)
-    conv = next(layer for layer in learner.online.layers if "conv" in layer.name)
-    assert conv.compute_dtype == "float16" and conv.kernel.dtype == "float32"
     batch = fixed_batch(BREAKOUT, 32, np.random.default_rng(0))
     before = np.mean(learner.td_error(unstack(batch)) ** 2)
     for _ in range(3):
-        result = learner.step(batch)
-    assert np.isfinite(result.loss)
+        learner.step(batch)
     assert np.mean(learner.td_error(unstack(batch)) ** 2) < before
-    # The weights actors get are float32 and load into the actors' float32 network.
-    weights = learner.get_weights()
-    assert all(w.dtype == np.float32 for w in weights)
-    actor_net = build_q_network(BREAKOUT.obs_shape, BREAKOUT.num_actions)
-    actor_net.set_weights(weights)
-    obs = batch["obs"][0]
-    np.testing.assert_allclose(actor_net(obs).numpy(), learner.online(obs).numpy(),
-                               rtol=0.05, atol=0.05)
+
+
+def test_a_checkpoint_restores_across_precisions(tmp_path):
+    """float32 -> bfloat16 -> float16 -> float32: each learner takes the one before's networks,
+    Adam's slots and counters whole, and trains on from them (float16's loss scale is not
+    part of a checkpoint: it starts afresh, as at a run's start)."""
+    rng = np.random.default_rng(8)
+    config = PRESETS["cartpole"].replace(xla="off", learner_batches_per_call=2)
+    saved = DQNLearner(config, CARTPOLE)
+    saved.step(fixed_batch(CARTPOLE, 16, rng, k=2))
+    for number, precision in enumerate(["bfloat16", "float16", "float32"]):
+        prefix = str(tmp_path / f"state-{number}")
+        saved.save(prefix, {"weight_version": number})
+        restored = DQNLearner(config.replace(learner_precision=precision, seed=number + 1),
+                              CARTPOLE)
+        assert restored.restore(prefix, ("weight_version",)) == {"weight_version": number}
+        assert restored.updates == saved.updates == 2 * (number + 1)
+        for a, b in zip(saved.get_weights() + saved.target.get_weights()
+                        + [v.numpy() for v in saved.adam.variables],
+                        restored.get_weights() + restored.target.get_weights()
+                        + [v.numpy() for v in restored.adam.variables]):
+            np.testing.assert_array_equal(a, b)
+        assert np.isfinite(restored.step(fixed_batch(CARTPOLE, 16, rng, k=2)).loss)
+        saved = restored
+
+
+def test_xla_on_and_off_compile_as_told():
+    on = DQNLearner(PRESETS["cartpole"].replace(xla="on"), CARTPOLE)
+    off = DQNLearner(PRESETS["cartpole"].replace(xla="off"), CARTPOLE)
+    assert (on.xla, off.xla, on.compile_rates, off.compile_rates) == (True, False, None, None)
+    assert on._train_steps._jit_compile and not off._train_steps._jit_compile
+
+
+def test_auto_compile_mode_keeps_the_faster_and_leaves_the_learner_as_it_was():
+    config = PRESETS["cartpole"].replace(learner_batches_per_call=2,
+                                         learner_precision="bfloat16")
+    learner = DQNLearner(config, CARTPOLE)
+    before = [v.numpy() for v in learner.online.weights + learner.adam.variables]
+    learner.choose_compile_mode(seconds_each=0.2)
+    rates = learner.compile_rates
+    assert set(rates) == {"xla", "plain"} and min(rates.values()) > 0
+    assert learner.xla == (rates["xla"] >= rates["plain"])
+    assert learner._train_steps._jit_compile == learner.xla
+    after = [v.numpy() for v in learner.online.weights + learner.adam.variables]
+    for a, b in zip(before, after):
+        np.testing.assert_array_equal(a, b)
+    assert learner.updates == 0 and int(learner.adam.iterations) == 0
+    assert np.isfinite(learner.step(fixed_batch(CARTPOLE, 64, np.random.default_rng(9),
+                                                k=2)).loss)
 
 
 def test_a_restored_learner_continues_exactly_where_the_saved_one_was(tmp_path):

@@ -273,11 +273,52 @@ def test_the_terminal_shows_the_header_then_progress_and_ray_address_is_joined(r
     header = lines[:first_progress]
     assert len(header) == 1 and header[0].startswith("cartpole: CartPole-v1 | 2 actors"), lines
     assert "dashboard" not in header[0]  # it joined the cluster rather than starting a Ray
+    # --learner-precision auto and --xla auto: resolved on the learner's device, said in the
+    # header, config.json and summary.json alike.
+    assert re.search(r" \| learner on CPU, (float32|bfloat16), XLA (on|off) \(timed: XLA "
+                     r"[\d.]+, plain [\d.]+ upd/s\) \| ", header[0]), header[0]
+    learner = json.loads((tmp_path / RUN_CONFIG).read_text())["learner"]
+    rates = learner["learner_compile_updates_per_s"]
+    assert learner["learner_xla"] == (rates["xla"] >= rates["plain"]) and min(rates.values()) > 0
+    assert f"{learner['learner_precision']}, XLA {'on' if learner['learner_xla'] else 'off'}" \
+        in header[0]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert learner.items() <= summary.items()
     progress = lines[first_progress]
     assert re.match(r"0:00:\d\d \| steps +[\d,]+ \| .* \| (random [\d,]+/1,000|eps [\d.]+) \| "
                     r"replay .* \| weights v\d+ lag \d+ \| actors 2/2 \| left 0:00:\d\d$",
                     progress), progress
-    assert json.loads((tmp_path / "summary.json").read_text())["status"] == "ok"
+    assert summary["status"] == "ok"
+
+
+def test_config_json_and_the_summary_say_how_the_learner_computes(tmp_path):
+    """What the learner reports of its precision and compile mode reaches config.json (which
+    still reads back as the run's config), summary.json and the header's words."""
+    import dataclasses
+
+    from common.env_info import EnvInfo
+    from launch import Progress, ReplayTotals, make_summary, run_record
+    from learner.records import LearnerStats
+    stats = LearnerStats(
+        updates=10, target_syncs=0, weight_version=1, loss=0.5, q_mean=0.1, device="CPU",
+        precision="bfloat16", xla=False, compile_rates={"xla": 45.3, "plain": 71.1},
+        starved_s=0.0, error=None, life="a", restored_from=None, passed_over=None,
+        restored_updates=0, node_ip="127.0.0.1", pid=1)
+    assert stats.describe_compute() == ("CPU, bfloat16, XLA off (timed: XLA 45.3, plain "
+                                        "71.1 upd/s)")
+    forced = dataclasses.replace(stats, precision="float32", xla=True, compile_rates=None)
+    assert forced.describe_compute() == "CPU, float32, XLA on"
+    expected = {"learner_device": "CPU", "learner_precision": "bfloat16", "learner_xla": False,
+                "learner_compile_updates_per_s": {"xla": 45.3, "plain": 71.1}}
+    config = PRESETS["cartpole"].replace(logdir=str(tmp_path))
+    (tmp_path / RUN_CONFIG).write_text(json.dumps(run_record(config, stats)))
+    assert json.loads((tmp_path / RUN_CONFIG).read_text())["learner"] == expected
+    assert read_run_config(str(tmp_path)) == config
+    progress = Progress(frame_skip=1)
+    progress.learner, progress.replay = stats, ReplayTotals(size=100, samples_per_insert=8.0)
+    summary = make_summary(config, EnvInfo("CartPole-v1", (4,), "float32", 2, 1), progress,
+                           10.0, 2)
+    assert expected.items() <= summary.items()
 
 
 def test_a_run_the_cluster_cannot_hold_ends_with_one_line_within_the_timeout(ray_address,

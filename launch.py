@@ -485,6 +485,8 @@ class Progress:
     restarts: dict = field(default_factory=lambda: dict.fromkeys(ROLE_KINDS, 0))
     lives: dict = field(default_factory=dict)  # (kind, index) -> the life token it last reported
     actor_versions: dict = field(default_factory=dict)  # live actor index -> its weights' version
+    # Actor index -> (precision, rates it timed) of its latest report, for the summary.
+    actor_compute: dict = field(default_factory=dict)
     elapsed_before_s: float = 0.0  # wall-clock of earlier sittings
     sitting: int = 1
     new_returns: list = field(default_factory=list)  # episodes since the last progress line
@@ -534,11 +536,21 @@ class Progress:
         if restarted:  # it counts from zero again
             self.agent_steps_before += self.actor_steps.get(index, 0)
         self.actor_steps[index] = report.agent_steps
+        self.actor_compute[index] = (report.precision, report.precision_rates)
         for ret, _length in report.episodes:
             self.returns.append(ret)
             self.new_returns.append(ret)
             self.episodes += 1
         return restarted
+
+    def actors_compute(self) -> dict:
+        """What the actors' forward passes compute in (distinct precisions, sorted), and
+        the rates the lowest-numbered actor timed (--actor-precision auto)."""
+        if not self.actor_compute:
+            return {"actor_precision": None, "actor_forward_obs_per_s": None}
+        precisions = sorted({precision for precision, _ in self.actor_compute.values()})
+        return {"actor_precision": ", ".join(precisions),
+                "actor_forward_obs_per_s": self.actor_compute[min(self.actor_compute)][1]}
 
     def absorb_eval(self, record: dict) -> bool:
         """Takes an evaluation in; whether it is the best so far (a tie goes to the newer)."""
@@ -1147,7 +1159,7 @@ def make_summary(config: Config, env_info: EnvInfo, progress: Progress, elapsed_
         "run_seconds": round(progress.elapsed_before_s + elapsed_s, 2),
         "sitting": progress.sitting,
         "num_actors": num_actors, "envs_per_actor": config.envs_per_actor,
-        **learner.compute(),
+        **learner.compute(), **progress.actors_compute(),
         "agent_steps": steps, "env_frames": steps * env_info.frame_skip, "updates": updates,
         "weight_version": learner.weight_version, "target_syncs": learner.target_syncs,
         "episodes": progress.episodes, "mean_return_100": progress.mean_return_100,

@@ -11,7 +11,7 @@ import numpy as np
 
 from actors.adder import FrameAdder
 from actors.env_batch import BatchStep, EnvBatch
-from actors.policy import EpsilonGreedyPolicy
+from actors.policy import fastest_policy
 from common.config import Config, epsilon_at
 from common.env_info import EnvInfo
 
@@ -33,7 +33,6 @@ class Actor:
         k = config.envs_per_actor
         self.envs = EnvBatch(config.env, k, seed, config.max_episode_agent_steps,
                              config.frame_stack, num_threads=config.actor_threads or 0)
-        self.policy = EpsilonGreedyPolicy(config, env_info, seed)
         self.compute_priorities = (config.priority_exponent > 0
                                    and config.initial_priority == "actor")
         self.env_info = env_info
@@ -45,9 +44,10 @@ class Actor:
         self.agent_steps = 0
         self.obs = self.envs.reset()
         self.new_stream()
-        # Compile now: the first greedy step can come minutes in (epsilon starts near 1), and
-        # there the compile takes ~1 CPU-s from a running system (perf, in the system run).
-        self.policy.q_values(self.obs)
+        # Traced now: the first greedy step can come minutes in (epsilon starts near 1), and
+        # there the trace takes ~1 CPU-s from a running system (perf, in the system run).
+        # `precision_rates`: observations/s of each precision timed for --actor-precision auto.
+        self.policy, self.precision_rates = fastest_policy(config, env_info, seed, self.obs)
 
     def new_stream(self) -> None:
         """Send from here on as a new stream of frames, starting at the current observations

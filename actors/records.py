@@ -21,3 +21,6 @@ class ActorReport:
     error: str | None  # the playing loop's traceback when it died (the process lives on)
     life: str  # a token per process: a new one means Ray restarted the actor
     pid: int
+    precision: str  # what its forward pass computes in
+    # Observations/s of each precision it timed at start (--actor-precision auto), or None.
+    precision_rates: dict[str, float] | None

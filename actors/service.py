@@ -152,8 +152,10 @@ class ActorService:
     # What the launcher calls.
     def report(self) -> ActorReport:
         episodes = tuple(self.episodes.popleft() for _ in range(len(self.episodes)))
-        return ActorReport(episodes, self.actor.agent_steps, self.actor.policy.weight_version,
-                           self.error, self.life, os.getpid())
+        actor = self.actor
+        return ActorReport(episodes, actor.agent_steps, actor.policy.weight_version,
+                           self.error, self.life, os.getpid(), actor.policy.precision,
+                           actor.precision_rates)
 
     def stop(self) -> ActorReport:
         self.stop_event.set()

@@ -85,7 +85,8 @@ MAX_WIDTH = 1 << 16
 # travel in every transition: beyond these, a typo.
 MAX_ACTOR_THREADS = 1024
 MAX_FRAME_STACK = 1024
-# What the learner may compute in (learner.learner.resolve_precision reads "auto").
+# What the learner and the actors may compute in (common.networks.resolve_precision reads
+# "auto").
 PRECISIONS = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -300,6 +301,13 @@ class Config:
         "auto", "Compile the learner's train step with XLA ('on'), as a plain tf.function "
                 "('off'), or 'auto': at start, time a few train steps each way on the learner's "
                 "device (a few seconds) and keep the faster.", choices=("auto", "on", "off"))
+    actor_precision: str = knob(
+        "auto", "What the actors' forward pass computes in: 'float32', 'bfloat16' or 'float16' "
+                "(mixed precision, as for the learner; the actors' weights are float32 in "
+                "every mode), or 'auto': each actor times float32 and what "
+                "--learner-precision auto would pick on its CPU, on its envs' first "
+                "observations (about a second), and keeps the faster. The evaluator plays in "
+                "float32.", choices=PRECISIONS)
     learner_batches_per_call: int = knob(
         2, "Batches per replay call, trained one after the other in one compiled call: "
            "amortizes the per-call cost of replay and of the compiled step. Sync and publish "
@@ -473,7 +481,8 @@ RESUME_OVERRIDES = frozenset({
     "num_actors", "envs_per_actor", "actor_threads", "pin_actor_cpus", "actor_cpu_priority",
     "learner_gpus", "dashboard_host", "report_every_s", "checkpoint_every_s",
     "keep_checkpoints", "role_timeout_s", "verbose", "eval_every_s", "eval_episodes",
-    "eval_epsilon", "placement_timeout_s", "insecure", "learner_precision", "xla"})
+    "eval_epsilon", "placement_timeout_s", "insecure", "learner_precision", "xla",
+    "actor_precision"})
 RUN_CONFIG = "config.json"
 # A run directory's networks: the learner's at the stop, and the one of the best evaluation.
 FINAL_WEIGHTS = "q_network.weights.h5"

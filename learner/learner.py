@@ -10,7 +10,7 @@ zero, as in the DQN paper. |y - Q(s, a)| goes back to prioritized replay as the 
 """
 from __future__ import annotations
 
-import time
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,7 +18,8 @@ import numpy as np
 from common.checkpoints import CheckpointError
 from common.config import Config
 from common.env_info import EnvInfo
-from common.networks import build_q_network, keras, tf, weights_h5_bytes
+from common.networks import build_q_network, keras, resolve_precision, tf, weights_h5_bytes
+from common.timing import calls_per_second_in_turns
 
 BATCH_FIELDS = ("obs", "action", "reward", "discount", "next_obs", "weight")
 
@@ -33,53 +34,8 @@ class UpdateResult:
     td_error: np.ndarray  # [k, batch_size]: y - Q(s, a), the new priorities' source
 
 
-# CPU flags of fast bfloat16 matrix math: x86's AVX512-BF16 and AMX-BF16, Arm's BF16.
-BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
 # Seconds of train steps `choose_compile_mode` times each way, after its compile.
 COMPILE_PROBE_S = 1.5
-
-
-def auto_precision(gpu_capability: tuple[int, int] | None, cpu_info: str,
-                   convolutional: bool = True) -> str:
-    """What `--learner-precision auto` picks for a network (`convolutional`: the Nature CNN;
-    else the MLP of vector observations) on a GPU of `gpu_capability` (None: a CPU, whose
-    /proc/cpuinfo text is `cpu_info`). bfloat16 needs no loss scale, so it comes first
-    wherever the hardware computes it natively: GPUs from Ampere (8.0) on, CPUs with
-    BF16_CPU_FLAGS (elsewhere it is emulated, slower than float32). Volta and Turing (7.x)
-    have float16 tensor cores only. An MLP of a few hundred units is too small to gain: its
-    step is the casts and the calls around the math (CartPole's: 1,540 updates/s in bfloat16,
-    1,834 in float32 on an AVX512-BF16 CPU), so it stays float32."""
-    if not convolutional:
-        return "float32"
-    if gpu_capability is not None:
-        if gpu_capability >= (8, 0):
-            return "bfloat16"
-        return "float16" if gpu_capability >= (7, 0) else "float32"
-    flags: set[str] = set()
-    for line in cpu_info.splitlines():
-        key, _, values = line.partition(":")
-        if key.strip() in ("flags", "Features"):  # x86, aarch64
-            flags.update(values.split())
-    return "bfloat16" if flags & BF16_CPU_FLAGS else "float32"
-
-
-def resolve_precision(setting: str, env_info: EnvInfo) -> str:
-    """`setting`, or for "auto" `auto_precision` of this env's network on this process's
-    device (its first GPU, where TensorFlow places the networks)."""
-    if setting != "auto":
-        return setting
-    convolutional = len(env_info.obs_shape) == 3  # as build_q_network decides
-    gpus = tf.config.list_physical_devices("GPU")
-    if gpus:
-        details = tf.config.experimental.get_device_details(gpus[0])
-        return auto_precision(tuple(details.get("compute_capability", (0, 0))), "",
-                              convolutional)
-    try:
-        with open("/proc/cpuinfo") as file:
-            cpu_info = file.read()
-    except OSError:  # not Linux: no flags to read, no claim of bfloat16
-        cpu_info = ""
-    return auto_precision(None, cpu_info, convolutional)
 
 
 def synthetic_batch(env_info: EnvInfo, batch_size: int, k: int,
@@ -101,6 +57,11 @@ def synthetic_batch(env_info: EnvInfo, batch_size: int, k: int,
             "weight": np.ones(shape, np.float32)}
 
 
+def last_loss(train_steps, args: list) -> float:
+    """A compiled train step's last loss: reading it waits until the device is done."""
+    return float(train_steps(*args)[0][-1])
+
+
 class DQNLearner:
     """`config.learner_precision` is resolved here (`precision`). `config.xla` "on" and "off"
     are taken as they are; "auto" compiles with XLA until `choose_compile_mode` (which
@@ -109,7 +70,7 @@ class DQNLearner:
     def __init__(self, config: Config, env_info: EnvInfo):
         self.config, self.env_info = config, env_info
         keras.utils.set_random_seed(config.seed)
-        self.precision = resolve_precision(config.learner_precision, env_info)
+        self.precision = resolve_precision(config.learner_precision, env_info.obs_shape)
         build = lambda: build_q_network(env_info.obs_shape, env_info.num_actions,  # noqa: E731
                                         config.mlp_hidden_units, config.dueling,
                                         self.precision)
@@ -144,8 +105,8 @@ class DQNLearner:
     def choose_compile_mode(self, seconds_each: float = COMPILE_PROBE_S) -> None:
         """Times the train step compiled with XLA and as a plain tf.function on a synthetic
         batch of the run's shapes, each after its compile and a warm-up call, for about
-        `seconds_each` of steps each (at least one call); keeps the faster. The two take
-        turns, so a load that comes and goes weighs on both. The networks and the optimizer
+        `seconds_each` of steps each, taking turns (`calls_per_second_in_turns`); keeps the
+        faster. The networks and the optimizer
         are left as they were."""
         batch = synthetic_batch(self.env_info, self.config.batch_size,
                                 self.config.learner_batches_per_call, np.random.default_rng(0))
@@ -155,18 +116,13 @@ class DQNLearner:
                 for xla in (True, False)}
         for way in ways.values():
             for _ in range(2):  # compile, warm up
-                float(way(*args)[0][-1])
-        seconds, calls = dict.fromkeys(ways, 0.0), dict.fromkeys(ways, 0)
-        while min(seconds.values()) < seconds_each:
-            for xla, way in ways.items():
-                started = time.perf_counter()
-                while time.perf_counter() - started < seconds_each / 4:
-                    float(way(*args)[0][-1])  # waits until the device is done
-                    calls[xla] += 1
-                seconds[xla] += time.perf_counter() - started
+                last_loss(way, args)
+        calls = calls_per_second_in_turns(
+            {xla: functools.partial(last_loss, way, args) for xla, way in ways.items()},
+            seconds_each)
         for variable, value in zip(self._state_variables(), saved):
             variable.assign(value)
-        rate = {xla: round(calls[xla] * self.config.learner_batches_per_call / seconds[xla], 2)
+        rate = {xla: round(calls[xla] * self.config.learner_batches_per_call, 2)
                 for xla in ways}
         self.compile_rates = {"xla": rate[True], "plain": rate[False]}
         faster = rate[True] >= rate[False]  # as reported

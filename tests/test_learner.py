@@ -4,8 +4,8 @@ import pytest
 
 from common.config import PRESETS
 from common.env_info import EnvInfo
-from common.networks import build_q_network
-from learner.learner import BATCH_FIELDS, DQNLearner, auto_precision, synthetic_batch
+from common.networks import auto_precision, build_q_network
+from learner.learner import BATCH_FIELDS, DQNLearner, synthetic_batch
 
 # The exact-arithmetic checks here run in float32, whatever `auto` picks on this machine; the
 # low-precision tests ask for theirs.

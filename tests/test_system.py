@@ -288,6 +288,8 @@ def test_the_terminal_shows_the_header_then_progress_and_ray_address_is_joined(r
     assert re.match(r"0:00:\d\d \| steps +[\d,]+ \| .* \| (random [\d,]+/1,000|eps [\d.]+) \| "
                     r"replay .* \| weights v\d+ lag \d+ \| actors 2/2 \| left 0:00:\d\d$",
                     progress), progress
+    # --actor-precision auto keeps CartPole's MLP in float32 without timing.
+    assert (summary["actor_precision"], summary["actor_forward_obs_per_s"]) == ("float32", None)
     assert summary["status"] == "ok"
 
 
@@ -319,6 +321,13 @@ def test_config_json_and_the_summary_say_how_the_learner_computes(tmp_path):
     summary = make_summary(config, EnvInfo("CartPole-v1", (4,), "float32", 2, 1), progress,
                            10.0, 2)
     assert expected.items() <= summary.items()
+    assert (summary["actor_precision"], summary["actor_forward_obs_per_s"]) == (None, None)
+    progress.actor_compute = {1: ("float32", None),
+                              0: ("bfloat16", {"float32": 3881.0, "bfloat16": 6226.0})}
+    summary = make_summary(config, EnvInfo("CartPole-v1", (4,), "float32", 2, 1), progress,
+                           10.0, 2)
+    assert summary["actor_precision"] == "bfloat16, float32"  # e.g. nodes of two kinds
+    assert summary["actor_forward_obs_per_s"] == {"float32": 3881.0, "bfloat16": 6226.0}
 
 
 def test_a_run_the_cluster_cannot_hold_ends_with_one_line_within_the_timeout(ray_address,

@@ -22,12 +22,21 @@ Each figure is measured for the same `--seconds`, one after the other on the sam
   like the system run, in the environment this script was started with (the project's TF
   defaults are not passed on); its steps before its first update are left out, as the
   system's start-up is (the rate as the script prints it is in `baselines`).
-  system_agent_steps_per_s: that system run. speedup_vs_seed = system / seed (target >= 6).
+  system_agent_steps_per_s: that system run. speedup_vs_seed = system / seed (target >= 8).
+- old_default_agent_steps_per_s: the same system run with the learner in float32 compiled
+  with XLA and the actors in float32 (the defaults before precision and compile mode were
+  chosen for the device); run right before and right after the system run.
+  speedup_vs_old_default = system / old default (target >= 1.4). `system_compute` says what
+  the system's learner and actors chose (--learner-precision, --xla and --actor-precision
+  auto) and the rates they timed to choose.
+- learner_modes: the bare train step in float32 and in the precision `auto` picks on this
+  machine (when another), each compiled with XLA and as a plain tf.function, timed in turns.
+  acting_float32_agent_steps_per_s: the acting run again with the actors in float32.
 System rates are taken over a window that opens `--warm-up` seconds after the learner's
 first update (the seed script's timer likewise starts after its set-up). Each baseline runs
 right before and right after the run it is the other side of, with Ray stopped (raw around
-the acting run; bare and seed around the system run), and each ratio divides by the mean of
-the two, so a host that speeds up or slows down moves both sides of a ratio alike; every
+the acting runs; bare and seed around the system runs), and each ratio divides by the mean
+of the two, so a host that speeds up or slows down moves both sides of a ratio alike; every
 baseline run is in the JSON (`baselines`). `--scaling` adds acting rates for 1, 2, 4 actors
 and for K = 16, 32, 128 (each with its raw figure, measured just before). `--quick` runs
 every part for a few seconds: a check that the script works, not a measurement.
@@ -35,6 +44,7 @@ every part for a few seconds: a check that the script works, not a measurement.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -57,9 +67,13 @@ from actors.env_batch import EnvBatch  # noqa: E402
 from common.config import PRESETS, Config  # noqa: E402
 from common.envs import describe_env  # noqa: E402
 
-TARGETS = {"acting_ratio": 0.6, "learner_ratio": 0.8, "speedup_vs_seed": 6.0}
+TARGETS = {"acting_ratio": 0.6, "learner_ratio": 0.8, "speedup_vs_seed": 8.0,
+           "speedup_vs_old_default": 1.4}
 ACTING_EPSILON = 0.1  # the seed's floor: nine envs in ten go through the network each step
 ACTING_REPLAY_CAPACITY = 2_000_000  # never filled in a run: the learner never starts
+# The defaults before the learner's and the actors' precision and compile mode were chosen
+# for the device.
+OLD_DEFAULT = {"learner_precision": "float32", "xla": "on", "actor_precision": "float32"}
 
 
 def raw_env_rate(config: Config, num_envs: int, seconds: float) -> float:
@@ -82,30 +96,52 @@ def raw_env_rate(config: Config, num_envs: int, seconds: float) -> float:
     return rate
 
 
-def bare_learner_rate(config: Config, seconds: float) -> float:
-    """Updates/s of the train step alone on a fixed in-memory batch, in the precision and
-    compile mode the system's learner resolves to."""
-    from learner.learner import DQNLearner
+def warmed_learner(config: Config):
+    """A learner of `config` for the train step alone, its compile mode chosen as the
+    system's learner chooses it, and a fixed in-memory batch it has compiled and warmed up on."""
+    from learner.learner import DQNLearner, synthetic_batch
     info = describe_env(config.env)
     learner = DQNLearner(config, info)
     if config.xla == "auto":  # as LearnerService does
         learner.choose_compile_mode()
-    rng = np.random.default_rng(0)
-    shape = (config.learner_batches_per_call, config.batch_size)
-    batch: dict[str, np.ndarray] = {
-        "obs": rng.integers(0, 256, shape + info.obs_shape, dtype=np.uint8),
-        "next_obs": rng.integers(0, 256, shape + info.obs_shape, dtype=np.uint8),
-        "action": rng.integers(0, info.num_actions, shape).astype(np.int32),
-        "reward": rng.normal(size=shape).astype(np.float32),
-        "discount": np.full(shape, config.gamma, np.float32),
-        "weight": np.ones(shape, np.float32)}
+    batch = synthetic_batch(info, config.batch_size, config.learner_batches_per_call,
+                            np.random.default_rng(0))
     for _ in range(3):  # trace, compile, warm up
         learner.step(batch)
+    return learner, batch
+
+
+def bare_learner_rate(config: Config, seconds: float) -> float:
+    """Updates/s of the train step alone on a fixed in-memory batch, in the precision and
+    compile mode the system's learner resolves to."""
+    learner, batch = warmed_learner(config)
     updates, started = 0, time.perf_counter()
     while time.perf_counter() - started < seconds:
         learner.step(batch)
         updates += config.learner_batches_per_call
     return updates / (time.perf_counter() - started)
+
+
+def learner_modes(config: Config, seconds: float) -> list[dict]:
+    """The bare train step in float32 and in the precision `auto` resolves to here (if
+    another), each with XLA and plain, timed in turns for `seconds` each."""
+    from common.networks import resolve_precision
+    from common.timing import calls_per_second_in_turns
+    obs_shape = describe_env(config.env).obs_shape
+    precisions = dict.fromkeys(["float32", resolve_precision("auto", obs_shape)])
+    modes = [(precision, xla) for precision in precisions for xla in ("on", "off")]
+    steps = {}
+    for precision, xla in modes:
+        learner, batch = warmed_learner(config.replace(learner_precision=precision, xla=xla))
+        steps[precision, xla] = functools.partial(learner.step, batch)
+    calls = calls_per_second_in_turns(steps, seconds)
+    rows = [{"precision": precision, "xla": xla == "on",
+             "updates_per_s": round(calls[precision, xla] * config.learner_batches_per_call, 2)}
+            for precision, xla in modes]
+    for row in rows:
+        print(f"train step alone, {row['precision']}, XLA {'on' if row['xla'] else 'off'}: "
+              f"{row['updates_per_s']:.1f} updates/s", flush=True)
+    return rows
 
 
 # The seed trains from its 36th step on (once 32 transitions are stored, every 4th step). The
@@ -217,6 +253,8 @@ def run_roles(config: Config, num_actors: int, seconds: float, warm_up_s: float,
     # CPUs each role kept busy over the window (the sum is at most the machine's CPUs).
     rates["cpus_busy"] = {role: round((after["cpu"][role] - before["cpu"][role]) / elapsed, 2)
                           for role in before["cpu"]}
+    # What the learner and the actors compute in, as launch.py's summary says it.
+    rates["compute"] = {**progress.latest()[0].compute(), **progress.actors_compute()}
     return rates
 
 
@@ -313,25 +351,42 @@ def main() -> None:
     num_actors = launch.actor_count(system_config)
     num_envs = num_actors * envs_per_actor
 
+    def system_run(config: Config, name: str) -> dict:
+        rates = under_ray(config, num_actors, lambda: run_roles(
+            config, num_actors, seconds, warm_up, training=True))
+        print(f"system ({name}): {rates['agent_steps']:,.1f} agent steps/s, "
+              f"{rates['updates']:.1f} updates/s, {rates['samples_per_insert']:.2f} samples "
+              f"per insert, learner waiting for batches "
+              f"{rates['learner_starved_fraction']:.1%} of the time; {rates['compute']}",
+              flush=True)
+        return rates
+
+    def acting_run(actor_precision: str) -> dict:
+        config = acting_config(seed_preset, num_actors, envs_per_actor).replace(
+            actor_precision=actor_precision)
+        rates = under_ray(system_config, num_actors, lambda: run_roles(
+            config, num_actors, seconds, warm_up, training=False))
+        print(f"acting ({num_actors} actors x {envs_per_actor} envs, epsilon "
+              f"{ACTING_EPSILON}, actors in {rates['compute']['actor_precision']}): "
+              f"{rates['agent_steps']:,.0f} agent steps/s", flush=True)
+        return rates
+
     raw_runs = [raw_baseline(seed_preset, num_envs, seconds)]
-    acting = under_ray(system_config, num_actors, lambda: run_roles(
-        acting_config(seed_preset, num_actors, envs_per_actor), num_actors, seconds, warm_up,
-        training=False))
-    print(f"acting ({num_actors} actors x {envs_per_actor} envs, epsilon {ACTING_EPSILON}): "
-          f"{acting['agent_steps']:,.0f} agent steps/s", flush=True)
+    acting = acting_run(seed_preset.actor_precision)
+    acting_float32 = acting_run("float32")
     raw_runs.append(raw_baseline(seed_preset, num_envs, seconds))
     learner_runs = [learner_baselines(seed_preset, seconds, args.seed_script)]
-    system = under_ray(system_config, num_actors, lambda: run_roles(
-        system_config, num_actors, seconds, warm_up, training=True))
-    print(f"system (seed preset): {system['agent_steps']:,.1f} agent steps/s, "
-          f"{system['updates']:.1f} updates/s, {system['samples_per_insert']:.2f} samples "
-          f"per insert, learner waiting for batches "
-          f"{system['learner_starved_fraction']:.1%} of the time", flush=True)
+    old_config = system_config.replace(**OLD_DEFAULT)
+    old_default_runs = [system_run(old_config, "float32, XLA on: the old default")]
+    system = system_run(system_config, "seed preset")
+    old_default_runs.append(system_run(old_config, "float32, XLA on: the old default"))
     learner_runs.append(learner_baselines(seed_preset, seconds, args.seed_script))
+    modes = learner_modes(seed_preset, seconds)
     raw = mean_of(raw_runs, "raw_env_agent_steps_per_s")
     bare = mean_of(learner_runs, "bare_updates_per_s")
     seed_steps = mean_of(learner_runs, "seed_agent_steps_per_s")
     seed_updates = mean_of(learner_runs, "seed_updates_per_s")
+    old_default = mean_of(old_default_runs, "agent_steps")
     scaling = []
     if args.scaling and not args.quick:
         launch.connect_ray(system_config, max(num_actors, 4))
@@ -356,8 +411,19 @@ def main() -> None:
         "seed_updates_per_s": round(seed_updates, 2),
         "system_agent_steps_per_s": round(system["agent_steps"], 1),
         "speedup_vs_seed": round(system["agent_steps"] / seed_steps, 2),
+        "old_default_agent_steps_per_s": round(old_default, 1),
+        "speedup_vs_old_default": round(system["agent_steps"] / old_default, 3),
+        "system_compute": system["compute"],
+        "learner_modes": modes,
+        "acting_float32_agent_steps_per_s": round(acting_float32["agent_steps"], 1),
+        "acting_float32_ratio": round(acting_float32["agent_steps"] / raw, 3),
+        "acting_compute": acting["compute"],
         "baselines": {"around_acting": {"before": raw_runs[0], "after": raw_runs[1]},
-                      "around_system": {"before": learner_runs[0], "after": learner_runs[1]}},
+                      "around_system": {"before": learner_runs[0], "after": learner_runs[1]},
+                      "old_default": [{"agent_steps_per_s": round(run["agent_steps"], 1),
+                                       "updates_per_s": round(run["updates"], 2),
+                                       "compute": run["compute"]}
+                                      for run in old_default_runs]},
         "tf_enable_onednn_opts": {"project": os.environ.get("TF_ENABLE_ONEDNN_OPTS"),
                                   "seed": SEED_ENV.get("TF_ENABLE_ONEDNN_OPTS")},
     }

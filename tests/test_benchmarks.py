@@ -57,9 +57,28 @@ def test_throughput_benchmark_quick_mode_prints_its_figures(ray_address, tmp_pat
     assert figures["seed_script"] == str(clone / "benchmarks" / "single_process.py")
     for name in ("raw_env_agent_steps_per_s", "acting_agent_steps_per_s", "acting_ratio",
                  "bare_updates_per_s", "system_updates_per_s", "learner_ratio",
-                 "seed_agent_steps_per_s", "system_agent_steps_per_s", "speedup_vs_seed"):
+                 "seed_agent_steps_per_s", "system_agent_steps_per_s", "speedup_vs_seed",
+                 "old_default_agent_steps_per_s", "speedup_vs_old_default",
+                 "acting_float32_agent_steps_per_s"):
         assert figures[name] > 0, name
-    assert set(figures["targets_met"]) == {"acting_ratio", "learner_ratio", "speedup_vs_seed"}
+    assert set(figures["targets_met"]) == {"acting_ratio", "learner_ratio", "speedup_vs_seed",
+                                           "speedup_vs_old_default"}
+    # The old default ran as it was; the system as --learner-precision/--xla/--actor-precision
+    # auto chose on this machine, and every train-step mode was timed beside it.
+    assert [(run["compute"]["learner_precision"], run["compute"]["learner_xla"],
+             run["compute"]["actor_precision"]) for run in figures["baselines"]["old_default"]] \
+        == [("float32", True, "float32")] * 2
+    chosen = figures["system_compute"]
+    rates = chosen["learner_compile_updates_per_s"]
+    assert chosen["learner_xla"] == (rates["xla"] >= rates["plain"])
+    modes = {(row["precision"], row["xla"]): row["updates_per_s"]
+             for row in figures["learner_modes"]}
+    assert {("float32", True), ("float32", False), (chosen["learner_precision"], True),
+            (chosen["learner_precision"], False)} == set(modes) and min(modes.values()) > 0
+    # Each actor times its own choice: at 8 envs, under load, they may differ.
+    for compute in (chosen, figures["acting_compute"]):
+        assert set(compute["actor_precision"].split(", ")) <= {"float32",
+                                                               chosen["learner_precision"]}
     assert figures["acting_cpus_busy"]["actors"] > 0
     assert 0 <= figures["system_learner_starved_fraction"] <= 1
     # Each baseline ran before and after the run it is the other side of; the ratios divide

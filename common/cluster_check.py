@@ -3,18 +3,19 @@ versions its nodes install.
 
     python -m common.cluster_check cluster.yaml [OTHER.yaml ...]
         `cluster.yaml: ok` (exit 0), or one line per problem (exit 2): a `SET-...` placeholder
-        left in it (your address, an image digest, a host), an image not pinned by digest (an
-        AWS node's AMI by ID), a `pip install` without the constraints, a mounted folder that
-        would carry its .git or runs/ to the nodes, anything Ray's own validation refuses; on
-        AWS also ingress open to the whole internet (or Ray's default group, which opens SSH to
-        it), a node without IMDSv2, or a volume not encrypted. It reads the file, nothing else:
+        left in it (your address, an image digest, a host, an SSH user or key), an image not
+        pinned by digest (an AWS node's AMI by ID), a `pip install` without the constraints, a
+        mounted folder that would carry its .git or runs/ to the nodes, anything Ray's own
+        validation refuses; on AWS also ingress open to the whole internet (or Ray's default
+        group, which opens SSH to it), a node without IMDSv2, or a volume not encrypted; on
+        your own machines (`local`) a machine listed twice. It reads the file, nothing else:
         no network, no cloud.
     python -m common.cluster_check --freeze > constraints.txt
         The version this environment runs of every package `pip install -e .` pulls in: what
         the nodes' `pip install -c constraints.txt` gets, so they run what the tests ran.
 
-Provider-specific rules go by `provider.type` (`aws`); the others hold for any provider, an
-on-premise `local` one included.
+Provider-specific rules go by `provider.type` (`aws`; `local`: each machine listed once); the
+others hold for any provider, an on-premise `local` one included.
 """
 from __future__ import annotations
 
@@ -39,6 +40,8 @@ PLACEHOLDER_FIXES = {  # by how the placeholder ends; {image} is what precedes a
     "-DIGEST": "set it to the digest of {image} (docker buildx imagetools inspect {image}: its "
                "Digest: line)",
     "-HOST": "set it to the node's address",
+    "-USER": "set it to the user SSH logs in as on every node",
+    "-KEY": "set it to the path of the SSH private key every node accepts for that user",
 }
 DIGEST_PINNED = re.compile(r"@sha256:[0-9a-f]{64}")
 AMI_ID = re.compile(r"ami-[0-9a-f]{8,17}")
@@ -226,8 +229,27 @@ def aws_node_problems(config: dict) -> list[str]:
     return problems
 
 
+def local_address_problems(config: dict) -> list[str]:
+    """Each machine listed once: Ray's local provider keeps its nodes by address, and `ray up`
+    stops on a bare AssertionError when one repeats (or the head is also a worker)."""
+    provider = mapping(config.get("provider"))
+    addresses = [("provider.head_ip", provider.get("head_ip"))] + [
+        (f"provider.worker_ips[{index}]", address)
+        for index, address in enumerate(sequence(provider.get("worker_ips")))]
+    first: dict[str, str] = {}
+    problems = []
+    for where, address in addresses:
+        if not isinstance(address, str) or PLACEHOLDER.search(address):
+            continue
+        if address in first:
+            problems.append(f"{where} = {address} is listed already as {first[address]}: each "
+                            f"machine once (Ray's local provider keeps its nodes by address)")
+        first.setdefault(address, where)
+    return problems
+
+
 PROVIDER_PROBLEMS: dict[str, tuple[Callable[[dict], list[str]], ...]] = {
-    "aws": (aws_ingress_problems, aws_node_problems)}
+    "aws": (aws_ingress_problems, aws_node_problems), "local": (local_address_problems,)}
 
 
 def config_problems(config: dict, folder: Path) -> list[str]:

@@ -27,6 +27,18 @@ def ray_address():
     ray.shutdown()
 
 
+@pytest.fixture
+def prerequisites():
+    """What hosts in network namespaces need (tests/hosts.py): skipped without it, failed in
+    CI."""
+    from tests.hosts import missing_prerequisite
+    problem = missing_prerequisite()
+    if problem:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI is set but {problem}")
+        pytest.skip(problem)
+
+
 def tensorboard_scalars(logdir, name: str) -> list[tuple[int, float]]:
     """(step, value) of every scalar `name` in the TensorBoard events under `logdir`."""
     import tensorflow as tf

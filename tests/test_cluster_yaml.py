@@ -1,6 +1,8 @@
-"""cluster.yaml is a config `ray up` accepts (Ray's own validation, offline) and it keeps the
-promises the launcher and the README rely on."""
+"""cluster.yaml (AWS) and cluster-local.yaml (machines of your own) are configs `ray up`
+accepts (Ray's own validation, offline), they keep the promises the launcher and the README
+rely on, and what they share they say the same way."""
 import copy
+import json
 import subprocess
 import sys
 
@@ -19,8 +21,17 @@ def cluster():
     return yaml.safe_load((ROOT / "cluster.yaml").read_text())
 
 
+@pytest.fixture(scope="module")
+def local_cluster():
+    return yaml.safe_load((ROOT / "cluster-local.yaml").read_text())
+
+
 def test_ray_validates_cluster_yaml(cluster):
     validate_config(prepare_config(copy.deepcopy(cluster)))
+
+
+def test_ray_validates_cluster_local_yaml(local_cluster):
+    validate_config(prepare_config(copy.deepcopy(local_cluster)))
 
 
 def test_validation_would_catch_a_broken_config(cluster):
@@ -66,6 +77,40 @@ def test_the_cluster_is_locked_down_by_default(cluster):
     assert cluster["setup_commands"][0] == "chmod 600 ~/.ray/auth_token"
     docker = cluster["docker"]
     assert all(":2.60.0-py311-" in docker[key] for key in ("image", "worker_image"))
+
+
+def shared_text(name: str) -> list[str]:
+    """The lines of a cluster file from its file mounts to its last setup command, comments
+    included."""
+    lines = (ROOT / name).read_text().splitlines()
+    start = lines.index("# The project itself and the auth token, on every node. Of the "
+                        "checkout, the nodes get the code,")
+    end = next(index for index, line in enumerate(lines) if line.startswith("  - grep -q "
+                                                                            "RAY_AUTH_MODE"))
+    return lines[start:end + 1]
+
+
+def test_the_on_premise_file_says_what_it_shares_with_the_cloud_one_the_same_way(
+        cluster, local_cluster):
+    """The same text for what reaches the nodes and how they install it; the same start
+    commands but for what Ray's local provider needs: the head's resource given to `ray start`
+    (it takes no node types) and the first autoscaler (v2 starts one listed worker only)."""
+    assert shared_text("cluster-local.yaml") == shared_text("cluster.yaml")
+    for key in ("file_mounts", "rsync_exclude", "rsync_filter", "setup_commands",
+                "worker_setup_commands", "worker_start_ray_commands"):
+        assert local_cluster[key] == cluster[key], key
+    local_head, cloud_head = (local_cluster["head_start_ray_commands"],
+                              cluster["head_start_ray_commands"])
+    assert local_head[:-1] == cloud_head[:-1]
+    assert local_head[-1] == cloud_head[-1].replace(
+        "RAY_AUTH_MODE=token ray start", "RAY_AUTH_MODE=token RAY_enable_autoscaler_v2=0 ray start"
+    ) + f" --resources='{json.dumps({LEARNER_HOST: 1})}'"
+    assert "--dashboard-host=127.0.0.1" in local_head[-1]
+    assert "available_node_types" not in local_cluster
+    # A GPU head installs what cluster.yaml's does: said in a comment, not done by default.
+    assert local_cluster["head_setup_commands"] == []
+    assert f"\n#   - {cluster['head_setup_commands'][0]}\nhead_setup_commands: []\n" in (
+        ROOT / "cluster-local.yaml").read_text()
 
 
 # --- `python -m common.cluster_check`: what Ray's validation lets through, refused before `ray up`
@@ -218,6 +263,62 @@ def test_the_check_holds_for_an_on_premise_cluster_too(tmp_path):
     config["docker"]["image"] += DIGEST
     config["setup_commands"] = ["pip install -c ~/ray-apex-dqn/constraints.txt -e ~/ray-apex-dqn"]
     assert problems_of(config, tmp_path) == []
+
+
+def test_the_check_refuses_the_shipped_on_premise_file_only_for_its_placeholders():
+    result = run_check("cluster-local.yaml")
+    assert result.returncode == 2 and result.stdout == ""
+    host = "still holds the placeholder {0}: set it to the node's address"
+    assert result.stderr.splitlines() == [
+        "cluster-local.yaml: provider.head_ip = SET-HEAD-HOST " + host.format("SET-HEAD-HOST"),
+        "cluster-local.yaml: provider.worker_ips[0] = SET-WORKER-1-HOST "
+        + host.format("SET-WORKER-1-HOST"),
+        "cluster-local.yaml: provider.worker_ips[1] = SET-WORKER-2-HOST "
+        + host.format("SET-WORKER-2-HOST"),
+        "cluster-local.yaml: auth.ssh_user = SET-SSH-USER still holds the placeholder "
+        "SET-SSH-USER: set it to the user SSH logs in as on every node",
+        "cluster-local.yaml: auth.ssh_private_key = SET-SSH-KEY still holds the placeholder "
+        "SET-SSH-KEY: set it to the path of the SSH private key every node accepts for that "
+        "user"]
+
+
+@pytest.fixture
+def local_filled(local_cluster):
+    """cluster-local.yaml with its placeholders set as a user sets them."""
+    config = copy.deepcopy(local_cluster)
+    config["provider"].update(head_ip="192.0.2.10", worker_ips=["192.0.2.11", "192.0.2.12"])
+    config["auth"].update(ssh_user="ubuntu", ssh_private_key="~/.ssh/id_ed25519")
+    return config
+
+
+def test_the_check_passes_an_on_premise_copy_with_the_placeholders_set(local_filled, tmp_path):
+    problems_of(local_filled, tmp_path)  # written there
+    result = run_check(tmp_path / "cluster.yaml")
+    assert (result.returncode, result.stdout, result.stderr) == (
+        0, f"{tmp_path / 'cluster.yaml'}: ok\n", "")
+
+
+@pytest.mark.parametrize("change, keys, named", [
+    (set_to(["192.0.2.11", "192.0.2.11"]), ("provider", "worker_ips"),
+     "provider.worker_ips[1] = 192.0.2.11 is listed already as provider.worker_ips[0]: each "
+     "machine once"),
+    (set_to(["192.0.2.11", "192.0.2.10"]), ("provider", "worker_ips"),
+     "provider.worker_ips[1] = 192.0.2.10 is listed already as provider.head_ip"),
+    (set_to({"head": {"resources": {LEARNER_HOST: 1}, "node_config": {}}}),
+     ("available_node_types",),
+     "Ray refuses it: The field available_node_types is not supported for on-premise clusters."),
+    (drop, ("provider", "worker_ips"),
+     "Ray refuses it: Please supply a `head_ip` and list of `worker_ips`."),
+    (set_to("pip install -q -e ~/ray-apex-dqn"), ("setup_commands", 1),
+     "setup_commands[1] = `pip install -q -e ~/ray-apex-dqn` installs without the constraints"),
+    (set_to(["runs/"]), ("rsync_exclude",),
+     "rsync_exclude does not keep .git (its git history) out of the mounted ."),
+])
+def test_the_check_names_what_an_on_premise_copy_gets_wrong(local_filled, tmp_path, change, keys,
+                                                            named):
+    change(local_filled, *keys)
+    problems = problems_of(local_filled, tmp_path)
+    assert len(problems) == 1 and named in problems[0], problems
 
 
 def test_unreadable_or_malformed_files_end_in_one_line(tmp_path):

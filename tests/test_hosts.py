@@ -2,7 +2,6 @@
 real SSH with the harness's key, with its own address, /tmp, /dev/shm and processes, no way
 out of the subnet; a killed host loses everything, a cut one keeps running unreachable, and
 nothing of them is left afterwards, also when the body raised or an earlier run crashed."""
-import os
 import shlex
 import shutil
 import socket
@@ -24,7 +23,6 @@ from tests.hosts import (
     Hosts,
     HostsError,
     HostsUnavailable,
-    missing_prerequisite,
 )
 
 pytestmark = pytest.mark.cluster
@@ -46,15 +44,6 @@ for target in sys.argv[2:]:
         result = errno.errorcode.get(error.errno or 0, type(error).__name__)
     print(result, round(time.monotonic() - start, 3))
 """
-
-
-@pytest.fixture
-def prerequisites():
-    problem = missing_prerequisite()
-    if problem:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI is set but {problem}")
-        pytest.skip(problem)
 
 
 @pytest.fixture

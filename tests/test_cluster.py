@@ -1,0 +1,354 @@
+"""The on-premise path end to end, as a user takes it from a laptop: `ray up cluster-local.yaml`
+over SSH onto three hosts (tests/hosts.py: a head and two workers, each a machine of its own
+on a private bridge), the workers joining with token authentication, `ray job submit` through
+the SSH tunnel `ray dashboard` makes, progress back with `ray job logs`, the learner and the
+replay shard on the head and the actors on the workers, `ray down`.
+
+The laptop's side runs with a HOME of its own: its ~/.ray/auth_token is this test's token,
+never the machine's, and Ray's cluster state stays in the test's folder (RAY_TMPDIR)."""
+import contextlib
+import hashlib
+import json
+import os
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+import uuid
+from getpass import getuser
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from common.cluster_check import file_problems
+from launch import LEARNER_HOST
+from tests.conftest import ROOT
+from tests.hosts import Host, Hosts
+
+pytestmark = pytest.mark.cluster
+
+RAY = str(Path(sys.executable).with_name("ray"))  # this Python's CLI, whatever HOME says
+# What every host would detect of this whole machine, held to a share of two cores: the head
+# holds the learner and one replay shard, each worker one actor.
+HEAD_CPUS, WORKER_CPUS = 2, 1
+NODE_MEMORY = 2 * 10**9
+OBJECT_STORE_MEMORY = 300 * 10**6
+# Bounds for a loaded machine; on an idle one `ray up` takes ~20 s, the workers join ~20 s
+# later, the job takes ~50 s, and the workers' Ray ends ~50 s after `ray down`.
+UP_TIMEOUT = 300  # s: `ray up`, the head's setup and start
+JOIN_TIMEOUT = 300  # s: the head's autoscaler sets up and starts both workers
+JOB_TIMEOUT = 300  # s: the job's start (TensorFlow in every role), 20 s of training, its stop
+DOWN_TIMEOUT = 120
+WORKER_STOP_TIMEOUT = 120  # s: a worker's raylet, left running by `ray down`, ends by itself
+CLI_TIMEOUT = 60
+API_TIMEOUT = 30
+# A host has no route out, and every package is installed already (its home is a copy of this
+# machine's): pip installs the project from what is there, without an index, building it with
+# the installed setuptools (`no-build-isolation = false` is pip's spelling of "no isolation").
+PIP_CONF = "[global]\nno-index = true\nno-build-isolation = false\n"
+LOG_TAIL_LINES = 60
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Laptop:
+    """The user's machine: the ray CLI with this test's HOME (its token, its key) and the filled
+    cluster config."""
+
+    def __init__(self, folder: Path, hosts: Hosts):
+        self.folder = folder
+        self.home = folder / "home"
+        self.home.mkdir()
+        self.cluster_name = f"dqnh-{uuid.uuid4().hex[:8]}"
+        self.env = {key: value for key, value in os.environ.items()
+                    if not key.startswith("RAY_")}  # the machine's own Ray settings stay out
+        (folder / "tmp").mkdir()
+        self.env.update(HOME=str(self.home), RAY_TMPDIR=str(folder / "tmp"),
+                        TMPDIR=str(folder / "tmp"),
+                        RAY_AUTH_MODE="token", RAY_USAGE_STATS_ENABLED="0")
+        self.config = folder / "cluster-local.yaml"
+        self.transcript = folder / "laptop.log"
+        self.dashboard_port = free_port()
+        self.dashboard: subprocess.Popen[bytes] | None = None
+        self.hosts = hosts
+        self.up = False  # `ray up` was run and no `ray down` since
+
+    @property
+    def address(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    def ray(self, *args: str, timeout: float = CLI_TIMEOUT,
+            check: bool = True) -> subprocess.CompletedProcess[str]:
+        """`ray ARGS` from the checkout's root, as the user types it; its output kept in the
+        transcript."""
+        started = time.monotonic()
+        try:
+            result = subprocess.run([RAY, *args], cwd=ROOT, env=self.env, capture_output=True,
+                                    text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired as expired:
+            self.note(args, "timed out", str(expired.stdout or "") + str(expired.stderr or ""))
+            raise AssertionError(f"`ray {shlex.join(args)}` did not finish in {timeout} s; "
+                                 f"{self.tail()}") from None
+        self.note(args, f"exit {result.returncode} in {time.monotonic() - started:.1f} s",
+                  result.stdout + result.stderr)
+        if check and result.returncode != 0:
+            raise AssertionError(f"`ray {shlex.join(args)}` exited {result.returncode}: "
+                                 f"{self.tail()}")
+        return result
+
+    def note(self, args, how: str, output: str) -> None:
+        with open(self.transcript, "a") as log:
+            log.write(f"$ ray {shlex.join(args)}  # {how}\n{output}\n")
+
+    def tail(self, lines: int = LOG_TAIL_LINES) -> str:
+        text = self.transcript.read_text(errors="replace") if self.transcript.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def fill_in(self) -> dict:
+        """cluster-local.yaml with its placeholders set as the user sets them (the hosts'
+        addresses, the SSH user and key) and this test's own cluster name; then what only these
+        hosts need: `ray start` held to the test's share of the machine (every host sees all
+        of it) on the host's own address."""
+        head, *workers = self.hosts
+        text = (ROOT / "cluster-local.yaml").read_text()
+        for placeholder, value in [("SET-HEAD-HOST", head.address),
+                                   *((f"SET-WORKER-{i}-HOST", worker.address)
+                                     for i, worker in enumerate(workers, 1)),
+                                   ("SET-SSH-USER", self.hosts.user),
+                                   ("SET-SSH-KEY", str(self.hosts.key))]:
+            assert placeholder in text, placeholder
+            text = text.replace(placeholder, value)
+        config = yaml.safe_load(text)
+        config["cluster_name"] = self.cluster_name
+        config["file_mounts"]["~/ray-apex-dqn"] = str(ROOT)  # "." from wherever it is saved
+        for key, cpus in [("head_start_ray_commands", HEAD_CPUS),
+                          ("worker_start_ray_commands", WORKER_CPUS)]:
+            config[key] = [command + (
+                f" --num-cpus={cpus} --memory={NODE_MEMORY} "
+                f"--object-store-memory={OBJECT_STORE_MEMORY} --node-ip-address=$(hostname -i)"
+                if "ray start" in command else "") for command in config[key]]
+        self.config.write_text(yaml.safe_dump(config))
+        return config
+
+    def open_dashboard(self) -> None:
+        """`ray dashboard`: the head's dashboard (and job API) on a port of this machine's
+        loopback, over SSH."""
+        log = open(self.folder / "dashboard.log", "ab")
+        self.dashboard = subprocess.Popen(
+            [RAY, "dashboard", "--no-config-cache", "-p", str(self.dashboard_port),
+             str(self.config)], cwd=ROOT, env=self.env, stdin=subprocess.DEVNULL, stdout=log,
+            stderr=subprocess.STDOUT, start_new_session=True)
+        wait_for(lambda: self.state("nodes") is not None, "the dashboard through the tunnel",
+                 60)
+
+    def close_dashboard(self) -> None:
+        if self.dashboard is not None and self.dashboard.poll() is None:
+            os.killpg(self.dashboard.pid, 15)
+            try:
+                self.dashboard.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.dashboard.pid, 9)
+                self.dashboard.wait(timeout=10)
+
+    def api(self, path: str, **params: str) -> Any:
+        """GET from the head's dashboard API through the tunnel, with the token (what `ray
+        list` and `ray job` send; asked directly, the polls cost no CLI start each)."""
+        token = (self.home / ".ray" / "auth_token").read_text().strip()
+        request = urllib.request.Request(
+            f"{self.address}{path}?{urllib.parse.urlencode(params)}",
+            headers={"Authorization": f"Bearer {token}"})
+        with urllib.request.urlopen(request, timeout=API_TIMEOUT) as response:
+            return json.load(response)
+
+    def state(self, kind: str, **equal: str) -> list[dict] | None:
+        """Ray's state API's `kind` (nodes, actors) in detail, those whose fields equal
+        `equal`; None while it does not answer."""
+        filters = {"filter_keys": ",".join(equal), "filter_predicates": ",".join("=" * len(equal)),
+                   "filter_values": ",".join(equal.values())} if equal else {}
+        try:
+            answer = self.api(f"/api/v0/{kind}", detail="1", limit="1000", **filters)
+        except OSError:
+            return None
+        return answer["data"]["result"]["result"]
+
+    def forget(self) -> None:
+        """What `ray up` left on this machine outside the test's folder: its SSH control
+        sockets, in a folder named as Ray's command runner names it (the masters exit on their
+        own once their hosts are gone)."""
+        user = Path("/tmp") / f"ray_ssh_{hashlib.sha256(getuser().encode()).hexdigest()[:10]}"
+        shutil.rmtree(user / hashlib.sha256(self.cluster_name.encode()).hexdigest()[:10],
+                      ignore_errors=True)
+        with contextlib.suppress(OSError):
+            user.rmdir()  # when no other cluster's sockets are in it
+
+
+def wait_for(condition, what: str, timeout: float, every: float = 2.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
+        time.sleep(every)
+
+
+def ray_processes(hosts: Hosts, host: Host) -> str:
+    return hosts.inside(host, "pgrep -l 'raylet|gcs_server'", check=False).stdout
+
+
+def alive_nodes(laptop: Laptop) -> list[dict]:
+    nodes = laptop.state("nodes") or []
+    return [node for node in nodes if node["state"] == "ALIVE"]
+
+
+def host_logs(hosts: Hosts, host: Host) -> str:
+    """The tails of a host's Ray logs (and what Ray's autoscaler said), for a failure."""
+    if host.init_pid is None:
+        return f"{host.name}: down"
+    tail = f"tail -n {LOG_TAIL_LINES // 2}"
+    command = ("cd /tmp/ray/session_latest/logs 2>/dev/null || exit 0; "
+               "[ -f monitor.log ] && echo '== monitor.log (its nodes and updaters)' && "
+               "grep -E 'NodeUpdater|StandardAutoscaler|Launch|Pending|uninitialized|failed' "
+               f"monitor.log | {tail}; "
+               "for f in monitor.out monitor.err raylet.err gcs_server.err dashboard.err "
+               f"job-driver-*.log; do [ -f $f ] && echo \"== $f\" && {tail} $f; done")
+    result = hosts.inside(host, command, check=False)
+    return f"----- {host.name} ({host.address})\n{result.stdout}{result.stderr}"
+
+
+def print_diagnostics(laptop: Laptop, hosts: Hosts) -> None:
+    print("----- the laptop's ray commands (tail)\n" + laptop.tail(), file=sys.stderr)
+    for host in hosts:
+        print(host_logs(hosts, host), file=sys.stderr)
+
+
+@pytest.fixture
+def cluster(prerequisites, tmp_path):
+    """A head and two workers, and the laptop that brings Ray up on them; `ray down` and the
+    hosts torn down at the end, also on failure."""
+    with Hosts(3) as hosts:
+        laptop = Laptop(tmp_path, hosts)
+        try:
+            yield laptop
+        finally:
+            laptop.close_dashboard()
+            if laptop.up:
+                laptop.ray("down", "-y", str(laptop.config), timeout=DOWN_TIMEOUT, check=False)
+            laptop.forget()
+
+
+def test_ray_up_on_three_hosts_then_a_job_places_each_role_where_it_belongs(cluster):
+    try:
+        up_job_down(cluster)
+    except BaseException:
+        print_diagnostics(cluster, cluster.hosts)
+        raise
+
+
+def up_job_down(laptop: Laptop) -> None:
+    hosts = laptop.hosts
+    head, *workers = hosts
+    timings: dict[str, float] = {}
+    started = time.monotonic()
+
+    # The user's steps: a token of their own, the placeholders set, the offline check.
+    laptop.ray("get-auth-token", "--generate")
+    token = (laptop.home / ".ray" / "auth_token").read_text().strip()
+    assert token and token != machine_token()
+    laptop.fill_in()
+    assert file_problems(laptop.config) == []
+    for host in hosts:
+        hosts.inside(host, f"mkdir -p ~/.config/pip && printf %s {shlex.quote(PIP_CONF)} "
+                           f"> ~/.config/pip/pip.conf")
+
+    laptop.up = True
+    laptop.ray("up", "-y", "--no-config-cache", "--disable-usage-stats", str(laptop.config),
+               timeout=UP_TIMEOUT)
+    timings["ray_up_s"] = time.monotonic() - started
+
+    # The dashboard serves on the head's loopback only; the laptop reaches it over SSH.
+    listening = hosts.inside(head, "ss -Hltn 'sport = :8265'").stdout.split()
+    assert "127.0.0.1:8265" in listening and f"{head.address}:8265" not in listening, listening
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection((head.address, 8265), timeout=5).close()
+    laptop.open_dashboard()
+    wait_for(lambda: len(alive_nodes(laptop)) == len(hosts), "both workers joining",
+             JOIN_TIMEOUT)
+    timings["workers_joined_s"] = time.monotonic() - started
+    nodes = alive_nodes(laptop)
+    by_ip = {node["node_ip"]: node for node in nodes}
+    assert set(by_ip) == {host.address for host in hosts}, nodes
+    assert by_ip[head.address]["is_head_node"]
+    assert by_ip[head.address]["resources_total"].get(LEARNER_HOST) == 1
+    for worker in workers:
+        assert LEARNER_HOST not in by_ip[worker.address]["resources_total"]
+        assert by_ip[worker.address]["resources_total"]["CPU"] == WORKER_CPUS
+
+    # Every node's Ray runs with token authentication, and holds this test's token, private.
+    for host in hosts:
+        raylet = hosts.inside(host, "tr '\\0' '\\n' < /proc/$(pgrep -o raylet)/environ").stdout
+        assert "RAY_AUTH_MODE=token" in raylet.splitlines(), host.name
+        mode, held = hosts.inside(host, "stat -c %a ~/.ray/auth_token; cat ~/.ray/auth_token"
+                                  ).stdout.split()
+        assert (mode, held) == ("600", token), host.name
+
+    # A job through the tunnel, with the token; its progress back with `ray job logs`.
+    job = f"dqnh-job-{uuid.uuid4().hex[:8]}"
+    laptop.ray("job", "submit", "--address", laptop.address, "--submission-id", job,
+               "--working-dir", ".", "--no-wait", "--", "python", "launch.py",
+               "--preset", "cartpole", "--address", "auto", "--num-actors", "2",
+               "--envs-per-actor", "2", "--replay-shards", "1", "--eval-every-s", "0",
+               "--report-every-s", "5", "--max-seconds", "20", "--logdir", "/tmp/dqn-run")
+    submitted = time.monotonic()
+    logs = laptop.ray("job", "logs", "--address", laptop.address, "--follow", job,
+                      timeout=JOB_TIMEOUT).stdout
+    timings["job_s"] = time.monotonic() - submitted
+    record = job_record(laptop, job)
+    assert record["status"] == "SUCCEEDED", (record, logs)
+    lines = logs.splitlines()
+    assert any(line.startswith("cartpole: CartPole-v1 | 2 actors x 2 envs") for line in lines), \
+        logs
+    progress = [line for line in lines if "| steps " in line and "| actors 2/2 |" in line]
+    assert len(progress) >= 2, logs
+    summary = json.loads(next(line for line in reversed(lines) if line.startswith("{")))
+    assert summary["status"] == "ok" and summary["agent_steps"] > 0, summary
+
+    # Where each role ran: Ray's record of the job's actors.
+    node_ip = {node["node_id"]: node["node_ip"] for node in nodes}
+    actors = laptop.state("actors", job_id=record["job_id"]) or []
+    where = {actor["name"]: node_ip.get(actor["node_id"]) for actor in actors
+             if actor.get("name")}
+    assert where.get("dqn-learner") == head.address, where
+    assert where.get("dqn-replay-0") == head.address, where
+    assert {where.get("dqn-actor-0"), where.get("dqn-actor-1")} == {
+        worker.address for worker in workers}, where
+
+    laptop.close_dashboard()
+    laptop.ray("down", "-y", str(laptop.config), timeout=DOWN_TIMEOUT)
+    laptop.up = False
+    down = time.monotonic()
+    # `ray down` stops Ray on the head only (the local provider merely forgets the workers);
+    # a worker's raylet ends once it has lost the head's GCS.
+    wait_for(lambda: not any(ray_processes(hosts, host) for host in hosts),
+             "Ray's processes on every host ending after `ray down`", WORKER_STOP_TIMEOUT)
+    timings["workers_stopped_after_down_s"] = time.monotonic() - down
+    timings["total_s"] = time.monotonic() - started
+    print(json.dumps({key: round(value, 1) for key, value in timings.items()}))
+
+
+def machine_token() -> str | None:
+    """This machine's own token, which the test leaves alone."""
+    path = Path.home() / ".ray" / "auth_token"
+    return path.read_text().strip() if path.exists() else None
+
+
+def job_record(laptop: Laptop, submission_id: str) -> dict:
+    """Ray's record of the submitted job (its status, its job_id)."""
+    return laptop.api(f"/api/jobs/{submission_id}")

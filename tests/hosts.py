@@ -210,8 +210,8 @@ class Hosts:
             connect_timeout: float = 5) -> subprocess.CompletedProcess[str]:
         """Runs `command` on `host` over SSH; its output captured. `check`: a non-zero exit
         raises HostsError."""
-        return finish(host, command, self.ssh_argv(host, command, connect_timeout),
-                      timeout, check)
+        return run(self.ssh_argv(host, command, connect_timeout), timeout, check,
+                   f"{host.name}: `{command}`")
 
     def inside_argv(self, host: Host, command: str) -> list[str]:
         """`command` (a shell line) run directly in the host's namespaces (network, mount,
@@ -223,7 +223,7 @@ class Hosts:
 
     def inside(self, host: Host, command: str, timeout: float = 30,
                check: bool = True) -> subprocess.CompletedProcess[str]:
-        return finish(host, command, self.inside_argv(host, command), timeout, check)
+        return run(self.inside_argv(host, command), timeout, check, f"{host.name}: `{command}`")
 
     def pids(self, host: Host) -> set[int]:
         """This machine's numbers of every process in the host."""
@@ -381,29 +381,18 @@ class Hosts:
 
 # --- the machine's namespaces and links ---------------------------------------------------
 
-def run(argv: list[str], timeout: float = COMMAND_TIMEOUT,
-        check: bool = True) -> subprocess.CompletedProcess[str]:
-    """A harness command: its failure raises HostsError naming the command."""
+def run(argv: list[str], timeout: float = COMMAND_TIMEOUT, check: bool = True,
+        name: str | None = None) -> subprocess.CompletedProcess[str]:
+    """`argv`, its output captured; a timeout (or, with `check`, a non-zero exit) raises
+    HostsError naming it as `name` (default: the command line)."""
+    name = name or f"`{shlex.join(argv)}`"
     try:
         result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
                                 stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired:
-        raise HostsError(f"`{shlex.join(argv)}` did not finish in {timeout:g} s") from None
+        raise HostsError(f"{name} did not finish in {timeout:g} s") from None
     if check and result.returncode != 0:
-        raise HostsError(f"`{shlex.join(argv)}` failed: {last_line(result.stderr)}")
-    return result
-
-
-def finish(host: Host, command: str, argv: list[str], timeout: float,
-           check: bool) -> subprocess.CompletedProcess[str]:
-    try:
-        result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
-                                stdin=subprocess.DEVNULL)
-    except subprocess.TimeoutExpired:
-        raise HostsError(f"{host.name}: `{command}` did not finish in {timeout:g} s") from None
-    if check and result.returncode != 0:
-        raise HostsError(f"{host.name}: `{command}` exited {result.returncode}: "
-                         f"{last_line(result.stderr)}")
+        raise HostsError(f"{name} exited {result.returncode}: {last_line(result.stderr)}")
     return result
 
 

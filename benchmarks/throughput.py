@@ -66,6 +66,7 @@ SEED_ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
 from actors.env_batch import EnvBatch  # noqa: E402
 from common.config import PRESETS, Config  # noqa: E402
 from common.envs import describe_env  # noqa: E402
+from common.timing import calls_per_second_in_turns  # noqa: E402
 
 TARGETS = {"acting_ratio": 0.6, "learner_ratio": 0.8, "speedup_vs_seed": 8.0,
            "speedup_vs_old_default": 1.4}
@@ -115,18 +116,14 @@ def bare_learner_rate(config: Config, seconds: float) -> float:
     """Updates/s of the train step alone on a fixed in-memory batch, in the precision and
     compile mode the system's learner resolves to."""
     learner, batch = warmed_learner(config)
-    updates, started = 0, time.perf_counter()
-    while time.perf_counter() - started < seconds:
-        learner.step(batch)
-        updates += config.learner_batches_per_call
-    return updates / (time.perf_counter() - started)
+    calls = calls_per_second_in_turns({"bare": functools.partial(learner.step, batch)}, seconds)
+    return calls["bare"] * config.learner_batches_per_call
 
 
 def learner_modes(config: Config, seconds: float) -> list[dict]:
     """The bare train step in float32 and in the precision `auto` resolves to here (if
     another), each with XLA and plain, timed in turns for `seconds` each."""
     from common.networks import resolve_precision
-    from common.timing import calls_per_second_in_turns
     obs_shape = describe_env(config.env).obs_shape
     precisions = dict.fromkeys(["float32", resolve_precision("auto", obs_shape)])
     modes = [(precision, xla) for precision in precisions for xla in ("on", "off")]

@@ -2,8 +2,10 @@
 import errno
 import itertools
 import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,21 @@ from launch import keep_local_ray_on_loopback
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 keep_local_ray_on_loopback()  # every Ray the tests start, as a local launch.py run's
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(condition, what: str, timeout: float, every: float) -> None:
+    """Polls `condition` every `every` s until it holds; fails naming `what` after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
+        time.sleep(every)
 
 
 @pytest.fixture(scope="session")

@@ -10,17 +10,11 @@ import ray
 from common.config import PRESETS
 from common.envs import describe_env
 from launch import place_roles, stop_roles
+from tests.conftest import wait_until
 
 
 def actor_steps(actor) -> int:
     return ray.get(actor.report.remote(), timeout=30).agent_steps
-
-
-def wait_for(condition, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
 
 
 def test_a_stalled_replay_shard_bounds_what_an_actor_holds(ray_address):
@@ -35,7 +29,8 @@ def test_a_stalled_replay_shard_bounds_what_an_actor_holds(ray_address):
     shard_process = psutil.Process(ray.get(shard.__ray_call__.remote(lambda self: os.getpid())))
     actor_process = psutil.Process(ray.get(actor.__ray_call__.remote(lambda self: os.getpid())))
     try:
-        wait_for(lambda: actor_steps(actor) > 20 * chunk, 120, "the actor to play")
+        wait_until(lambda: actor_steps(actor) > 20 * chunk, "the actor to play", 120,
+                   every=0.2)
         shard_process.send_signal(signal.SIGSTOP)  # the shard stops answering inserts
         try:
             time.sleep(3.0)  # acknowledgements in flight drain; the actor hits its bound
@@ -45,7 +40,7 @@ def test_a_stalled_replay_shard_bounds_what_an_actor_holds(ray_address):
             assert actor_process.memory_info().rss - stalled_rss < 20e6
         finally:
             shard_process.send_signal(signal.SIGCONT)
-        wait_for(lambda: actor_steps(actor) > stalled_steps + 10 * chunk, 60,
-                 "the actor to resume after the stall")
+        wait_until(lambda: actor_steps(actor) > stalled_steps + 10 * chunk,
+                   "the actor to resume after the stall", 60, every=0.2)
     finally:
         stop_roles(roles)

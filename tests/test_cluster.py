@@ -28,7 +28,7 @@ import yaml
 
 from common.cluster_check import file_problems
 from launch import LEARNER_HOST
-from tests.conftest import ROOT
+from tests.conftest import ROOT, free_port, wait_until
 from tests.hosts import Host, Hosts
 
 pytestmark = pytest.mark.cluster
@@ -53,12 +53,7 @@ API_TIMEOUT = 30
 # the installed setuptools (`no-build-isolation = false` is pip's spelling of "no isolation").
 PIP_CONF = "[global]\nno-index = true\nno-build-isolation = false\n"
 LOG_TAIL_LINES = 60
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+CLUSTER_POLL_S = 2.0  # s between looks at the cluster's state
 
 
 class Laptop:
@@ -148,8 +143,8 @@ class Laptop:
             [RAY, "dashboard", "--no-config-cache", "-p", str(self.dashboard_port),
              str(self.config)], cwd=ROOT, env=self.env, stdin=subprocess.DEVNULL, stdout=log,
             stderr=subprocess.STDOUT, start_new_session=True)
-        wait_for(lambda: self.state("nodes") is not None, "the dashboard through the tunnel",
-                 60)
+        wait_until(lambda: self.state("nodes") is not None, "the dashboard through the tunnel",
+                   60, every=CLUSTER_POLL_S)
 
     def close_dashboard(self) -> None:
         if self.dashboard is not None and self.dashboard.poll() is None:
@@ -190,13 +185,6 @@ class Laptop:
                       ignore_errors=True)
         with contextlib.suppress(OSError):
             user.rmdir()  # when no other cluster's sockets are in it
-
-
-def wait_for(condition, what: str, timeout: float, every: float = 2.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
-        time.sleep(every)
 
 
 def ray_processes(hosts: Hosts, host: Host) -> str:
@@ -279,8 +267,8 @@ def up_job_down(laptop: Laptop) -> None:
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection((head.address, 8265), timeout=5).close()
     laptop.open_dashboard()
-    wait_for(lambda: len(alive_nodes(laptop)) == len(hosts), "both workers joining",
-             JOIN_TIMEOUT)
+    wait_until(lambda: len(alive_nodes(laptop)) == len(hosts), "both workers joining",
+               JOIN_TIMEOUT, every=CLUSTER_POLL_S)
     timings["workers_joined_s"] = time.monotonic() - started
     nodes = alive_nodes(laptop)
     by_ip = {node["node_ip"]: node for node in nodes}
@@ -336,8 +324,9 @@ def up_job_down(laptop: Laptop) -> None:
     down = time.monotonic()
     # `ray down` stops Ray on the head only (the local provider merely forgets the workers);
     # a worker's raylet ends once it has lost the head's GCS.
-    wait_for(lambda: not any(ray_processes(hosts, host) for host in hosts),
-             "Ray's processes on every host ending after `ray down`", WORKER_STOP_TIMEOUT)
+    wait_until(lambda: not any(ray_processes(hosts, host) for host in hosts),
+               "Ray's processes on every host ending after `ray down`", WORKER_STOP_TIMEOUT,
+               every=CLUSTER_POLL_S)
     timings["workers_stopped_after_down_s"] = time.monotonic() - down
     timings["total_s"] = time.monotonic() - started
     print(json.dumps({key: round(value, 1) for key, value in timings.items()}))

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import wait_until
 from tests.hosts import (
     LOCK,
     PREFIX,
@@ -68,19 +69,12 @@ def answers(address: str, port: int = PORT, timeout: float = 1) -> bool:
         return False
 
 
-def wait_until(condition, what: str, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
-        time.sleep(0.05)
-
-
 def serve(hosts: Hosts, host: Host) -> None:
     """An HTTP server on the host's address, started over SSH and left running; its PID (as
     the host numbers it) in /tmp/server.pid."""
     hosts.ssh(host, f"cd /tmp; nohup {PYTHON} -m http.server {PORT} --bind {host.address} "
                     ">/tmp/server.log 2>&1 </dev/null & echo $! >/tmp/server.pid")
-    wait_until(lambda: answers(host.address), f"the server on {host.name}")
+    wait_until(lambda: answers(host.address), f"the server on {host.name}", 10, every=0.05)
 
 
 def server_alive(hosts: Hosts, host: Host) -> bool:
@@ -219,7 +213,7 @@ def test_a_cut_host_is_unreachable_while_its_processes_run_on_and_mend_brings_it
     own = hosts.inside(first, f"{PYTHON} -c {shlex.quote(PROBE)} 1 {first.address}:{PORT}")
     assert own.stdout.split()[0] == "ok"  # its processes still talk to each other
     hosts.mend(first)
-    wait_until(lambda: answers(first.address), f"{first.name} after mend")
+    wait_until(lambda: answers(first.address), f"{first.name} after mend", 10, every=0.05)
     assert probe(hosts, second, f"{first.address}:{PORT}")[0][0] == "ok"
     assert hosts.ssh(first, "hostname").stdout.strip() == first.name
 

@@ -4,7 +4,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ import pytest
 import yaml
 
 from common import metrics
-from tests.conftest import ROOT
+from tests.conftest import ROOT, free_port
 
 DASHBOARD = ROOT / "dashboards" / "dqn.json"
 # What Grafana substitutes in the dashboard's queries, for running them against Prometheus.
@@ -113,12 +112,6 @@ def ray_prometheus_config(session_dir: Path, workdir: Path) -> Path:
     path = workdir / "prometheus.yml"
     path.write_text(yaml.safe_dump(config))
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture

@@ -29,7 +29,7 @@ from typing import Any, NoReturn
 
 from actors.records import ActorReport
 from common import checkpoints
-from common.checkpoints import CheckpointError, CheckpointStore, write_atomically
+from common.checkpoints import CheckpointError, CheckpointStore, store_environment, write_atomically
 from common.config import (
     BEST_WEIGHTS,
     FINAL_WEIGHTS,
@@ -162,7 +162,10 @@ def connect_ray(config: Config, num_actors_hint: int) -> str | None:
     # --verbose; their failures reach it through the reports and errors the launcher prints.
     kwargs: dict[str, Any] = dict(
         logging_level=logging.INFO if config.verbose else logging.ERROR,
-        log_to_driver=config.verbose, runtime_env={"env_vars": PROCESS_ENV})
+        log_to_driver=config.verbose, runtime_env={"env_vars": {
+            # The bucket's endpoint and credentials as this process has them, for the roles
+            # that write and read checkpoints on whichever node they run.
+            **store_environment(config.checkpoint_dir, dict(os.environ)), **PROCESS_ENV}})
     if config.address is None:
         cpus = os.cpu_count() or 1
         # Logical CPUs: every role gets a slot even where actors outnumber cores.
@@ -901,11 +904,15 @@ def load_resume_point(config: Config, run_dir: Path,
         fail(str(error))
 
 
-def new_run_store(config: Config, logdir: Path) -> CheckpointStore:
-    """The checkpoint store of a new run, which must hold no run yet."""
+def check_new_logdir(logdir: Path) -> None:
     if (logdir / RUN_CONFIG).exists():
         fail(f"{logdir} already holds a run: `--resume {logdir}` carries it on, or choose "
              f"another --logdir")
+
+
+def new_run_store(config: Config, logdir: Path) -> CheckpointStore:
+    """The checkpoint store of a new run, which must hold no run yet."""
+    check_new_logdir(logdir)
     try:
         store = CheckpointStore(checkpoint_root(config, logdir))
         if store.latest() is not None:
@@ -913,6 +920,22 @@ def new_run_store(config: Config, logdir: Path) -> CheckpointStore:
     except CheckpointError as error:
         fail(str(error))
     return store
+
+
+def write_run_config(record: dict, logdir: Path, store: CheckpointStore | None) -> None:
+    """config.json into the run directory, and into `store` (a bucket) too, so that the run
+    can be resumed from the bucket alone once the run directory's disk is gone."""
+    data = (json.dumps(record, indent=2) + "\n").encode()
+    try:
+        logdir.mkdir(parents=True, exist_ok=True)
+        write_atomically(logdir / RUN_CONFIG, data)
+    except OSError as error:  # without it the run could not be resumed
+        fail(f"{logdir / RUN_CONFIG} not written: {error.strerror or error}")
+    if store is not None:
+        try:
+            store.write_json(RUN_CONFIG, record)
+        except OSError as error:
+            fail(f"{store.describe(RUN_CONFIG)} not written: {error}")
 
 
 def write_output(path: Path, data: bytes) -> str | None:
@@ -987,8 +1010,11 @@ def main(argv: list[str] | None = None) -> int:
                                     config.frame_stack)
     except EnvError as error:
         fail(str(error))
-    logdir = Path(config.resume) if config.resume else resolve_logdir(config)
-    if config.resume:
+    in_place = config.resume is not None and checkpoints.is_local_root(config.resume)
+    logdir = Path(config.resume) if config.resume and in_place else resolve_logdir(config)
+    if config.resume:  # in place, or from a checkpoint store's URI into a new run directory
+        if not in_place:
+            check_new_logdir(logdir)
         store, progress = load_resume_point(config, logdir, env_info.frame_skip)
     else:
         store, progress = new_run_store(config, logdir), Progress(env_info.frame_skip)
@@ -1025,14 +1051,9 @@ def main(argv: list[str] | None = None) -> int:
                       file=sys.stderr, flush=True)
         progress.agent_steps_at_start, progress.updates_at_start = (progress.agent_steps,
                                                                     learner.updates)
-        if not config.resume:
-            try:
-                logdir.mkdir(parents=True, exist_ok=True)
-                record = run_record(config, learner)
-                write_atomically(logdir / RUN_CONFIG,
-                                 (json.dumps(record, indent=2) + "\n").encode())
-            except OSError as error:  # without it the run could not be resumed
-                fail(f"{logdir / RUN_CONFIG} not written: {error.strerror or error}")
+        if not in_place:
+            write_run_config(run_record(config, learner), logdir,
+                             None if config.resume or store.local else store)
         resumed = (f" | resumed from {learner.restored_from} at "
                    f"{progress.agent_steps:,} agent steps" if config.resume else "")
         print(f"{config.preset}: {config.env} | {config.num_actors} actors x "

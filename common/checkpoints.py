@@ -40,6 +40,8 @@ MAX_JSON_BYTES = 64 << 20  # progress and manifests are small; anything larger i
 URI_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")
 STORE_URI = re.compile(r"(s3|gs)://[^/]+(/.*)?|file:///.*", re.DOTALL)
 ROOT_FORMS = "a local path, file:///path, s3://bucket/path or gs://bucket/path"
+# The variables pyarrow's object stores read their endpoint and credentials from.
+STORE_VARIABLES = {"s3": ("AWS_",), "gs": ("GOOGLE_", "STORAGE_EMULATOR_HOST")}
 
 
 class CheckpointError(ValueError):
@@ -62,6 +64,13 @@ def is_local_root(root: str) -> bool:
     if STORE_URI.fullmatch(root):
         return False
     raise CheckpointError(f"checkpoint directory {root!r}: give {ROOT_FORMS}")
+
+
+def store_environment(root: str | None, environ: dict[str, str]) -> dict[str, str]:
+    """The variables of `environ` that the object store of checkpoint root `root` reads (none
+    for a local root): what the roles on other nodes need to reach the same bucket."""
+    prefixes = STORE_VARIABLES.get((root or "").split("://", 1)[0], ()) if root else ()
+    return {name: value for name, value in environ.items() if name.startswith(prefixes)}
 
 
 def write_atomically(path: str | os.PathLike, data: bytes, filesystem: Any = None) -> None:

@@ -15,6 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common.checkpoints import CheckpointError, CheckpointStore, is_local_root
+
 
 class ConfigError(ValueError):
     """A configuration value a user gave is invalid."""
@@ -178,8 +180,10 @@ class Config:
     # Checkpoints and resuming.
     resume: str | None = knob(
         None, "Carry on the run in this run directory from its latest checkpoint, with its "
-              "config.json; flags may change only limits, actors, address, logging, "
-              "evaluation and the learner's precision and XLA.")
+              "config.json; or the run whose --checkpoint-dir is this URI (s3://bucket/run: "
+              "the head and its disk may be gone), in a new run directory (--logdir). Flags "
+              "may change only limits, actors, address, logging, evaluation and the "
+              "learner's precision and XLA.")
     checkpoint_every_s: float = knob(
         600.0, "Seconds between checkpoints (one is also written at every stop; at most a "
                "year).", rule=SECONDS)
@@ -514,7 +518,8 @@ def parse_args(argv: list[str] | None = None, prog: str = "launch.py") -> Config
 def _resumed(parser: argparse.ArgumentParser, argv: list[str], run_dir: str) -> Config:
     given = _tuples(vars(build_parser(parser.prog, PRESETS["seed"], explicit_only=True)
                          .parse_args(argv)))
-    refused = sorted(set(given) - RESUME_OVERRIDES)
+    from_store = not _is_local(parser, run_dir)
+    refused = sorted(set(given) - RESUME_OVERRIDES - ({"logdir"} if from_store else set()))
     if refused:
         parser.error(f"--{flag(refused[0])} cannot change when a run is resumed (its "
                      f"config.json holds it); only limits, actors, address, logging, "
@@ -522,9 +527,18 @@ def _resumed(parser: argparse.ArgumentParser, argv: list[str], run_dir: str) -> 
     try:
         saved = read_run_config(run_dir)
         # A sitting's time limit is that sitting's: the next one runs until its own (if any).
-        return saved.replace(**{"max_seconds": None, **given}, logdir=run_dir)
+        where = ({"checkpoint_dir": run_dir, "logdir": given.get("logdir")} if from_store
+                 else {"logdir": run_dir})
+        return saved.replace(**{"max_seconds": None, **given, **where})
     except ConfigError as error:
         parser.error(str(error))
+
+
+def _is_local(parser: argparse.ArgumentParser, root: str) -> bool:
+    try:
+        return is_local_root(root)
+    except CheckpointError as error:
+        parser.error(str(error).replace("checkpoint directory", "--resume", 1))
 
 
 def _tuples(values: dict) -> dict:
@@ -533,7 +547,7 @@ def _tuples(values: dict) -> dict:
     return values
 
 
-def _typed(path: Path, f: dataclasses.Field, value):
+def _typed(path: str, f: dataclasses.Field, value):
     """`value` as field `f` holds it, or ConfigError: JSON has no tuples, and a hand-edited
     file may hold anything."""
     hint = f.type.replace(" | None", "")
@@ -553,7 +567,7 @@ def config_to_json(config: Config) -> dict:
     return {"format": RUN_CONFIG_FORMAT, "config": dataclasses.asdict(config)}
 
 
-def _current_knobs(path: Path, saved: dict) -> dict:
+def _current_knobs(path: str, saved: dict) -> dict:
     """A config.json's knobs under today's names and values. Runs written before the learner's
     precision and compile mode were chosen at start held `mixed_precision` (None: float16 on
     a GPU with tensor cores, else float32) and `xla` as a bool. A resumed run keeps what it
@@ -571,16 +585,24 @@ def _current_knobs(path: Path, saved: dict) -> dict:
 
 
 def read_run_config(run_dir: str) -> Config:
-    """The config a run directory was started with (its config.json), checked as strictly as
-    the command line. Raises ConfigError naming the file."""
-    path = Path(run_dir) / RUN_CONFIG
-    try:
-        with open(path, "rb") as file:
-            data = json.loads(file.read(MAX_RUN_CONFIG_BYTES + 1) or b"null")
-    except OSError as error:
-        raise ConfigError(f"{path}: cannot be read ({error.strerror or error})") from None
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise ConfigError(f"{path}: not JSON") from None
+    """The config a run was started with: its run directory's config.json, or the copy in its
+    checkpoint store when `run_dir` is that store's URI. Checked as strictly as the command
+    line; ConfigError naming the file."""
+    if not is_local_root(run_dir):
+        path = f"{run_dir.rstrip('/')}/{RUN_CONFIG}"
+        try:
+            data = CheckpointStore(run_dir).read_json(RUN_CONFIG)
+        except CheckpointError as error:
+            raise ConfigError(str(error)) from None
+    else:
+        path = str(Path(run_dir) / RUN_CONFIG)
+        try:
+            with open(path, "rb") as file:
+                data = json.loads(file.read(MAX_RUN_CONFIG_BYTES + 1) or b"null")
+        except OSError as error:
+            raise ConfigError(f"{path}: cannot be read ({error.strerror or error})") from None
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise ConfigError(f"{path}: not JSON") from None
     if not isinstance(data, dict) or data.get("format") != RUN_CONFIG_FORMAT \
             or not isinstance(data.get("config"), dict):
         raise ConfigError(f"{path}: not a run config of this project")

@@ -44,6 +44,14 @@ def ray_address():
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def s3_bucket():
+    """An S3-compatible bucket on loopback (tests/buckets.py) for the whole session."""
+    from tests.buckets import Bucket
+    with Bucket() as bucket:
+        yield bucket
+
+
 @pytest.fixture
 def prerequisites():
     """What hosts in network namespaces need (tests/hosts.py): skipped without it, failed in

@@ -1,4 +1,5 @@
-"""Run checkpoints without Ray: the store's commit protocol, on a path and a file:// URI."""
+"""Run checkpoints without Ray: the store's commit protocol, on a path, a file:// URI and an
+S3 bucket (a real S3-compatible server, tests/buckets.py)."""
 import hashlib
 import json
 import os
@@ -30,10 +31,31 @@ def write_parts(store: CheckpointStore, staging: str, payload: bytes) -> None:
     store.write_json(f"{staging}/progress.json", {"agent_steps": len(payload)})
 
 
+@pytest.fixture(params=["path", "file-uri", "s3"])
+def store(request, tmp_path, monkeypatch):
+    if request.param == "s3":
+        bucket = request.getfixturevalue("s3_bucket")
+        for name, value in bucket.env.items():
+            monkeypatch.setenv(name, value)
+        return CheckpointStore(bucket.uri(f"{os.getpid()}-{tmp_path.name}"))
+    return local_store(request.param, tmp_path)
+
+
 @pytest.fixture(params=["path", "file-uri"])
-def store(request, tmp_path):
+def store_on_disk(request, tmp_path):
+    """Where links exist: object stores have none."""
+    return local_store(request.param, tmp_path)
+
+
+def local_store(kind: str, tmp_path) -> CheckpointStore:
     root = tmp_path / "checkpoints"
-    return CheckpointStore(str(root) if request.param == "path" else f"file://{root}")
+    return CheckpointStore(str(root) if kind == "path" else f"file://{root}")
+
+
+def put(store: CheckpointStore, relpath: str, data: bytes) -> None:
+    """`data` at `relpath` in place of what was there, as damage or a forger would leave it."""
+    with store.fs.open_output_stream(store.path(relpath)) as stream:
+        stream.write(data)
 
 
 def test_committed_checkpoints_are_complete_numbered_and_pruned(store):
@@ -69,26 +91,26 @@ def test_a_checkpoint_cut_short_never_becomes_the_latest(store):
     assert not [name for name in store._names() if name.endswith(".tmp")]
 
 
-def test_altered_or_foreign_checkpoints_are_refused_naming_the_file(store, tmp_path):
+def test_altered_or_foreign_checkpoints_are_refused_naming_the_file(store):
     write_parts(store, store.staging(1), b"abc")
     name = store.commit(1, keep=3)
-    shard = tmp_path / "checkpoints" / name / "replay-shard-0.msgpack"
-    shard.write_bytes(b"abcabd")  # one byte changed, the size kept
+    shard = f"{name}/replay-shard-0.msgpack"
+    put(store, shard, b"abcabd")  # one byte changed, the size kept
     with pytest.raises(CheckpointError, match="replay-shard-0.msgpack: its contents differ"):
         store.verify(name)
     store.verify(name, under="learner/")  # a role checks only its own part
-    shard.write_bytes(b"abc")  # truncated
+    put(store, shard, b"abc")  # truncated
     with pytest.raises(CheckpointError, match="replay-shard-0.msgpack: 3 bytes, the manifest "
                                               "says 6 bytes"):
         store.verify(name)
-    manifest = tmp_path / "checkpoints" / name / "manifest.json"
-    manifest.write_text(json.dumps({"format": "someone-else", "parts": {}}))
+    manifest = f"{name}/manifest.json"
+    put(store, manifest, json.dumps({"format": "someone-else", "parts": {}}).encode())
     with pytest.raises(CheckpointError, match="manifest.json: not a version 1 checkpoint"):
         store.verify(name)
-    manifest.write_bytes(b"\x93\x00garbage")
+    put(store, manifest, b"\x93\x00garbage")
     with pytest.raises(CheckpointError, match="manifest.json: not JSON"):
         store.verify(name)
-    (tmp_path / "checkpoints" / "latest.json").write_text('{"latest": "../../etc"}')
+    put(store, "latest.json", b'{"latest": "../../etc"}')
     with pytest.raises(CheckpointError, match="latest.json: not a checkpoint pointer"):
         store.latest()
     with pytest.raises(CheckpointError, match="does not exist"):
@@ -96,18 +118,16 @@ def test_altered_or_foreign_checkpoints_are_refused_naming_the_file(store, tmp_p
             pass
 
 
-def test_a_damaged_part_of_the_latest_checkpoint_falls_back_to_an_older_intact_one(store,
-                                                                                   tmp_path):
+def test_a_damaged_part_of_the_latest_checkpoint_falls_back_to_an_older_intact_one(store):
     """What a restarting role reads: its part of the newest checkpoint whose copy of it is
     intact, with why newer ones were passed over; the latest's reason when none is."""
     for number in (1, 2, 3):
         write_parts(store, store.staging(number), bytes([number]) * 4)
         store.commit(number, keep=3)
-    folder = tmp_path / "checkpoints"
     with store.latest_part("learner") as latest:
         assert (latest.name, latest.passed_over) == (checkpoint_name(3), None)
-    (folder / checkpoint_name(3) / "learner" / "state.index").write_bytes(b"\x03\x03\x03")
-    (folder / checkpoint_name(2) / "learner" / "state.index").write_bytes(b"\x02\x02\x02\x00")
+    put(store, f"{checkpoint_name(3)}/learner/state.index", b"\x03\x03\x03")
+    put(store, f"{checkpoint_name(2)}/learner/state.index", b"\x02\x02\x02\x00")
     with store.latest_part("learner") as latest:
         assert latest.name == checkpoint_name(1)
         assert open(f"{latest.path}/state.index", "rb").read() == b"\x01" * 4
@@ -117,7 +137,7 @@ def test_a_damaged_part_of_the_latest_checkpoint_falls_back_to_an_older_intact_o
             f": its contents differ from what was written (sha256)")
     with store.latest_part("replay-shard-0.msgpack") as latest:  # other parts: untouched
         assert (latest.name, latest.passed_over) == (checkpoint_name(3), None)
-    (folder / checkpoint_name(1) / "learner" / "state.index").unlink()
+    store.fs.delete_file(store.path(f"{checkpoint_name(1)}/learner/state.index"))
     with pytest.raises(CheckpointError, match=f"{checkpoint_name(3)}/learner/state.index: 3 "
                                               f"bytes, the manifest says 4 bytes$"):
         with store.latest_part("learner"):
@@ -150,13 +170,12 @@ def test_launcher_progress_round_trips_and_bad_progress_is_refused():
 
 # --- Checkpoint paths and roots ---------------------------------------------------------------
 
-def forge_part(folder, name: str, relpath: str, data: bytes) -> None:
+def forge_part(store: CheckpointStore, name: str, relpath: str, data: bytes) -> None:
     """Checkpoint `name`'s manifest made to list `relpath` with `data`'s size and sha256."""
-    manifest_path = folder / name / "manifest.json"
-    manifest = json.loads(manifest_path.read_text())
+    manifest = store.read_json(f"{name}/manifest.json")
     manifest["parts"][relpath] = {"bytes": len(data),
                                   "sha256": hashlib.sha256(data).hexdigest()}
-    manifest_path.write_text(json.dumps(manifest))
+    put(store, f"{name}/manifest.json", json.dumps(manifest).encode())
 
 
 @pytest.mark.parametrize("relpath", ["../outside", "../../outside", "learner/../../outside",
@@ -171,7 +190,7 @@ def test_a_manifest_part_outside_the_checkpoint_is_refused_naming_it(store, tmp_
     (tmp_path / "outside").write_bytes(outside)
     write_parts(store, store.staging(1), b"abc")
     name = store.commit(1, keep=3)
-    forge_part(tmp_path / "checkpoints", name, relpath, outside)
+    forge_part(store, name, relpath, outside)
     with pytest.raises(CheckpointError) as refused:
         store.verify(name)
     assert str(refused.value) == (f"{store.describe(name + '/manifest.json')}: part "
@@ -180,7 +199,8 @@ def test_a_manifest_part_outside_the_checkpoint_is_refused_naming_it(store, tmp_
         store.verify(name, under="learner/")  # whatever part a role asks for
 
 
-def test_a_part_that_links_out_of_the_checkpoint_is_refused(store, tmp_path):
+def test_a_part_that_links_out_of_the_checkpoint_is_refused(store_on_disk, tmp_path):
+    store = store_on_disk
     outside = tmp_path / "outside"
     outside.write_bytes(b"abc")
     write_parts(store, store.staging(1), b"abc")

@@ -240,6 +240,34 @@ def test_resume_takes_the_saved_config_and_only_flags_that_may_change(tmp_path, 
         assert err.count("\n") == 1 and f"{flag[0]} cannot change when a run is resumed" in err
 
 
+def test_resume_from_a_bucket_reads_its_config_there_into_a_new_run_directory(
+        s3_bucket, monkeypatch, capsys):
+    """What is left when the head and its disk are gone: the checkpoint store's URI."""
+    from common.checkpoints import CheckpointStore
+    from common.config import config_to_json
+    for name, value in s3_bucket.env.items():
+        monkeypatch.setenv(name, value)
+    root = s3_bucket.uri(f"config-{os.getpid()}")
+    saved = parse_args(["--preset", "cartpole", "--gamma", "0.95", "--checkpoint-dir", root,
+                        "--logdir", "/lost/head/run"])
+    CheckpointStore(root).write_json("config.json", config_to_json(saved))
+    resumed = parse_args(["--resume", root, "--logdir", "runs/again", "--num-actors", "3"])
+    assert resumed == saved.replace(resume=root, logdir="runs/again", num_actors=3,
+                                    max_seconds=None)
+    assert parse_args(["--resume", root]).logdir is None  # a new runs/<preset>-<time>
+    for argv, needle in [
+        (["--resume", root, "--gamma", "0.9"], "--gamma cannot change when a run is resumed"),
+        (["--resume", f"{root}-missing"], f"{root}-missing/config.json: cannot be read"),
+        (["--resume", "s3:/bucket/run"], "--resume 's3:/bucket/run': give a local path, "
+                                         "file:///path, s3://bucket/path or gs://bucket/path"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            parse_args(argv)
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and needle in err, err
+
+
 def test_the_learner_precision_and_compile_mode_are_auto_unless_given(tmp_path):
     assert (Config().learner_precision, Config().xla) == ("auto", "auto")
     config = parse_args(["--learner-precision", "bfloat16", "--xla", "off"])

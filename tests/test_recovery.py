@@ -3,6 +3,7 @@ killed with SIGKILL come back, SIGTERM stops with a checkpoint, and --resume car
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,12 +25,13 @@ PROGRESS_LINE = re.compile(r"steps\s+([\d,]+) \|.*\| (?:eps ([\d.]+)|random [\d,
 class Launch:
     """`launch.py` running in the background, its output collected in a file."""
 
-    def __init__(self, ray_address, tmp_path, *flags):
+    def __init__(self, ray_address, tmp_path, *flags, env: dict[str, str] | None = None):
         self.out_path = tmp_path / f"launch-{time.monotonic_ns()}.out"
         self.out = open(self.out_path, "w")
         self.process = subprocess.Popen(
             [sys.executable, "launch.py", "--address", ray_address, *map(str, flags)],
-            cwd=ROOT, stdout=self.out, stderr=subprocess.STDOUT, text=True)
+            cwd=ROOT, stdout=self.out, stderr=subprocess.STDOUT, text=True,
+            env={**os.environ, **(env or {})})
 
     def text(self) -> str:
         return self.out_path.read_text()
@@ -64,7 +66,7 @@ def launches():
     """Starts `Launch`es; any still running when the test ends (it failed) is killed, so it
     cannot load the machine under the tests after it."""
     started: list[Launch] = []
-    yield lambda *args: started.append(Launch(*args)) or started[-1]
+    yield lambda *args, **kwargs: started.append(Launch(*args, **kwargs)) or started[-1]
     for run in started:
         if run.process.poll() is None:
             run.process.kill()
@@ -90,14 +92,17 @@ def kill_one(role: str, gcs_address: str) -> int:
     return pid
 
 
-def test_killed_actor_shard_and_learner_come_back_and_the_run_ends_ok(ray_address, tmp_path,
-                                                                      launches):
-    """Checkpoints go through a file:// URI here: the path a cloud run's s3:// or gs:// takes
-    (pyarrow's copies), so the restarted learner and shard restore through it."""
+def test_killed_roles_come_back_from_a_bucket_and_the_run_resumes_from_it_alone(
+        ray_address, tmp_path, launches, s3_bucket):
+    """Checkpoints in an S3 bucket (a real S3-compatible server) whose endpoint and keys only
+    launch.py's environment holds, not Ray's: the restarted learner and shard restore from
+    it. Then the run directory is lost, as a head node's disk is, and `--resume s3://...`
+    carries the run on from the bucket alone into a new run directory."""
+    root = s3_bucket.uri(f"recovery-{tmp_path.name}")
     run = launches(ray_address, tmp_path, "--preset", "cartpole", "--num-actors", 2,
                    "--logdir", tmp_path / "run", "--report-every-s", 1,
-                   "--checkpoint-every-s", 5, "--max-seconds", 400,
-                 "--checkpoint-dir", f"file://{tmp_path}/checkpoints")
+                   "--checkpoint-every-s", 5, "--max-seconds", 400, "--checkpoint-dir", root,
+                   env=s3_bucket.env)
     run.wait_for(lambda: "checkpoint" in run.text() and run.weights_at_least(2), "checkpoint")
     for role in ("ActorService", "ReplayService", "LearnerService"):
         killed = kill_one(role, ray_address)
@@ -110,11 +115,25 @@ def test_killed_actor_shard_and_learner_come_back_and_the_run_ends_ok(ray_addres
                      and run.progress()[-1][2] != version, f"training after {role} restart",
                      timeout_s=180)
     text = run.stop(signal.SIGINT)
+    assert "starts empty" not in text and "passed over" not in text, text[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["status"] == "ok", text[-3000:]
     assert summary["restarts"]["actors"] >= 1
     assert summary["restarts"]["replay"] == 1 and summary["restarts"]["learner"] == 1
-    assert json.loads((tmp_path / "checkpoints" / "latest.json").read_text())["latest"]
+    assert f"checkpoint {root}/ckpt-" in text
+
+    shutil.rmtree(tmp_path / "run")
+    again = launches(ray_address, tmp_path, "--resume", root, "--logdir", tmp_path / "new",
+                     "--max-seconds", 10, "--report-every-s", 1, env=s3_bucket.env)
+    again.wait_for(lambda: again.process.poll() is not None, "end", timeout_s=180)
+    assert again.process.returncode == 0, again.text()[-3000:]
+    assert f"at {summary['agent_steps']:,} agent steps" in again.text(), again.text()[-3000:]
+    resumed = json.loads((tmp_path / "new" / "summary.json").read_text())
+    assert resumed["status"] == "ok" and resumed["sitting"] == 2, resumed
+    assert resumed["agent_steps"] > summary["agent_steps"]
+    assert resumed["weight_version"] > summary["weight_version"]
+    saved = json.loads((tmp_path / "new" / "config.json").read_text())["config"]
+    assert saved["checkpoint_dir"] == root and saved["preset"] == "cartpole"
 
 
 def tree(folder) -> dict:

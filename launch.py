@@ -150,6 +150,20 @@ def private_ray_temp_dir(system_temp: Path | None = None) -> Path:
     return temp_dir
 
 
+def roles_env_vars(config: Config) -> dict[str, str]:
+    """The variables every role runs with: the process settings, and the bucket's endpoint
+    and credentials as this process has them (the roles write and read checkpoints on
+    whichever node they run). Those a submitted job's runtime env sets already reach the
+    roles through it, and Ray refuses a key set twice."""
+    wanted = {**store_environment(config.checkpoint_dir, dict(os.environ)), **PROCESS_ENV}
+    try:  # what `ray job submit --runtime-env-json` gave the job, as Ray hands it over
+        job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}"))
+        from_job = set((job.get("runtime_env") or {}).get("env_vars") or {})
+    except (ValueError, AttributeError):
+        from_job = set()
+    return {name: value for name, value in wanted.items() if name not in from_job}
+
+
 def connect_ray(config: Config, num_actors_hint: int) -> str | None:
     """Start or join Ray. Returns the dashboard URL when this process started Ray (and so
     stops it), else None."""
@@ -162,10 +176,7 @@ def connect_ray(config: Config, num_actors_hint: int) -> str | None:
     # --verbose; their failures reach it through the reports and errors the launcher prints.
     kwargs: dict[str, Any] = dict(
         logging_level=logging.INFO if config.verbose else logging.ERROR,
-        log_to_driver=config.verbose, runtime_env={"env_vars": {
-            # The bucket's endpoint and credentials as this process has them, for the roles
-            # that write and read checkpoints on whichever node they run.
-            **store_environment(config.checkpoint_dir, dict(os.environ)), **PROCESS_ENV}})
+        log_to_driver=config.verbose, runtime_env={"env_vars": roles_env_vars(config)})
     if config.address is None:
         cpus = os.cpu_count() or 1
         # Logical CPUs: every role gets a slot even where actors outnumber cores.

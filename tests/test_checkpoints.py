@@ -335,3 +335,25 @@ def test_a_run_file_the_disk_has_no_room_for_is_one_line_and_leaves_nothing(smal
     assert reason == f"{disk / 'summary.json'} not written: No space left on device"
     assert capsys.readouterr().err == f"launch.py: {reason}\n"
     assert sorted(os.listdir(disk)) == ["filler"]
+
+
+def test_the_roles_get_the_buckets_variables_unless_the_submitted_job_sets_them(monkeypatch):
+    from launch import roles_env_vars
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://10.0.0.1:9000")
+    monkeypatch.setenv("AWS_REGION", "eu-west-1")
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", "/keys/gcs.json")
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    config = PRESETS["cartpole"]
+    s3 = roles_env_vars(config.replace(checkpoint_dir="s3://bucket/run"))
+    assert s3["AWS_ENDPOINT_URL_S3"] == "http://10.0.0.1:9000" and s3["AWS_REGION"] == "eu-west-1"
+    assert "GOOGLE_APPLICATION_CREDENTIALS" not in s3 and "TF_CPP_MIN_LOG_LEVEL" in s3
+    gs = roles_env_vars(config.replace(checkpoint_dir="gs://bucket/run"))
+    assert gs["GOOGLE_APPLICATION_CREDENTIALS"] == "/keys/gcs.json" and "AWS_REGION" not in gs
+    assert not any(name.startswith("AWS_") for name in roles_env_vars(config))  # local disk
+    # Ray refuses a variable that both the job's runtime env and ray.init's set.
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(
+        {"runtime_env": {"working_dir": "gcs://pkg.zip",
+                         "env_vars": {"AWS_REGION": "eu-west-1", "TF_CPP_MIN_LOG_LEVEL": "0"}}}))
+    from_job = roles_env_vars(config.replace(checkpoint_dir="s3://bucket/run"))
+    assert "AWS_REGION" not in from_job and "TF_CPP_MIN_LOG_LEVEL" not in from_job
+    assert from_job["AWS_ENDPOINT_URL_S3"] == "http://10.0.0.1:9000"

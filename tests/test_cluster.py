@@ -1,8 +1,11 @@
 """The on-premise path end to end, as a user takes it from a laptop: `ray up cluster-local.yaml`
-over SSH onto three hosts (tests/hosts.py: a head and two workers, each a machine of its own
-on a private bridge), the workers joining with token authentication, `ray job submit` through
-the SSH tunnel `ray dashboard` makes, progress back with `ray job logs`, the learner and the
-replay shard on the head and the actors on the workers, `ray down`.
+over SSH onto four hosts (tests/hosts.py: a head and three workers, each a machine of its own
+on a private bridge), the workers joining with token authentication (and nothing without the
+token getting in), `ray job submit` through the SSH tunnel `ray dashboard` makes, checkpoints
+in an S3 bucket the laptop serves (tests/buckets.py), the learner and the replay shard on the
+head and the actors on the workers; then a worker host crashes (its actor comes back on the
+spare worker) and the head crashes with its disk (`ray up` again, and `--resume s3://...`
+carries the run on from the bucket); `ray down`.
 
 The laptop's side runs with a HOME of its own: its ~/.ray/auth_token is this test's token,
 never the machine's, and Ray's cluster state stays in the test's folder (RAY_TMPDIR)."""
@@ -16,6 +19,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
@@ -26,8 +30,10 @@ from typing import Any
 import pytest
 import yaml
 
+from common.checkpoints import CheckpointStore
 from common.cluster_check import file_problems
 from launch import LEARNER_HOST
+from tests.buckets import Bucket
 from tests.conftest import ROOT, free_port, wait_until
 from tests.hosts import Host, Hosts
 
@@ -44,6 +50,7 @@ OBJECT_STORE_MEMORY = 300 * 10**6
 UP_TIMEOUT = 300  # s: `ray up`, the head's setup and start
 JOIN_TIMEOUT = 300  # s: the head's autoscaler sets up and starts both workers
 JOB_TIMEOUT = 300  # s: the job's start (TensorFlow in every role), 20 s of training, its stop
+RECOVERY_TIMEOUT = 180  # s: Ray declares a crashed host dead and restarts its actor elsewhere
 DOWN_TIMEOUT = 120
 WORKER_STOP_TIMEOUT = 120  # s: a worker's raylet, left running by `ray down`, ends by itself
 CLI_TIMEOUT = 60
@@ -77,6 +84,7 @@ class Laptop:
         self.dashboard: subprocess.Popen[bytes] | None = None
         self.hosts = hosts
         self.up = False  # `ray up` was run and no `ray down` since
+        self.bucket: Bucket | None = None
 
     @property
     def address(self) -> str:
@@ -116,14 +124,16 @@ class Laptop:
         of it) on the host's own address."""
         head, *workers = self.hosts
         text = (ROOT / "cluster-local.yaml").read_text()
+        listed = text.count("SET-WORKER-")  # the file lists two; a user adds more lines
         for placeholder, value in [("SET-HEAD-HOST", head.address),
                                    *((f"SET-WORKER-{i}-HOST", worker.address)
-                                     for i, worker in enumerate(workers, 1)),
+                                     for i, worker in enumerate(workers[:listed], 1)),
                                    ("SET-SSH-USER", self.hosts.user),
                                    ("SET-SSH-KEY", str(self.hosts.key))]:
             assert placeholder in text, placeholder
             text = text.replace(placeholder, value)
         config = yaml.safe_load(text)
+        config["provider"]["worker_ips"] += [worker.address for worker in workers[listed:]]
         config["cluster_name"] = self.cluster_name
         config["file_mounts"]["~/ray-apex-dqn"] = str(ROOT)  # "." from wherever it is saved
         for key, cpus in [("head_start_ray_commands", HEAD_CPUS),
@@ -176,6 +186,31 @@ class Laptop:
             return None
         return answer["data"]["result"]["result"]
 
+    def submit(self, *flags: str) -> str:
+        """`ray job submit` of `launch.py FLAGS` through the tunnel, the bucket's variables in
+        its runtime environment; its submission id."""
+        assert self.bucket is not None
+        job = f"dqnh-job-{uuid.uuid4().hex[:8]}"
+        self.ray("job", "submit", "--address", self.address, "--submission-id", job,
+                 "--working-dir", ".", "--runtime-env-json",
+                 json.dumps({"env_vars": self.bucket.env}), "--no-wait", "--",
+                 "python", "launch.py", *flags)
+        return job
+
+    def job_logs(self, job: str) -> str:
+        return self.api(f"/api/jobs/{job}/logs")["logs"]
+
+    def wait_for_logs(self, job: str, condition, what: str) -> None:
+        """Until `condition(logs)` holds; fails early, with the logs, once the job ended."""
+        def holds() -> bool:
+            logs = self.job_logs(job)
+            if condition(logs):
+                return True
+            status = job_record(self, job)["status"]
+            assert status in ("PENDING", "RUNNING"), f"job {status} before {what}:\n{logs}"
+            return False
+        wait_until(holds, what, JOB_TIMEOUT, every=CLUSTER_POLL_S)
+
     def forget(self) -> None:
         """What `ray up` left on this machine outside the test's folder: its SSH control
         sockets, in a folder named as Ray's command runner names it (the masters exit on their
@@ -218,11 +253,15 @@ def print_diagnostics(laptop: Laptop, hosts: Hosts) -> None:
 
 
 @pytest.fixture
-def cluster(prerequisites, tmp_path):
-    """A head and two workers, and the laptop that brings Ray up on them; `ray down` and the
-    hosts torn down at the end, also on failure."""
-    with Hosts(3) as hosts:
+def cluster(prerequisites, tmp_path, monkeypatch):
+    """A head and three workers, the laptop that brings Ray up on them, and an S3 bucket the
+    laptop serves on the hosts' network ("the cloud's"); `ray down`, the bucket and the hosts
+    torn down at the end, also on failure."""
+    with Hosts(4) as hosts, Bucket(hosts.bridge_address, log=tmp_path / "bucket.log") as bucket:
         laptop = Laptop(tmp_path, hosts)
+        laptop.bucket = bucket
+        for name, value in bucket.env.items():  # the laptop holds the keys to the bucket
+            monkeypatch.setenv(name, value)
         try:
             yield laptop
         finally:
@@ -232,15 +271,15 @@ def cluster(prerequisites, tmp_path):
             laptop.forget()
 
 
-def test_ray_up_on_three_hosts_then_a_job_places_each_role_where_it_belongs(cluster):
+def test_a_run_on_four_hosts_survives_a_lost_worker_and_then_the_lost_head(cluster):
     try:
-        up_job_down(cluster)
+        cluster_run(cluster)
     except BaseException:
         print_diagnostics(cluster, cluster.hosts)
         raise
 
 
-def up_job_down(laptop: Laptop) -> None:
+def cluster_run(laptop: Laptop) -> None:
     hosts = laptop.hosts
     head, *workers = hosts
     timings: dict[str, float] = {}
@@ -255,22 +294,8 @@ def up_job_down(laptop: Laptop) -> None:
     for host in hosts:
         hosts.inside(host, f"mkdir -p ~/.config/pip && printf %s {shlex.quote(PIP_CONF)} "
                            f"> ~/.config/pip/pip.conf")
-
-    laptop.up = True
-    laptop.ray("up", "-y", "--no-config-cache", "--disable-usage-stats", str(laptop.config),
-               timeout=UP_TIMEOUT)
-    timings["ray_up_s"] = time.monotonic() - started
-
-    # The dashboard serves on the head's loopback only; the laptop reaches it over SSH.
-    listening = hosts.inside(head, "ss -Hltn 'sport = :8265'").stdout.split()
-    assert "127.0.0.1:8265" in listening and f"{head.address}:8265" not in listening, listening
-    with pytest.raises(ConnectionRefusedError):
-        socket.create_connection((head.address, 8265), timeout=5).close()
-    laptop.open_dashboard()
-    wait_until(lambda: len(alive_nodes(laptop)) == len(hosts), "both workers joining",
-               JOIN_TIMEOUT, every=CLUSTER_POLL_S)
-    timings["workers_joined_s"] = time.monotonic() - started
-    nodes = alive_nodes(laptop)
+    nodes = bring_up(laptop)
+    timings["ray_up_and_workers_joined_s"] = time.monotonic() - started
     by_ip = {node["node_ip"]: node for node in nodes}
     assert set(by_ip) == {host.address for host in hosts}, nodes
     assert by_ip[head.address]["is_head_node"]
@@ -286,37 +311,85 @@ def up_job_down(laptop: Laptop) -> None:
         mode, held = hosts.inside(host, "stat -c %a ~/.ray/auth_token; cat ~/.ray/auth_token"
                                   ).stdout.split()
         assert (mode, held) == ("600", token), host.name
+    # Without the token nothing gets in over the network: not a driver joining the GCS from
+    # another host, not a request to the job API.
+    refused = hosts.inside(workers[0], f"cd ~/ray-apex-dqn && RAY_AUTH_TOKEN=not-{token} "
+                                       f"python launch.py --address {head.address}:6379",
+                           timeout=CLI_TIMEOUT, check=False)
+    assert refused.returncode == 2 and "it refused this machine's auth token" in \
+        refused.stderr, refused.stdout + refused.stderr
+    with pytest.raises(urllib.error.HTTPError) as unauthorized:
+        urllib.request.urlopen(f"{laptop.address}/api/jobs/", timeout=API_TIMEOUT)
+    assert unauthorized.value.code in (401, 403), unauthorized.value
 
-    # A job through the tunnel, with the token; its progress back with `ray job logs`.
-    job = f"dqnh-job-{uuid.uuid4().hex[:8]}"
-    laptop.ray("job", "submit", "--address", laptop.address, "--submission-id", job,
-               "--working-dir", ".", "--no-wait", "--", "python", "launch.py",
-               "--preset", "cartpole", "--address", "auto", "--num-actors", "2",
-               "--envs-per-actor", "2", "--replay-shards", "1", "--eval-every-s", "0",
-               "--report-every-s", "5", "--max-seconds", "20", "--logdir", "/tmp/dqn-run")
+    # A run with its checkpoints in the bucket; the bucket's endpoint and keys go with the job.
+    root = laptop.bucket.uri(laptop.cluster_name)
+    job = laptop.submit("--preset", "cartpole", "--address", "auto", "--num-actors", "2",
+                        "--envs-per-actor", "2", "--replay-shards", "1", "--eval-every-s", "0",
+                        "--report-every-s", "2", "--checkpoint-every-s", "10",
+                        "--max-seconds", "600", "--logdir", "/tmp/dqn-run",
+                        "--checkpoint-dir", root)
     submitted = time.monotonic()
-    logs = laptop.ray("job", "logs", "--address", laptop.address, "--follow", job,
-                      timeout=JOB_TIMEOUT).stdout
-    timings["job_s"] = time.monotonic() - submitted
+    laptop.wait_for_logs(job, lambda logs: progress_lines(logs, actors=2) >= 2
+                         and f"checkpoint {root}/ckpt-" in logs, "a checkpoint in the bucket")
+    timings["submit_to_checkpoint_s"] = time.monotonic() - submitted
     record = job_record(laptop, job)
-    assert record["status"] == "SUCCEEDED", (record, logs)
-    lines = logs.splitlines()
-    assert any(line.startswith("cartpole: CartPole-v1 | 2 actors x 2 envs") for line in lines), \
-        logs
-    progress = [line for line in lines if "| steps " in line and "| actors 2/2 |" in line]
-    assert len(progress) >= 2, logs
-    summary = json.loads(next(line for line in reversed(lines) if line.startswith("{")))
-    assert summary["status"] == "ok" and summary["agent_steps"] > 0, summary
+    assert record["status"] == "RUNNING", record
+    header = next(line for line in laptop.job_logs(job).splitlines()
+                  if line.startswith("cartpole: CartPole-v1"))
+    assert "| 2 actors x 2 envs |" in header, header
 
-    # Where each role ran: Ray's record of the job's actors.
-    node_ip = {node["node_id"]: node["node_ip"] for node in nodes}
-    actors = laptop.state("actors", job_id=record["job_id"]) or []
-    where = {actor["name"]: node_ip.get(actor["node_id"]) for actor in actors
-             if actor.get("name")}
+    # Where each role runs: Ray's record of the job's actors.
+    where = role_hosts(laptop, record["job_id"])
     assert where.get("dqn-learner") == head.address, where
     assert where.get("dqn-replay-0") == head.address, where
-    assert {where.get("dqn-actor-0"), where.get("dqn-actor-1")} == {
-        worker.address for worker in workers}, where
+    playing = {where.get("dqn-actor-0"), where.get("dqn-actor-1")}
+    assert len(playing) == 2 and playing <= {worker.address for worker in workers}, where
+
+    # A worker host crashes: its actor comes back on the spare worker, the run goes on.
+    lost = next(worker for worker in workers if worker.address == where["dqn-actor-0"])
+    spare = next(worker for worker in workers if worker.address not in playing)
+    lines_before = progress_lines(laptop.job_logs(job), actors=2)
+    hosts.kill(lost)
+    killed = time.monotonic()
+    wait_until(lambda: role_hosts(laptop, record["job_id"]).get("dqn-actor-0") ==
+               spare.address, "dqn-actor-0 back on the spare worker", RECOVERY_TIMEOUT,
+               every=CLUSTER_POLL_S)
+    laptop.wait_for_logs(job, lambda logs: progress_lines(logs, actors=2) > lines_before + 2,
+                         "progress with both actors after the worker's loss")
+    timings["worker_lost_to_both_actors_playing_s"] = time.monotonic() - killed
+    logs = laptop.job_logs(job)
+    last_checkpoint = logs.rfind(f"checkpoint {root}/ckpt-")
+    laptop.wait_for_logs(job, lambda logs: logs.rfind(f"checkpoint {root}/ckpt-") >
+                         last_checkpoint, "a checkpoint after the worker's loss")
+
+    # The head crashes, and its disk with it: the run directory and Ray's state are gone, the
+    # bucket is all that is left. The user brings the head up again and resumes from the bucket.
+    hosts.kill(head)
+    head_lost = time.monotonic()
+    laptop.close_dashboard()
+    store = CheckpointStore(root)
+    latest = store.latest()
+    assert latest is not None
+    saved_steps = store.read_json(f"{latest}/progress.json")["agent_steps"]
+    assert saved_steps > 0
+    hosts.restart(head)
+    hosts.inside(head, f"mkdir -p ~/.config/pip && printf %s {shlex.quote(PIP_CONF)} "
+                       f"> ~/.config/pip/pip.conf")
+    alive_workers = [host for host in hosts if host is not lost and host is not head]
+    bring_up(laptop, expect=[head, *alive_workers])
+    timings["head_lost_to_cluster_up_s"] = time.monotonic() - head_lost
+    again = laptop.submit("--resume", root, "--address", "auto", "--logdir", "/tmp/dqn-run-2",
+                          "--max-seconds", "20", "--report-every-s", "2")
+    logs = laptop.ray("job", "logs", "--address", laptop.address, "--follow", again,
+                      timeout=JOB_TIMEOUT).stdout
+    timings["head_lost_to_resumed_run_done_s"] = time.monotonic() - head_lost
+    assert job_record(laptop, again)["status"] == "SUCCEEDED", logs
+    assert f"resumed from {latest} at {saved_steps:,} agent steps" in logs, logs
+    summary = json.loads(next(line for line in reversed(logs.splitlines())
+                              if line.startswith("{")))
+    assert summary["status"] == "ok" and summary["sitting"] == 2, summary
+    assert summary["agent_steps"] > saved_steps, summary
 
     laptop.close_dashboard()
     laptop.ray("down", "-y", str(laptop.config), timeout=DOWN_TIMEOUT)
@@ -324,12 +397,44 @@ def up_job_down(laptop: Laptop) -> None:
     down = time.monotonic()
     # `ray down` stops Ray on the head only (the local provider merely forgets the workers);
     # a worker's raylet ends once it has lost the head's GCS.
-    wait_until(lambda: not any(ray_processes(hosts, host) for host in hosts),
+    wait_until(lambda: not any(ray_processes(hosts, host) for host in hosts if host.up),
                "Ray's processes on every host ending after `ray down`", WORKER_STOP_TIMEOUT,
                every=CLUSTER_POLL_S)
     timings["workers_stopped_after_down_s"] = time.monotonic() - down
     timings["total_s"] = time.monotonic() - started
     print(json.dumps({key: round(value, 1) for key, value in timings.items()}))
+
+
+def bring_up(laptop: Laptop, expect: list[Host] | None = None) -> list[dict]:
+    """`ray up`, the dashboard's tunnel, and the nodes once every host of `expect` (all) has
+    joined; the dashboard serves on the head's loopback only."""
+    hosts = laptop.hosts
+    head = hosts[0]
+    laptop.up = True
+    laptop.ray("up", "-y", "--no-config-cache", "--disable-usage-stats", str(laptop.config),
+               timeout=UP_TIMEOUT)
+    listening = hosts.inside(head, "ss -Hltn 'sport = :8265'").stdout.split()
+    assert "127.0.0.1:8265" in listening and f"{head.address}:8265" not in listening, listening
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection((head.address, 8265), timeout=5).close()
+    laptop.open_dashboard()
+    addresses = {host.address for host in (expect or hosts)}
+    wait_until(lambda: {node["node_ip"] for node in alive_nodes(laptop)} == addresses,
+               "the workers joining", JOIN_TIMEOUT, every=CLUSTER_POLL_S)
+    return alive_nodes(laptop)
+
+
+def progress_lines(logs: str, actors: int) -> int:
+    return sum("| steps " in line and f"| actors {actors}/{actors} |" in line
+               for line in logs.splitlines())
+
+
+def role_hosts(laptop: Laptop, job_id: str) -> dict[str, str | None]:
+    """The address of the host each of the job's live named actors runs on."""
+    node_ip = {node["node_id"]: node["node_ip"] for node in laptop.state("nodes") or []}
+    return {actor["name"]: node_ip.get(actor["node_id"])
+            for actor in laptop.state("actors", job_id=job_id) or []
+            if actor.get("name") and actor["state"] == "ALIVE"}
 
 
 def machine_token() -> str | None:

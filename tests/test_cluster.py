@@ -3,8 +3,9 @@ over SSH onto four hosts (tests/hosts.py: a head and three workers, each a machi
 on a private bridge), the workers joining with token authentication (and nothing without the
 token getting in), `ray job submit` through the SSH tunnel `ray dashboard` makes, checkpoints
 in an S3 bucket the laptop serves (tests/buckets.py), the learner and the replay shard on the
-head and the actors on the workers; then a worker host crashes (its actor comes back on the
-spare worker) and the head crashes with its disk (`ray up` again, and `--resume s3://...`
+head and the actors on the workers; then a worker's cable is pulled (its actor comes back on
+another worker, and only once when the cable is back), a worker host crashes, and the head
+crashes with its disk (`ray up` again, and `--resume s3://...`
 carries the run on from the bucket); `ray down`.
 
 The laptop's side runs with a HOME of its own: its ~/.ray/auth_token is this test's token,
@@ -41,8 +42,8 @@ pytestmark = pytest.mark.cluster
 
 RAY = str(Path(sys.executable).with_name("ray"))  # this Python's CLI, whatever HOME says
 # What every host would detect of this whole machine, held to a share of two cores: the head
-# holds the learner and one replay shard, each worker one actor.
-HEAD_CPUS, WORKER_CPUS = 2, 1
+# holds the learner and one replay shard; a worker left alone can hold both actors.
+HEAD_CPUS, WORKER_CPUS = 2, 2
 NODE_MEMORY = 2 * 10**9
 OBJECT_STORE_MEMORY = 300 * 10**6
 # Bounds for a loaded machine; on an idle one `ray up` takes ~20 s, the workers join ~20 s
@@ -343,18 +344,43 @@ def cluster_run(laptop: Laptop) -> None:
     where = role_hosts(laptop, record["job_id"])
     assert where.get("dqn-learner") == head.address, where
     assert where.get("dqn-replay-0") == head.address, where
-    playing = {where.get("dqn-actor-0"), where.get("dqn-actor-1")}
-    assert len(playing) == 2 and playing <= {worker.address for worker in workers}, where
+    assert {where.get("dqn-actor-0"), where.get("dqn-actor-1")} <= {
+        worker.address for worker in workers}, where
 
-    # A worker host crashes: its actor comes back on the spare worker, the run goes on.
-    lost = next(worker for worker in workers if worker.address == where["dqn-actor-0"])
-    spare = next(worker for worker in workers if worker.address not in playing)
+    # A worker's cable is pulled past Ray's node timeout: its actor comes back on another
+    # worker. Plugged in again, the host's Ray (declared dead) ends with the stale actor: no
+    # actor plays twice, and the restart counts once.
+    cut = next(worker for worker in workers if worker.address == where["dqn-actor-0"])
+    lines_before = progress_lines(laptop.job_logs(job), actors=2)
+    stale_raylet = raylet_pid(hosts, cut)
+    assert stale_raylet
+    hosts.cut(cut)
+    cut_at = time.monotonic()
+    wait_until(lambda: (actor_host(laptop, record["job_id"], "dqn-actor-0") or cut.address)
+               != cut.address and node_state(laptop, cut) == "DEAD",
+               "the cut worker declared dead and dqn-actor-0 back elsewhere", RECOVERY_TIMEOUT,
+               every=CLUSTER_POLL_S)
+    laptop.wait_for_logs(job, lambda logs: progress_lines(logs, actors=2) > lines_before + 2,
+                         "progress with both actors after the cut")
+    timings["worker_cut_to_both_actors_playing_s"] = time.monotonic() - cut_at
+    hosts.mend(cut)
+    # (The head's autoscaler may start Ray on it again, as a new node: that one is welcome.)
+    wait_until(lambda: raylet_pid(hosts, cut) != stale_raylet, "the mended worker's stale Ray "
+               "ending", WORKER_STOP_TIMEOUT, every=CLUSTER_POLL_S)
+    assert actor_processes(hosts) == 2, [hosts.inside(host, "pgrep -af ray::", check=False)
+                                         .stdout for host in hosts if host.up]
+    assert laptop.job_logs(job).count("actor 0's process died; Ray restarted it") == 1
+
+    # A worker host crashes: its actors come back on the workers left, the run goes on.
+    where = role_hosts(laptop, record["job_id"])
+    lost = next(worker for worker in workers if worker.address == where["dqn-actor-1"])
+    left = next(worker for worker in workers if worker not in (cut, lost))
     lines_before = progress_lines(laptop.job_logs(job), actors=2)
     hosts.kill(lost)
     killed = time.monotonic()
-    wait_until(lambda: role_hosts(laptop, record["job_id"]).get("dqn-actor-0") ==
-               spare.address, "dqn-actor-0 back on the spare worker", RECOVERY_TIMEOUT,
-               every=CLUSTER_POLL_S)
+    wait_until(lambda: {actor_host(laptop, record["job_id"], f"dqn-actor-{i}") for i in (0, 1)}
+               <= {left.address, cut.address}, "every actor back on a worker left",
+               RECOVERY_TIMEOUT, every=CLUSTER_POLL_S)
     laptop.wait_for_logs(job, lambda logs: progress_lines(logs, actors=2) > lines_before + 2,
                          "progress with both actors after the worker's loss")
     timings["worker_lost_to_both_actors_playing_s"] = time.monotonic() - killed
@@ -376,8 +402,8 @@ def cluster_run(laptop: Laptop) -> None:
     hosts.restart(head)
     hosts.inside(head, f"mkdir -p ~/.config/pip && printf %s {shlex.quote(PIP_CONF)} "
                        f"> ~/.config/pip/pip.conf")
-    alive_workers = [host for host in hosts if host is not lost and host is not head]
-    bring_up(laptop, expect=[head, *alive_workers])
+    # The new head's autoscaler sets up every worker that answers SSH: the mended one too.
+    bring_up(laptop, expect=[head, cut, left])
     timings["head_lost_to_cluster_up_s"] = time.monotonic() - head_lost
     again = laptop.submit("--resume", root, "--address", "auto", "--logdir", "/tmp/dqn-run-2",
                           "--max-seconds", "20", "--report-every-s", "2")
@@ -427,6 +453,27 @@ def bring_up(laptop: Laptop, expect: list[Host] | None = None) -> list[dict]:
 def progress_lines(logs: str, actors: int) -> int:
     return sum("| steps " in line and f"| actors {actors}/{actors} |" in line
                for line in logs.splitlines())
+
+
+def actor_host(laptop: Laptop, job_id: str, name: str) -> str | None:
+    return role_hosts(laptop, job_id).get(name)
+
+
+def node_state(laptop: Laptop, host: Host) -> str | None:
+    """What the GCS says of `host`'s node (ALIVE, DEAD), its newest record."""
+    records = [node for node in laptop.state("nodes") or [] if node["node_ip"] == host.address]
+    return records[-1]["state"] if records else None
+
+
+def actor_processes(hosts: Hosts) -> int:
+    """Processes of Ray actors of class ActorService on every host that is up."""
+    counts = [hosts.inside(host, "pgrep -fc '^ray::ActorService'", check=False).stdout.strip()
+              for host in hosts if host.up]
+    return sum(int(count) for count in counts if count.isdigit())
+
+
+def raylet_pid(hosts: Hosts, host: Host) -> str:
+    return hosts.inside(host, "pgrep -o raylet", check=False).stdout.strip()
 
 
 def role_hosts(laptop: Laptop, job_id: str) -> dict[str, str | None]:

@@ -357,8 +357,9 @@ def cluster_run(laptop: Laptop) -> dict[str, float]:
     # (The head's autoscaler may start Ray on it again, as a new node: that one is welcome.)
     wait_until(lambda: raylet_pid(hosts, cut) != stale_raylet, "the mended worker's stale Ray "
                "ending", WORKER_STOP_TIMEOUT, every=CLUSTER_POLL_S)
-    assert actor_processes(hosts) == 2, [hosts.inside(host, "pgrep -af ray::", check=False)
-                                         .stdout for host in hosts if host.up]
+    # Its stale actor's process ends once it notices its raylet is gone.
+    wait_until(lambda: actor_processes(hosts) == 2, "two actor processes in all",
+               WORKER_STOP_TIMEOUT, every=CLUSTER_POLL_S)
     assert laptop.job_logs(job).count("actor 0's process died; Ray restarted it") == 1
 
     # A worker host crashes: its actors come back on the workers left, the run goes on.
@@ -460,8 +461,10 @@ def node_state(laptop: Laptop, host: Host) -> str | None:
 
 
 def actor_processes(hosts: Hosts) -> int:
-    """Processes of Ray actors of class ActorService on every host that is up."""
-    counts = [hosts.inside(host, "pgrep -fc '^ray::ActorService'", check=False).stdout.strip()
+    """Live processes of Ray actors of class ActorService on every host that is up (a dead one
+    left unreaped, as `[ray::ActorServi] <defunct>`, does not count)."""
+    command = "ps -eo stat=,args= | awk '$1 !~ /^Z/ && $2 ~ /^ray::ActorService/' | wc -l"
+    counts = [hosts.inside(host, command, check=False).stdout.strip()
               for host in hosts if host.up]
     return sum(int(count) for count in counts if count.isdigit())
 

@@ -309,9 +309,10 @@ def cluster_run(laptop: Laptop) -> dict[str, float]:
                            timeout=CLI_TIMEOUT, check=False)
     assert refused.returncode == 2 and "it refused this machine's auth token" in \
         refused.stderr, refused.stdout + refused.stderr
-    with pytest.raises(urllib.error.HTTPError) as unauthorized:
-        urllib.request.urlopen(f"{laptop.address}/api/jobs/", timeout=API_TIMEOUT)
-    assert unauthorized.value.code in (401, 403), unauthorized.value
+    for path in ("/api/jobs/", "/api/v0/nodes"):  # submitting, and reading the state
+        with pytest.raises(urllib.error.HTTPError) as unauthorized:
+            urllib.request.urlopen(f"{laptop.address}{path}", timeout=API_TIMEOUT)
+        assert unauthorized.value.code in (401, 403), (path, unauthorized.value)
 
     # A run with its checkpoints in the bucket; the bucket's endpoint and keys go with the job.
     root = laptop.bucket.uri(laptop.cluster_name)
@@ -321,6 +322,9 @@ def cluster_run(laptop: Laptop) -> dict[str, float]:
                         "--max-seconds", "600", "--logdir", "/tmp/dqn-run",
                         "--checkpoint-dir", root)
     submitted = time.monotonic()
+    laptop.wait_for_logs(job, lambda logs: progress_lines(logs, actors=2) >= 1,
+                         "the first progress line")
+    timings["submit_to_first_progress_s"] = time.monotonic() - submitted
     laptop.wait_for_logs(job, lambda logs: progress_lines(logs, actors=2) >= 2
                          and f"checkpoint {root}/ckpt-" in logs, "a checkpoint in the bucket")
     timings["submit_to_checkpoint_s"] = time.monotonic() - submitted
@@ -386,6 +390,7 @@ def cluster_run(laptop: Laptop) -> dict[str, float]:
 
     # The head crashes, and its disk with it: the run directory and Ray's state are gone, the
     # bucket is all that is left. The user brings the head up again and resumes from the bucket.
+    logs = laptop.job_logs(job)  # the last the laptop sees of the run
     hosts.kill(head)
     head_lost = time.monotonic()
     laptop.close_dashboard()
@@ -393,7 +398,13 @@ def cluster_run(laptop: Laptop) -> dict[str, float]:
     latest = store.latest()
     assert latest is not None
     saved_steps = store.read_json(f"{latest}/progress.json")["agent_steps"]
-    assert saved_steps > 0
+    # The learner's weight version when the checkpoint was taken is at least the one of the
+    # progress line before the launcher said it was written (or of the last line seen, when
+    # it was written after that).
+    said = logs.find(f"checkpoint {root}/{latest} ")
+    _, saved_version = progress(logs[:said] if said >= 0 else logs)[-1]
+    assert saved_steps > 0 and saved_version > 0
+    timings["head_loss_agent_steps_lost"] = max(0, progress(logs)[-1][0] - saved_steps)
     hosts.restart(head)
     hosts.inside(head, f"mkdir -p ~/.config/pip && printf %s {shlex.quote(PIP_CONF)} "
                        f"> ~/.config/pip/pip.conf")
@@ -411,6 +422,11 @@ def cluster_run(laptop: Laptop) -> dict[str, float]:
                               if line.startswith("{")))
     assert summary["status"] == "ok" and summary["sitting"] == 2, summary
     assert summary["agent_steps"] > saved_steps, summary
+    # Weights and the exploration schedule carry on too: no fresh learner (v0), no random
+    # phase again.
+    first = next(line for line in logs.splitlines() if "| steps " in line)
+    assert progress(first)[0][1] >= saved_version and "| eps " in first, (saved_version, first)
+    assert summary["weight_version"] > saved_version, summary
 
     laptop.close_dashboard()
     laptop.ray("down", "-y", str(laptop.config), timeout=DOWN_TIMEOUT)
@@ -443,6 +459,15 @@ def bring_up(laptop: Laptop, expect: list[Host] | None = None) -> list[dict]:
     wait_until(lambda: {node["node_ip"] for node in alive_nodes(laptop)} == addresses,
                "the workers joining", JOIN_TIMEOUT, every=CLUSTER_POLL_S)
     return alive_nodes(laptop)
+
+
+PROGRESS = re.compile(r"\| steps\s+([\d,]+) \|.*\| weights v(\d+) ")
+
+
+def progress(logs: str) -> list[tuple[int, int]]:
+    """(agent steps, weight version) of each progress line."""
+    return [(int(steps.replace(",", "")), int(version))
+            for steps, version in PROGRESS.findall(logs)]
 
 
 def progress_lines(logs: str, actors: int) -> int:
